@@ -1,0 +1,63 @@
+# liferaft — developer tasks. GNU make.
+# `make test` is what CI runs (.ci/run); it installs into .venv on first use.
+
+PY ?= python3
+VENV = .venv
+NODES ?= n1 n2 n3
+PYTEST_ARGS ?=
+
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow lint fmt typecheck demo clean
+
+help:
+	@echo "liferaft make targets:"
+	@echo "  install    create $(VENV) and install liferaft with the test extras (editable)"
+	@echo "  test       lint, format check, mypy, import contracts, then pytest (what CI runs)"
+	@echo "             extra pytest arguments: make test PYTEST_ARGS='-k election -x'"
+	@echo "  test-slow  the slow soak/chaos tests only (pytest -m slow)"
+	@echo "  lint       ruff check, ruff format --check, lint-imports"
+	@echo "  fmt        ruff format and ruff check --fix"
+	@echo "  typecheck  mypy"
+	@echo "  demo       simulate a 5-node cluster for 3000 ticks (seed 1)"
+	@echo "  clean      remove $(VENV), caches and build artifacts"
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
+
+fmt: install
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+typecheck: install
+	$(BIN)/mypy
+
+demo: install
+	$(BIN)/liferaft sim --nodes 5 --ticks 3000 --seed 1
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache
+	find src tests -type d -name __pycache__ -prune -exec rm -rf {} + 2>/dev/null || true

@@ -1,0 +1,21 @@
+"""The ``liferaft`` command. For now it runs the simulator; the node, certificate and
+client commands of SPEC.md §3 join it as they are built."""
+
+from __future__ import annotations
+
+import click
+
+from liferaft.cli.sim import sim
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="liferaft")
+def cli() -> None:
+    """liferaft: a Raft cluster serving a transactional key-value store."""
+
+
+cli.add_command(sim)
+
+
+def main() -> None:
+    cli(auto_envvar_prefix="LIFERAFT")

@@ -1,0 +1,328 @@
+"""A deterministic cluster of Raft cores over a simulated network and simulated disks.
+
+The simulator plays the shell's part exactly as DESIGN.md §1 prescribes (persist, send,
+apply, advance) and can crash a node at the two interesting instants of a Ready: after
+the leader's messages went out but before anything was persisted, and after persisting
+but before the acknowledgements went out. A restarted node keeps only its ``Disk``.
+Every step is followed by the ``Checker``'s safety checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+from liferaft.core import (
+    AnyMessage,
+    Entry,
+    HardState,
+    Membership,
+    Raft,
+    RaftConfig,
+    Ready,
+    Restored,
+    Role,
+    Snapshot,
+    validate,
+)
+from liferaft.testing.checker import Checker
+from liferaft.testing.network import Faults, Network
+
+
+class Disk:
+    """What a node has made durable; the only thing that survives its crash."""
+
+    def __init__(
+        self,
+        hard_state: HardState | None = None,
+        entries: Iterable[Entry] = (),
+        snapshot: Snapshot | None = None,
+    ) -> None:
+        self.hard_state = hard_state or HardState()
+        self.snapshot = snapshot
+        self.entries: list[Entry] = list(entries)
+
+    @property
+    def offset(self) -> int:
+        return self.snapshot.meta.index if self.snapshot else 0
+
+    def term_at(self, index: int) -> int:
+        if self.snapshot and index == self.snapshot.meta.index:
+            return self.snapshot.meta.term
+        pos = index - self.offset - 1
+        if 0 <= pos < len(self.entries):
+            return self.entries[pos].term
+        return 0
+
+    def write(self, rd: Ready) -> list[tuple[Entry, int]]:
+        """Persist a Ready atomically; returns each new entry with the term before it."""
+        if rd.snapshot is not None:
+            self.snapshot = rd.snapshot
+            self.entries = []
+        written: list[tuple[Entry, int]] = []
+        if rd.entries:
+            keep = rd.entries[0].index - self.offset - 1
+            del self.entries[keep:]
+            for e in rd.entries:
+                written.append((e, self.term_at(e.index - 1)))
+                self.entries.append(e)
+        if rd.hard_state is not None:
+            self.hard_state = rd.hard_state
+        return written
+
+    def save_snapshot(self, snap: Snapshot) -> None:
+        drop = snap.meta.index - self.offset
+        self.entries = self.entries[drop:]
+        self.snapshot = snap
+
+    def restored(self, initial: Membership) -> Restored:
+        return Restored(self.hard_state, self.snapshot, tuple(self.entries), initial)
+
+
+class StateMachine:
+    """A digest of every applied entry, in order: equal digests mean equal histories."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.digest = b""
+
+    def apply(self, e: Entry) -> None:
+        h = hashlib.blake2b(self.digest, digest_size=16)
+        h.update(b"%d:%d:%d:" % (e.index, e.term, e.kind))
+        h.update(e.data)
+        self.digest = h.digest()
+        self.index = e.index
+
+    def snapshot_data(self) -> bytes:
+        return b"%d:%s" % (self.index, self.digest.hex().encode())
+
+    def restore(self, data: bytes) -> None:
+        index, digest = data.split(b":")
+        self.index = int(index)
+        self.digest = bytes.fromhex(digest.decode())
+
+
+@dataclass
+class SimNode:
+    id: str
+    disk: Disk
+    initial: Membership
+    raft: Raft | None = None
+    sm: StateMachine = field(default_factory=StateMachine)
+    led_term: int = 0  # the last term in which the checker saw it lead
+
+    @property
+    def up(self) -> bool:
+        return self.raft is not None
+
+    def core(self) -> Raft:
+        if self.raft is None:
+            raise RuntimeError(f"{self.id} is down")
+        return self.raft
+
+
+class Cluster:
+    """N simulated nodes; ``tick()`` advances time by one tick for all of them."""
+
+    def __init__(
+        self,
+        ids: list[str],
+        *,
+        seed: int,
+        voters: list[str] | None = None,
+        faults: Faults | None = None,
+        config: RaftConfig | None = None,
+        disks: dict[str, Disk] | None = None,
+        checker: Checker | None = None,
+        crash_in_ready: float = 0.0,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.network = Network(random.Random(self.rng.getrandbits(64)), faults or Faults.none())
+        self.base_config = config or RaftConfig(id="_")
+        self.checker = checker or Checker()
+        self.crash_in_ready = crash_in_ready
+        self.now = 0
+        self.trace: deque[str] = deque(maxlen=200)  # printed when a check fails
+        self.on_note: Callable[[str], None] | None = None
+        self.crashes = 0
+        self.installs = 0  # snapshots installed from a leader
+        membership = Membership.of(voters if voters is not None else ids)
+        self.nodes: dict[str, SimNode] = {}
+        for nid in ids:
+            disk = (disks or {}).get(nid) or Disk()
+            initial = membership if nid in membership.members else Membership(frozenset())
+            self.nodes[nid] = SimNode(nid, disk, initial)
+            self.start(nid)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self, nid: str) -> None:
+        node = self.nodes[nid]
+        cfg = replace(self.base_config, id=nid)
+        node.raft = Raft(
+            cfg, random.Random(self.rng.getrandbits(64)), node.disk.restored(node.initial)
+        )
+        node.sm = StateMachine()
+        if node.disk.snapshot is not None:
+            node.sm.restore(node.disk.snapshot.data)
+            self.checker.on_apply(nid, node.sm.index, node.sm.digest)
+        node.led_term = 0
+        self.note(f"{nid} starts at term {node.raft.term}")
+        self.drain(nid)
+
+    def crash(self, nid: str) -> None:
+        self.nodes[nid].raft = None
+        self.crashes += 1
+        self.note(f"{nid} crashes")
+
+    def restart(self, nid: str) -> None:
+        if not self.nodes[nid].up:
+            self.start(nid)
+
+    # ---------------------------------------------------------------- observation
+
+    def note(self, what: str) -> None:
+        line = f"[{self.now}] {what}"
+        self.trace.append(line)
+        if self.on_note is not None:
+            self.on_note(line)
+
+    def up(self) -> list[str]:
+        return [n for n, node in self.nodes.items() if node.up]
+
+    def leader(self) -> str | None:
+        """The live leader with the highest term, if any."""
+        best: tuple[int, str] | None = None
+        for nid, node in self.nodes.items():
+            r = node.raft
+            if r is not None and r.role is Role.LEADER and (best is None or r.term > best[0]):
+                best = (r.term, nid)
+        return best[1] if best else None
+
+    def raft(self, nid: str) -> Raft:
+        return self.nodes[nid].core()
+
+    # ---------------------------------------------------------------- running
+
+    def tick(self) -> None:
+        self.now += 1
+        order = self.up()
+        self.rng.shuffle(order)
+        for nid in order:
+            self.raft(nid).tick()
+            self._watch(nid)
+            self.drain(nid)
+        self.deliver()
+
+    def deliver(self) -> int:
+        """Deliver every message that is due; each node handles its batch, then drains."""
+        by_dst: dict[str, list[AnyMessage]] = {}
+        for m in self.network.due(self.now):
+            by_dst.setdefault(m.dst, []).append(m)
+        for nid, msgs in by_dst.items():
+            node = self.nodes.get(nid)
+            if node is None or node.raft is None:
+                continue
+            for m in msgs:
+                validate(m)
+                node.raft.step(m)
+                self._watch(nid)
+            self.drain(nid)
+        return sum(len(v) for v in by_dst.values())
+
+    def stabilize(self, max_rounds: int = 1000) -> None:
+        """Deliver messages without ticking until the network is quiet."""
+        for _ in range(max_rounds):
+            if not self.network.pending():
+                return
+            if not self.deliver():
+                self.now += 1  # only delayed messages are left: let time reach them
+        raise RuntimeError("network did not become quiet")
+
+    def run(self, ticks: int) -> None:
+        for _ in range(ticks):
+            self.tick()
+
+    def run_until(self, cond: Callable[[], bool], max_ticks: int) -> int:
+        """Tick until ``cond()``; returns ticks taken, or raises TimeoutError."""
+        for n in range(max_ticks + 1):
+            if cond():
+                return n
+            self.tick()
+        raise TimeoutError(f"condition not met within {max_ticks} ticks (seed {self.seed})")
+
+    def drain(self, nid: str) -> None:
+        node = self.nodes[nid]
+        while node.raft is not None and node.raft.has_ready():
+            self._handle_ready(node, node.raft, node.raft.ready())
+
+    def _watch(self, nid: str) -> None:
+        node = self.nodes[nid]
+        r = node.raft
+        if r is not None and r.role is Role.LEADER and node.led_term != r.term:
+            node.led_term = r.term
+            self.note(f"{nid} leads term {r.term}")
+            self.checker.on_leader(nid, r.term, r)
+
+    def _crash_now(self) -> bool:
+        return bool(self.crash_in_ready) and self.rng.random() < self.crash_in_ready
+
+    def _handle_ready(self, node: SimNode, raft: Raft, rd: Ready) -> None:
+        for m in rd.messages:
+            self.network.send(self.now, m)
+        if self._crash_now():
+            self.crash(node.id)  # before anything of this Ready is durable
+            return
+        for e, prev_term in node.disk.write(rd):
+            self.checker.on_persist(node.id, e, prev_term)
+        if self._crash_now():
+            self.crash(node.id)  # durable, but no acknowledgement went out
+            return
+        for m in rd.persisted_messages:
+            self.network.send(self.now, m)
+        if rd.snapshot is not None:
+            node.sm.restore(rd.snapshot.data)
+            self.checker.on_apply(node.id, node.sm.index, node.sm.digest)
+            self.installs += 1
+            self.note(f"{node.id} installs snapshot at {rd.snapshot.meta.index}")
+        for e in rd.committed_entries:
+            self.checker.on_commit(node.id, e)
+            node.sm.apply(e)
+            self.checker.on_apply(node.id, e.index, node.sm.digest)
+        for rs in rd.read_states:
+            self.checker.on_read_released(node.id, rs.ctx, rs.index)
+        for ctx in rd.failed_reads:
+            self.checker.on_read_failed(ctx)
+        if rd.membership is not None:
+            ms = rd.membership
+            self.note(
+                f"{node.id} members: voters {sorted(ms.voters)} learners {sorted(ms.learners)}"
+            )
+        raft.advance(rd)
+
+    # ---------------------------------------------------------------- client actions
+
+    def propose(self, nid: str, data: bytes) -> int:
+        index = self.raft(nid).propose(data)
+        self.drain(nid)
+        return index
+
+    def read(self, nid: str, ctx: bytes) -> None:
+        self.checker.on_read_asked(ctx)
+        self.raft(nid).read_index(ctx)
+        self.drain(nid)
+
+    def compact(self, nid: str) -> int:
+        """Snapshot the node's applied state and compact its log; returns the index."""
+        node = self.nodes[nid]
+        snap = node.core().compact(node.sm.index, node.sm.snapshot_data())
+        node.disk.save_snapshot(snap)
+        self.note(f"{nid} compacts to {snap.meta.index}")
+        return snap.meta.index
+
+    def applied(self, nid: str) -> int:
+        return self.nodes[nid].sm.index
