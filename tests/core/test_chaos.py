@@ -16,11 +16,15 @@ PROFILES = {
     # name: (options, default number of seeds)
     "three_nodes": (ChaosOptions(voters=3, ticks=2000), 250),
     "five_nodes": (ChaosOptions(voters=5, ticks=2000), 120),
-    # Frequent crashes and partitions with one entry or two per message: many terms
-    # and divergent logs, where Figure 8's commitment hazard lives.
-    "churn": (
-        ChaosOptions(voters=5, ticks=1000, crash=0.02, network=0.03, max_msg_bytes=40),
+    # Frequent crashes and partitions with one entry per message: many terms and
+    # divergent logs, where Figure 8's commitment hazard lives.
+    "churn_three": (
+        ChaosOptions(voters=3, ticks=1000, crash=0.02, network=0.03, max_msg_bytes=17),
         250,
+    ),
+    "churn_five": (
+        ChaosOptions(voters=5, ticks=1000, crash=0.02, network=0.03, max_msg_bytes=17),
+        150,
     ),
 }
 

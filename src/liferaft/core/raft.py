@@ -44,8 +44,9 @@ from liferaft.core.messages import (
     VoteRequest,
     VoteResponse,
 )
-from liferaft.core.progress import Inflights, Progress, ProgressState
+from liferaft.core.progress import ProgressState
 from liferaft.core.readindex import ReadQueue
+from liferaft.core.replication import Replicator
 
 # Messages that depend on nothing the same Ready persists: they may leave at once.
 _IMMEDIATE = (AppendEntries, Heartbeat, InstallSnapshot, TimeoutNow, ReadIndexRequest)
@@ -110,13 +111,12 @@ class Raft:
         self.membership = self._membership_at(self.log.last_index)
         self.role = Role.FOLLOWER
         self.leader: str | None = None
-        self._prs: dict[str, Progress] = {}
+        self._repl: Replicator | None = None  # only while leader
         self._votes: dict[str, bool] = {}
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._randomized_timeout = self._random_timeout()
         self._transferee: str | None = None
-        self._want_append: dict[str, bool] = {}  # peer -> send even if empty
         self._reads = ReadQueue()
         self._incoming: tuple[SnapshotMeta, bytearray] | None = None
         # outputs gathered for the next Ready
@@ -158,7 +158,7 @@ class Raft:
             membership=self.membership,
             peers={
                 p: PeerStatus(pr.match, pr.next, pr.state, pr.recent_active)
-                for p, pr in self._prs.items()
+                for p, pr in (self._repl.prs if self._repl else {}).items()
             },
         )
 
@@ -191,7 +191,7 @@ class Raft:
         self._check_accepting()
         if not self._committed_in_term():
             raise ProposalRefused("the leader has not yet committed an entry of its term")
-        if self._conf_entries and self._conf_entries[-1][0] > self.log.committed:
+        if self._conf_pending():
             raise ProposalRefused("a membership change is already in progress")
         new = change.apply(self.membership)
         data = ConfEntry(change, new).encode()
@@ -220,10 +220,11 @@ class Raft:
             raise ProposalRefused(f"{target} is not a voter")
         self._transferee = target
         self._election_elapsed = 0  # the transfer is abandoned after an election timeout
-        if self._prs[target].match == self.log.last_index:
+        repl = self._repl_or_fail()
+        if repl.match(target) == self.log.last_index:
             self._send(TimeoutNow(term=self.term, src=self.id, dst=target))
         else:
-            self._want_append[target] = False
+            repl.want_append(target)
 
     def compact(self, index: int, data: bytes) -> Snapshot:
         """The shell snapshotted its applied state at ``index``: drop the log up to it.
@@ -289,7 +290,7 @@ class Raft:
 
     def has_ready(self) -> bool:
         return bool(
-            self._want_append
+            (self._repl is not None and bool(self._repl.want))
             or self._reads.need_round
             or self._msgs
             or self._persisted_msgs
@@ -304,10 +305,10 @@ class Raft:
 
     def ready(self) -> Ready:
         self._check_idle()
-        if self.role is Role.LEADER:
+        if self._repl is not None:
             if self._reads.need_round:
-                self._broadcast_heartbeat()
-            self._flush_appends()
+                self._repl.broadcast_heartbeat(self._reads.next_round())
+            self._repl.flush()
         hs = self._hard_state()
         log = self.log
         rd = Ready(
@@ -357,8 +358,7 @@ class Raft:
         self._randomized_timeout = self._random_timeout()
         self._transferee = None
         self._votes = {}
-        self._prs = {}
-        self._want_append = {}
+        self._repl = None
         for ctx, requester in self._reads.drain():
             self._fail_read(ctx, requester)
 
@@ -371,8 +371,10 @@ class Raft:
         self._reset(self.term)
         self.role = Role.LEADER
         self.leader = self.id
-        for peer in sorted(self.membership.members - {self.id}):  # sorted: replayable
-            self._prs[peer] = self._new_progress()
+        self._repl = Replicator(
+            self.id, self.term, self.log, self._cfg, self._send, lambda: self._snapshot
+        )
+        self._repl.set_members(self.membership.members)
         self._append_own(Entry(self.log.last_index + 1, self.term, EntryKind.NOOP))
 
     def _campaign(self, *, pre_vote: bool, transfer: bool = False) -> None:
@@ -426,7 +428,7 @@ class Raft:
         without it the change could never commit. Its own vote does not count then."""
         if self.id in self.membership.voters:
             return True
-        if self._conf_entries and self._conf_entries[-1][0] > self.log.committed:
+        if self._conf_pending():
             return self.id in self._membership_at(self._conf_entries[-1][0] - 1).voters
         return False
 
@@ -573,122 +575,47 @@ class Raft:
 
     # ---------------------------------------------------------------- leader
 
+    def _repl_or_fail(self) -> Replicator:
+        if self._repl is None:
+            raise UsageError(f"{self.id} has no replicator outside leadership")
+        return self._repl
+
     def _tick_leader(self) -> None:
+        repl = self._repl_or_fail()
         self._heartbeat_elapsed += 1
         self._election_elapsed += 1
         if self._election_elapsed >= self._cfg.election_ticks:
             self._election_elapsed = 0
-            if self._cfg.check_quorum and not self._quorum_active():
+            ms = self.membership
+            if self._cfg.check_quorum and not repl.quorum_active(ms.voters, ms.quorum()):
                 self._become_follower(self.term, None)
                 return
             self._transferee = None  # a transfer that did not finish in time is dropped
         if self._heartbeat_elapsed >= self._cfg.heartbeat_ticks:
             self._heartbeat_elapsed = 0
-            self._broadcast_heartbeat()
-
-    def _quorum_active(self) -> bool:
-        active = 0
-        for v in self.membership.voters:
-            pr = self._prs.get(v)
-            if v == self.id or (pr is not None and pr.recent_active):
-                active += 1
-        for pr in self._prs.values():
-            pr.recent_active = False
-        return active >= self.membership.quorum()
-
-    def _broadcast_heartbeat(self) -> None:
-        rnd = self._reads.next_round()
-        for peer, pr in self._prs.items():
-            self._send(
-                Heartbeat(
-                    term=self.term,
-                    src=self.id,
-                    dst=peer,
-                    commit=min(pr.match, self.log.committed),
-                    read_round=rnd,
-                )
-            )
+            repl.broadcast_heartbeat(self._reads.next_round())
 
     def _step_leader(self, m: AnyMessage) -> None:
+        repl = self._repl_or_fail()
         if isinstance(m, ReadIndexRequest):
             self._leader_read(m.ctx, m.src)
-            return
-        pr = self._prs.get(m.src)
-        if pr is None:
-            return  # not (or no longer) a member
-        if isinstance(m, AppendResponse):
-            pr.recent_active = True
-            self._handle_append_response(m, pr)
+        elif isinstance(m, AppendResponse):
+            if repl.on_append_response(m):
+                if self._maybe_commit():
+                    self._on_leader_commit()
+                if m.src == self._transferee and repl.match(m.src) == self.log.last_index:
+                    self._send(TimeoutNow(term=self.term, src=self.id, dst=m.src))
         elif isinstance(m, HeartbeatResponse):
-            pr.recent_active = True
-            pr.probe_sent = False
-            if pr.state is ProgressState.REPLICATE and pr.inflights.full():
-                pr.inflights.free_first()
-            if pr.state is ProgressState.SNAPSHOT:
-                # Resend only if a whole heartbeat passed without an acknowledged chunk,
-                # so a lost chunk is retried without starting a second stream.
-                if pr.snapshot_stalled:
-                    self._send_snapshot_chunk(m.src, pr)
-                pr.snapshot_stalled = True
-            elif pr.match < self.log.last_index:
-                self._want_append[m.src] = True
-            if m.read_round > pr.read_round:
-                pr.read_round = m.read_round
+            if repl.on_heartbeat_response(m):
                 self._release_reads()
         elif isinstance(m, SnapshotResponse):
-            pr.recent_active = True
-            if m.done:
-                pr.maybe_update(min(m.index, self.log.last_index))
-                if pr.state is ProgressState.SNAPSHOT:
-                    pr.become_probe()
-                self._want_append[m.src] = True
-            elif (
-                pr.state is ProgressState.SNAPSHOT
-                and m.index == pr.snapshot_index
-                and m.next_offset != pr.snapshot_offset  # equal: a duplicate answer
-            ):
-                pr.snapshot_offset = m.next_offset
-                pr.snapshot_stalled = False
-                self._send_snapshot_chunk(m.src, pr)
-
-    def _handle_append_response(self, m: AppendResponse, pr: Progress) -> None:
-        if not m.success:
-            probe = m.hint_index
-            if m.hint_term > 0:
-                probe, _ = self.log.find_conflict_by_term(m.hint_index, m.hint_term)
-            if pr.maybe_decrease_to(m.index, probe):
-                if pr.state is ProgressState.REPLICATE:
-                    pr.become_probe()
-                self._want_append[m.src] = False
-            return
-        if m.index > self.log.last_index or not pr.maybe_update(m.index):
-            return
-        if pr.state is ProgressState.PROBE:
-            pr.become_replicate()
-        elif pr.state is ProgressState.SNAPSHOT:
-            pr.become_probe()
-            pr.become_replicate()
-        else:
-            pr.inflights.free_to(m.index)
-        if self._maybe_commit():
-            self._on_leader_commit()
-        else:
-            self._want_append.setdefault(m.src, False)
-        if m.src == self._transferee and pr.match == self.log.last_index:
-            self._send(TimeoutNow(term=self.term, src=self.id, dst=m.src))
+            repl.on_snapshot_response(m)
 
     def _maybe_commit(self) -> bool:
-        voters = self.membership.voters
-        if not voters:
+        ms = self.membership
+        if not ms.voters or self._repl is None:
             return False
-        matches = sorted(
-            (
-                self.log.stable if v == self.id else (self._prs[v].match if v in self._prs else 0)
-                for v in voters
-            ),
-            reverse=True,
-        )
-        index = matches[self.membership.quorum() - 1]
+        index = self._repl.quorum_index(ms.voters, ms.quorum())
         # Figure 8: only an entry of the current term is committed by counting replicas.
         if index > self.log.committed and self.log.term(index) == self.term:
             self.log.commit_to(index)
@@ -696,79 +623,13 @@ class Raft:
         return False
 
     def _on_leader_commit(self) -> None:
-        for peer in self._prs:
-            self._want_append[peer] = True  # tell followers the new commit index
+        self._repl_or_fail().want_all(send_empty=True)  # tell followers the new commit
         if self._reads.waiting_for_commit and self._committed_in_term():
             waiting, self._reads.waiting_for_commit = self._reads.waiting_for_commit, []
             for ctx, requester in waiting:
                 self._leader_read(ctx, requester)
-        if self.id not in self.membership.members and not (
-            self._conf_entries and self._conf_entries[-1][0] > self.log.committed
-        ):
+        if self.id not in self.membership.members and not self._conf_pending():
             self._become_follower(self.term, None)  # our removal is committed
-
-    def _flush_appends(self) -> None:
-        want, self._want_append = self._want_append, {}
-        for peer, send_empty in want.items():
-            pr = self._prs.get(peer)
-            if pr is not None:
-                self._send_append(peer, pr, send_empty=send_empty)
-
-    def _send_append(self, peer: str, pr: Progress, *, send_empty: bool) -> None:
-        log = self.log
-        while not pr.paused():
-            prev = pr.next - 1
-            prev_term = log.term(prev)
-            if prev_term is None:
-                if prev < log.snapshot_index and self._snapshot is not None:
-                    self._send_snapshot_chunk(peer, pr)
-                return
-            entries = (
-                log.slice(pr.next, log.last_index + 1, self._cfg.max_msg_bytes)
-                if pr.next <= log.last_index
-                else []
-            )
-            if not entries and not send_empty:
-                return
-            self._send(
-                AppendEntries(
-                    term=self.term,
-                    src=self.id,
-                    dst=peer,
-                    prev_index=prev,
-                    prev_term=prev_term,
-                    entries=tuple(entries),
-                    commit=log.committed,
-                )
-            )
-            send_empty = False
-            if pr.state is ProgressState.PROBE:
-                pr.probe_sent = True
-            elif entries:
-                pr.next = entries[-1].index + 1
-                pr.inflights.add(entries[-1].index, sum(e.size() for e in entries))
-            if not entries:
-                return
-
-    def _send_snapshot_chunk(self, peer: str, pr: Progress) -> None:
-        snap = self._snapshot
-        if snap is None:
-            return
-        if pr.state is not ProgressState.SNAPSHOT or pr.snapshot_index != snap.meta.index:
-            pr.become_snapshot(snap.meta.index)
-        off = pr.snapshot_offset
-        chunk = snap.data[off : off + self._cfg.snapshot_chunk_bytes]
-        self._send(
-            InstallSnapshot(
-                term=self.term,
-                src=self.id,
-                dst=peer,
-                meta=snap.meta,
-                offset=off,
-                data=chunk,
-                done=off + len(chunk) >= len(snap.data),
-            )
-        )
 
     # ---------------------------------------------------------------- reads
 
@@ -784,19 +645,10 @@ class Raft:
             self._reads.add(ctx, self.log.committed, requester)
 
     def _release_reads(self) -> None:
-        voters = self.membership.voters
-        if not voters:
+        ms = self.membership
+        if not ms.voters or self._repl is None:
             return
-        rounds = sorted(
-            (
-                self._reads.round
-                if v == self.id
-                else (self._prs[v].read_round if v in self._prs else 0)
-                for v in voters
-            ),
-            reverse=True,
-        )
-        confirmed = rounds[self.membership.quorum() - 1]
+        confirmed = self._repl.quorum_round(ms.voters, ms.quorum(), self._reads.round)
         for r in self._reads.release(confirmed):
             self._answer_read(r.ctx, r.index, r.requester)
 
@@ -830,8 +682,8 @@ class Raft:
 
     def _append_own(self, e: Entry) -> None:
         self._append_log([e])
-        for peer in self._prs:
-            self._want_append.setdefault(peer, False)
+        if self._repl is not None:
+            self._repl.want_all()
 
     def _append_log(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
         at = entries[0].index
@@ -859,29 +711,18 @@ class Raft:
         self.membership = new
         if self.role is not Role.LEADER:
             return
-        members = new.members - {self.id}
-        for peer in list(self._prs):
-            if peer not in members:
-                del self._prs[peer]
-                self._want_append.pop(peer, None)
-        for peer in sorted(members - self._prs.keys()):
-            self._prs[peer] = self._new_progress()
-            self._want_append[peer] = False
+        self._repl_or_fail().set_members(new.members)
         if self._transferee is not None and self._transferee not in new.voters:
             self._transferee = None
         if self._maybe_commit():
             self._on_leader_commit()
         self._release_reads()
 
-    def _new_progress(self) -> Progress:
-        cfg = self._cfg
-        pr = Progress(
-            self.log.last_index + 1, Inflights(cfg.max_inflight_msgs, cfg.max_inflight_bytes)
-        )
-        pr.recent_active = True  # give a new follower one election timeout to answer
-        return pr
-
     # ---------------------------------------------------------------- plumbing
+
+    def _conf_pending(self) -> bool:
+        """Is the newest membership change not yet committed?"""
+        return bool(self._conf_entries) and self._conf_entries[-1][0] > self.log.committed
 
     def _hard_state(self) -> HardState:
         return HardState(self.term, self.vote, self.log.committed)

@@ -38,6 +38,7 @@ class ChaosOptions:
     ticks: int = 2000
     faults: Faults = field(default_factory=Faults.lossy)
     crash_in_ready: float = 0.0002
+    crash_after_commit: float = 0.0  # a leader that just committed crashes
     election_ticks: int = 10
     heartbeat_ticks: int = 2
     crash: float = 0.003  # per tick, a random node crashes (restarted a while later)
@@ -110,6 +111,7 @@ class _Run:
             faults=o.faults,
             config=config,
             crash_in_ready=o.crash_in_ready,
+            crash_after_commit=o.crash_after_commit,
         )
         self.restart_at: dict[str, int] = {}
         self.counter = 0
@@ -240,7 +242,7 @@ class _Run:
         c = self.cluster
         c.network.heal()
         c.network.faults = Faults.none()
-        c.crash_in_ready = 0.0
+        c.crash_in_ready = c.crash_after_commit = 0.0
         for nid in self.ids:
             c.restart(nid)
         bound = 30 * self.o.election_ticks

@@ -6,8 +6,9 @@ Each check is incremental, so it can run after every step of thousands of cluste
 - Log matching: an entry is identified by (index, term); every node that persists it
   must hold the same payload *and* the same term just before it. By induction on the
   index that is the Log Matching Property.
-- Committed entries are never lost: no node ever persists a different term at an
-  index known to be committed.
+- Committed entries are never lost: no node ever removes from its durable log an entry
+  known to be committed (a stale leader may still *write* a different entry at a
+  committed index it never held; that one is doomed and never commits).
 - Leader completeness: a node that becomes leader holds every entry committed so far.
 - State machine safety: after applying index ``i`` every node's state digest is the same.
 - Linearizable reads: a read index released for a read is at least the highest index any
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from liferaft.core import Entry, Raft
+from liferaft.core import Entry, Raft, Snapshot
 
 
 class SafetyViolation(AssertionError):
@@ -60,12 +61,14 @@ class Checker:
                 f"and payload {entry.data!r}, another node has prev term {seen[2]} and "
                 f"payload {seen[0]!r}"
             )
-        t = self.committed.get(entry.index)
-        if t is not None and t != entry.term:
-            self.fail(
-                f"committed entry lost: {node} overwrote committed index {entry.index} "
-                f"(term {t}) with term {entry.term}"
-            )
+
+    def on_remove(self, node: str, removed: list[Entry], snapshot: Snapshot | None) -> None:
+        """A node dropped entries from its durable log: never a committed one, unless a
+        snapshot that covers it replaced the log."""
+        covered = snapshot.meta.index if snapshot is not None else 0
+        for e in removed:
+            if e.index > covered and self.committed.get(e.index) == e.term:
+                self.fail(f"committed entry lost: {node} removed committed entry {e.index}")
 
     def on_commit(self, node: str, entry: Entry) -> None:
         t = self.committed.setdefault(entry.index, entry.term)

@@ -57,21 +57,24 @@ class Disk:
             return self.entries[pos].term
         return 0
 
-    def write(self, rd: Ready) -> list[tuple[Entry, int]]:
-        """Persist a Ready atomically; returns each new entry with the term before it."""
+    def write(self, rd: Ready) -> tuple[list[tuple[Entry, int]], list[Entry]]:
+        """Persist a Ready atomically; returns each new entry with the term before it,
+        and the entries it removed (a conflicting suffix, or the log a snapshot replaced)."""
+        removed: list[Entry] = []
         if rd.snapshot is not None:
             self.snapshot = rd.snapshot
-            self.entries = []
+            removed, self.entries = self.entries, []
         written: list[tuple[Entry, int]] = []
         if rd.entries:
             keep = rd.entries[0].index - self.offset - 1
+            removed += self.entries[keep:]
             del self.entries[keep:]
             for e in rd.entries:
                 written.append((e, self.term_at(e.index - 1)))
                 self.entries.append(e)
         if rd.hard_state is not None:
             self.hard_state = rd.hard_state
-        return written
+        return written, removed
 
     def save_snapshot(self, snap: Snapshot) -> None:
         drop = snap.meta.index - self.offset
@@ -138,6 +141,7 @@ class Cluster:
         disks: dict[str, Disk] | None = None,
         checker: Checker | None = None,
         crash_in_ready: float = 0.0,
+        crash_after_commit: float = 0.0,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -145,11 +149,15 @@ class Cluster:
         self.base_config = config or RaftConfig(id="_")
         self.checker = checker or Checker()
         self.crash_in_ready = crash_in_ready
+        # A nemesis aimed at the commit rule: a leader that just committed dies before
+        # its next messages leave (Figure 8's hazard needs exactly that timing).
+        self.crash_after_commit = crash_after_commit
         self.now = 0
         self.trace: deque[str] = deque(maxlen=200)  # printed when a check fails
         self.on_note: Callable[[str], None] | None = None
         self.crashes = 0
         self.installs = 0  # snapshots installed from a leader
+        self.reads: dict[bytes, int | None] = {}  # ctx -> released index, None if failed
         membership = Membership.of(voters if voters is not None else ids)
         self.nodes: dict[str, SimNode] = {}
         for nid in ids:
@@ -277,7 +285,9 @@ class Cluster:
         if self._crash_now():
             self.crash(node.id)  # before anything of this Ready is durable
             return
-        for e, prev_term in node.disk.write(rd):
+        written, removed = node.disk.write(rd)
+        self.checker.on_remove(node.id, removed, rd.snapshot)
+        for e, prev_term in written:
             self.checker.on_persist(node.id, e, prev_term)
         if self._crash_now():
             self.crash(node.id)  # durable, but no acknowledgement went out
@@ -295,14 +305,23 @@ class Cluster:
             self.checker.on_apply(node.id, e.index, node.sm.digest)
         for rs in rd.read_states:
             self.checker.on_read_released(node.id, rs.ctx, rs.index)
+            self.reads[rs.ctx] = rs.index
         for ctx in rd.failed_reads:
             self.checker.on_read_failed(ctx)
+            self.reads[ctx] = None
         if rd.membership is not None:
             ms = rd.membership
             self.note(
                 f"{node.id} members: voters {sorted(ms.voters)} learners {sorted(ms.learners)}"
             )
         raft.advance(rd)
+        if (
+            self.crash_after_commit
+            and rd.committed_entries
+            and raft.role is Role.LEADER
+            and self.rng.random() < self.crash_after_commit
+        ):
+            self.crash(node.id)
 
     # ---------------------------------------------------------------- client actions
 
