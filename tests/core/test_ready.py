@@ -22,6 +22,7 @@ from liferaft.core import (
     EntryKind,
     HardState,
     Heartbeat,
+    HeartbeatResponse,
     Membership,
     NotLeader,
     ProgressState,
@@ -489,4 +490,44 @@ def test_committed_entries_of_one_follower_are_handed_out_once() -> None:
     rd = handle(r)
     assert [e.index for e in rd.committed_entries] == [4, 5]
     assert r.applied == 5
+    assert not r.has_ready()
+
+
+def test_the_inflight_window_also_closes_at_its_byte_budget() -> None:
+    # Each entry counts 16 bytes of overhead plus its payload: 20 bytes here.
+    r = make(max_msg_bytes=1, max_inflight_bytes=50)
+    elect(r)
+    ack(r, "b", 1)
+    handle(r)
+    for n in range(10):
+        r.propose(b"%04d" % n)
+    rd = handle(r)
+    # 20 + 20 < 50: a third may go; 60 >= 50: the window is then full.
+    assert [m.entries[0].index for m in appends_to(rd, "b")] == [2, 3, 4]
+
+
+def test_a_heartbeat_response_reopens_a_full_window_by_one_message() -> None:
+    r = make(max_msg_bytes=1, max_inflight_msgs=4)
+    elect(r)
+    ack(r, "b", 1)
+    handle(r)
+    for n in range(10):
+        r.propose(b"%d" % n)
+    handle(r)  # 2..5 in flight; suppose all four were lost
+    r.step(HeartbeatResponse(term=r.term, src="b", dst="a"))
+    rd = handle(r)
+    assert [m.entries[0].index for m in appends_to(rd, "b")] == [6]
+
+
+def test_an_idle_leader_has_nothing_ready_once_a_full_window_was_handled() -> None:
+    r = make(max_msg_bytes=1, max_inflight_msgs=4)
+    elect(r)
+    ack(r, "b", 1)
+    handle(r)
+    for n in range(10):
+        r.propose(b"%d" % n)
+    handle(r)
+    r.propose(b"more")
+    rd = handle(r)
+    assert appends_to(rd, "b") == []
     assert not r.has_ready()

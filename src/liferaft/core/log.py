@@ -110,7 +110,10 @@ class RaftLog:
             if t <= term:
                 return index, t
             index -= 1
-        return index, self.snapshot_term if index == self.snapshot_index else 0
+        if index == self.snapshot_index and self.snapshot_term <= term:
+            return index, self.snapshot_term
+        # Below the snapshot the terms are unknown: point just before it, term unknown (0).
+        return max(0, min(index, self.snapshot_index - 1)), 0
 
     # -- changing ------------------------------------------------------------------
 

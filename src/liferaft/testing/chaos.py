@@ -239,6 +239,12 @@ class _Run:
         c.note(f"{leader} proposes {change.type.value} {change.node_id}")
 
     def heal(self) -> tuple[int, int]:
+        """Heal everything; then a client's write must succeed within the bound.
+
+        Like a real client, the write is retried on the new leader if the one it went
+        to loses its leadership (it may have been cut off just before the heal, and
+        check-quorum then deposes it); each retry is a fresh entry.
+        """
         c = self.cluster
         c.network.heal()
         c.network.faults = Faults.none()
@@ -250,16 +256,34 @@ class _Run:
             to_leader = c.run_until(lambda: self._stable_leader() is not None, bound)
         except TimeoutError:
             raise LivenessViolation(f"no leader within {bound} ticks of healing") from None
-        leader, index = self._propose_until_accepted(bound)
-        voters = c.raft(leader).membership.voters
-        try:
-            to_commit = c.run_until(lambda: all(c.applied(v) >= index for v in voters), bound)
-        except TimeoutError:
-            raise LivenessViolation(
-                f"entry {index} proposed to leader {leader} not applied by all voters "
-                f"{sorted(voters)} within {bound} ticks"
-            ) from None
-        return to_leader, to_commit
+        start = c.now
+        while c.now - start < bound:
+            leader = self._stable_leader()
+            index = None
+            if leader is not None:
+                # refused during a leadership transfer, which finishes or times out
+                with contextlib.suppress(ProposalRefused, NotLeader):
+                    index = c.propose(leader, b"final")
+            if leader is None or index is None:
+                c.tick()
+                continue
+            term = c.raft(leader).term
+            voters = c.raft(leader).membership.voters
+
+            def settled(
+                leader: str = leader,
+                term: int = term,
+                index: int = index,
+                voters: frozenset[str] = voters,
+            ) -> bool:
+                node = c.nodes[leader]
+                lost = node.raft is None or node.raft.term != term
+                return lost or all(c.applied(v) >= index for v in voters)
+
+            c.run_until(settled, bound)
+            if all(c.applied(v) >= index for v in voters):
+                return to_leader, c.now - start
+        raise LivenessViolation(f"no write was applied by all voters within {bound} ticks")
 
     def _stable_leader(self) -> str | None:
         """A leader that every voter of its membership follows."""
@@ -271,15 +295,3 @@ class _Run:
         if all(c.raft(v).leader == leader for v in raft.membership.voters):
             return leader
         return None
-
-    def _propose_until_accepted(self, bound: int) -> tuple[str, int]:
-        c = self.cluster
-        for _ in range(bound):
-            leader = self._stable_leader()
-            if leader is not None:
-                try:
-                    return leader, c.propose(leader, b"final")
-                except (ProposalRefused, NotLeader):
-                    pass  # a transfer in progress: it finishes or times out
-            c.tick()
-        raise LivenessViolation(f"no leader accepted a proposal for {bound} ticks")

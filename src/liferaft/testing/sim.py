@@ -9,7 +9,6 @@ Every step is followed by the ``Checker``'s safety checks.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -28,6 +27,7 @@ from liferaft.core import (
     Snapshot,
     validate,
 )
+from liferaft.node.statemachine import DigestStateMachine
 from liferaft.testing.checker import Checker
 from liferaft.testing.network import Faults, Network
 
@@ -85,36 +85,13 @@ class Disk:
         return Restored(self.hard_state, self.snapshot, tuple(self.entries), initial)
 
 
-class StateMachine:
-    """A digest of every applied entry, in order: equal digests mean equal histories."""
-
-    def __init__(self) -> None:
-        self.index = 0
-        self.digest = b""
-
-    def apply(self, e: Entry) -> None:
-        h = hashlib.blake2b(self.digest, digest_size=16)
-        h.update(b"%d:%d:%d:" % (e.index, e.term, e.kind))
-        h.update(e.data)
-        self.digest = h.digest()
-        self.index = e.index
-
-    def snapshot_data(self) -> bytes:
-        return b"%d:%s" % (self.index, self.digest.hex().encode())
-
-    def restore(self, data: bytes) -> None:
-        index, digest = data.split(b":")
-        self.index = int(index)
-        self.digest = bytes.fromhex(digest.decode())
-
-
 @dataclass
 class SimNode:
     id: str
     disk: Disk
     initial: Membership
     raft: Raft | None = None
-    sm: StateMachine = field(default_factory=StateMachine)
+    sm: DigestStateMachine = field(default_factory=DigestStateMachine)
     led_term: int = 0  # the last term in which the checker saw it lead
 
     @property
@@ -174,7 +151,7 @@ class Cluster:
         node.raft = Raft(
             cfg, random.Random(self.rng.getrandbits(64)), node.disk.restored(node.initial)
         )
-        node.sm = StateMachine()
+        node.sm = DigestStateMachine()
         if node.disk.snapshot is not None:
             node.sm.restore(node.disk.snapshot.data)
             self.checker.on_apply(nid, node.sm.index, node.sm.digest)
@@ -338,7 +315,7 @@ class Cluster:
     def compact(self, nid: str) -> int:
         """Snapshot the node's applied state and compact its log; returns the index."""
         node = self.nodes[nid]
-        snap = node.core().compact(node.sm.index, node.sm.snapshot_data())
+        snap = node.core().compact(node.sm.index, node.sm.snapshot())
         node.disk.save_snapshot(snap)
         self.note(f"{nid} compacts to {snap.meta.index}")
         return snap.meta.index
