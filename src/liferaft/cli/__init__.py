@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from liferaft.cli.certs import certs, token
 from liferaft.cli.sim import sim
 
 
@@ -15,6 +16,8 @@ def cli() -> None:
 
 
 cli.add_command(sim)
+cli.add_command(certs)
+cli.add_command(token)
 
 
 def main() -> None:

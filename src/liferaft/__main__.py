@@ -1,0 +1,5 @@
+"""``python -m liferaft`` is the ``liferaft`` command."""
+
+from liferaft.cli import main
+
+main()

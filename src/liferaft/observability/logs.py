@@ -1,0 +1,243 @@
+"""Structured logs: one JSON object per line, on stderr.
+
+Each line carries ``ts`` (RFC 3339, UTC, milliseconds), ``level``, ``node``, ``logger``,
+``msg`` (an event name such as ``leader_changed``) and the event's fields::
+
+    {"ts":"2024-05-01T12:00:00.123Z","level":"info","node":"n1",
+     "logger":"liferaft.node","msg":"leader_changed","term":3,"leader":"n2"}
+
+Call sites use the standard loggers and ``event``::
+
+    log = logging.getLogger("liferaft.node")
+    event(log, "leader_changed", term=3, leader="n2")
+
+The node id comes with the record, not from process state: ``event`` captures the
+node bound to the calling task (``bind_node`` / ``node_context``, a contextvar that
+Trio child tasks inherit from the task that spawns them), so several nodes in one
+process each log their own id. A record without one falls back to the id given to
+``configure`` (the single node of a ``liferaft node`` process).
+
+No secret is ever written: fields named like a secret (``SENSITIVE_KEYS``) are masked
+by the formatter itself, at any depth, and bytes are logged only as their length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, Final, TextIO
+
+#: Field names whose values are never logged (compared case-insensitively).
+SENSITIVE_KEYS: Final = frozenset(
+    {
+        "token",
+        "authorization",
+        "password",
+        "key",
+        "value",
+        "secret",
+        "private_key",
+        "access_token",
+        "refresh_token",
+        "jwt",
+        "cookie",
+    }
+)
+REDACTED: Final = "<redacted>"
+
+_node: contextvars.ContextVar[str | None] = contextvars.ContextVar("liferaft_node_id", default=None)
+
+# The record attribute ``event`` stores its fields under (a dict, so that field names
+# such as ``name`` or ``args`` cannot clash with LogRecord's own attributes).
+_FIELDS_ATTR: Final = "liferaft_fields"
+_NODE_ATTR: Final = "node"
+# Keys of the JSON object set by the formatter; a field with one of these names is
+# written with a trailing underscore instead.
+_BASE_KEYS: Final = frozenset({"ts", "level", "node", "logger", "msg", "exc", "stack"})
+# Attributes every LogRecord has: anything else on a record came from ``extra=``.
+_RECORD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    _FIELDS_ATTR,
+    _NODE_ATTR,
+}
+_MAX_DEPTH: Final = 8
+
+
+# -------------------------------------------------------------------- node binding
+
+
+def bind_node(node_id: str) -> contextvars.Token[str | None]:
+    """Bind ``node_id`` to the current context: this task and every task it spawns
+    afterwards. Returns the token for ``contextvars.ContextVar.reset``."""
+    return _node.set(node_id)
+
+
+@contextlib.contextmanager
+def node_context(node_id: str) -> Iterator[None]:
+    """``with node_context("n1"):`` binds the node id for the block (see bind_node)."""
+    token = _node.set(node_id)
+    try:
+        yield
+    finally:
+        _node.reset(token)
+
+
+def current_node() -> str | None:
+    """The node id bound to the calling task, if any."""
+    return _node.get()
+
+
+# -------------------------------------------------------------------- redaction
+
+
+def _is_sensitive(key: object) -> bool:
+    return isinstance(key, str) and key.lower() in SENSITIVE_KEYS
+
+
+def _redact_value(value: object, depth: int) -> object:
+    if depth > _MAX_DEPTH:
+        return "<too deep>"
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED if _is_sensitive(k) else _redact_value(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redact_value(v, depth + 1) for v in value]
+    return value
+
+
+def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``mapping`` with the value of every key in SENSITIVE_KEYS (any case)
+    replaced by REDACTED, in nested mappings and sequences too."""
+    out = _redact_value(mapping, 0)
+    assert isinstance(out, dict)
+    return out
+
+
+# -------------------------------------------------------------------- formatting
+
+
+def _jsonable(value: object, depth: int = 0) -> object:
+    """``value`` as JSON can carry it: bytes as their length (they may be user values),
+    non-finite floats and unknown types as strings."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    if depth > _MAX_DEPTH:
+        return "<too deep>"
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v, depth + 1) for v in value]
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    return str(value)
+
+
+def format_ts(created: float) -> str:
+    """RFC 3339 in UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one line of JSON (see the module docstring)."""
+
+    def __init__(self, node_id: str | None = None) -> None:
+        super().__init__()
+        self.node_id = node_id
+
+    def format(self, record: logging.LogRecord) -> str:
+        node = getattr(record, _NODE_ATTR, None) or current_node() or self.node_id
+        out: dict[str, object] = {
+            "ts": format_ts(record.created),
+            "level": record.levelname.lower(),
+            "node": node,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+        extra = getattr(record, _FIELDS_ATTR, None)
+        if isinstance(extra, Mapping):
+            fields.update(extra)
+        for k, v in redact(fields).items():
+            out[f"{k}_" if k in _BASE_KEYS else k] = _jsonable(v)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=True, separators=(",", ":"), default=str)
+
+
+# -------------------------------------------------------------------- call sites
+
+
+def event(
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    name: str,
+    /,
+    *,
+    level: int = logging.INFO,
+    exc_info: Any = None,
+    **fields: object,
+) -> None:
+    """Log the event ``name`` with ``fields``, tagged with the calling task's node id:
+    ``event(log, "leader_changed", term=3, leader="n2")``."""
+    if isinstance(logger, logging.LoggerAdapter):
+        fields = {**(logger.extra or {}), **fields}
+        base = logger.logger
+        while isinstance(base, logging.LoggerAdapter):
+            base = base.logger
+        logger = base
+    if not logger.isEnabledFor(level):
+        return
+    logger.log(
+        level,
+        name,
+        exc_info=exc_info,
+        extra={_FIELDS_ATTR: fields, _NODE_ATTR: _node.get()},
+        stacklevel=2,
+    )
+
+
+# -------------------------------------------------------------------- setup
+
+_installed: list[tuple[logging.Handler, int]] = []  # (our handler, root's previous level)
+
+
+def configure(
+    node_id: str, stream: TextIO | None = None, level: int | str = "INFO"
+) -> logging.Handler:
+    """Send every log record of the process to ``stream`` (stderr by default) as JSON
+    lines, at ``level`` and above; records not bound to a node are tagged ``node_id``.
+    Calling it again replaces the previous setup. Returns the installed handler."""
+    reset()
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JsonFormatter(node_id))
+    root = logging.getLogger()
+    _installed.append((handler, root.level))
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler
+
+
+def reset() -> None:
+    """Undo ``configure``: remove its handler and restore the root logger's level."""
+    root = logging.getLogger()
+    while _installed:
+        handler, previous_level = _installed.pop()
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
