@@ -1,32 +1,25 @@
 """Hundreds of random clusters under faults; every step is checked for Raft's safety
-properties, and each healed cluster must elect a leader and commit.
+properties, and each healed cluster must elect a leader and commit a write.
 
-A failure names its seed; ``pytest tests/core/test_chaos.py --seed N`` replays it
-exactly (add ``-k five`` etc. to pick the profile), and ``liferaft sim --seed N``
-narrates it. ``--sim-runs`` changes the number of seeds; ``-m slow`` runs a long soak.
+A failure names its profile and seed; replay it with
+``liferaft sim --profile PROFILE --seed N`` (narrated) or
+``pytest tests/core/test_chaos.py --seed N -k PROFILE``. ``--sim-runs`` changes the
+number of seeds per profile, ``--sim-base`` the first one; ``-m slow`` runs a long soak.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+
 import pytest
 
-from liferaft.testing.chaos import ChaosOptions, run_chaos
+from liferaft.testing.chaos import PROFILES, ChaosOptions, run_chaos
+from liferaft.testing.checker import SimulationFailure
 
-PROFILES = {
-    # name: (options, default number of seeds)
-    "three_nodes": (ChaosOptions(voters=3, ticks=2000), 250),
-    "five_nodes": (ChaosOptions(voters=5, ticks=2000), 120),
-    # Frequent crashes and partitions with one entry per message: many terms and
-    # divergent logs, where Figure 8's commitment hazard lives.
-    "churn_three": (
-        ChaosOptions(voters=3, ticks=1000, crash=0.02, network=0.03, max_msg_bytes=17),
-        250,
-    ),
-    "churn_five": (
-        ChaosOptions(voters=5, ticks=1000, crash=0.02, network=0.03, max_msg_bytes=17),
-        150,
-    ),
-}
+# Seeds per profile in the default run: about a minute on two cores in all.
+DEFAULT_RUNS = {"three_nodes": 250, "five_nodes": 120, "churn_three": 250, "churn_five": 150}
 
 
 def seeds(config: pytest.Config, default: int) -> range:
@@ -40,10 +33,12 @@ def seeds(config: pytest.Config, default: int) -> range:
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_random_clusters_stay_safe_and_recover(profile: str, pytestconfig: pytest.Config) -> None:
-    opts, default = PROFILES[profile]
     elections = committed = 0
-    for seed in seeds(pytestconfig, default):
-        report = run_chaos(seed, opts)  # raises with the seed and a trace on failure
+    for seed in seeds(pytestconfig, DEFAULT_RUNS[profile]):
+        try:
+            report = run_chaos(seed, PROFILES[profile])
+        except SimulationFailure as exc:
+            pytest.fail(f"{exc}\nreplay: liferaft sim --profile {profile} --seed {seed}")
         elections += report.elections
         committed += report.committed
     # The runs must have exercised the protocol, not idled.
@@ -65,7 +60,7 @@ def test_random_runs_exercise_every_mechanism() -> None:
         ["conf_changes", "transfers", "snapshots", "installs", "reads_checked", "crashes"], 0
     )
     for seed in range(20):
-        report = run_chaos(seed, ChaosOptions(voters=3, ticks=2000))
+        report = run_chaos(seed, PROFILES["three_nodes"])
         for k in totals:
             totals[k] += getattr(report, k)
     assert all(v > 0 for v in totals.values()), totals
@@ -74,5 +69,25 @@ def test_random_runs_exercise_every_mechanism() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("voters", [3, 5, 7])
 def test_soak(voters: int, pytestconfig: pytest.Config) -> None:
+    opts = dataclasses.replace(PROFILES["five_nodes"], voters=voters, ticks=5000)
     for seed in seeds(pytestconfig, 2000):
-        run_chaos(seed, ChaosOptions(voters=voters, ticks=5000))
+        run_chaos(seed, opts)
+
+
+def test_a_run_replays_identically_whatever_the_hash_seed() -> None:
+    """Set iteration order depends on PYTHONHASHSEED; the core and simulator must not."""
+    code = (
+        "from liferaft.testing.chaos import run_chaos, PROFILES\n"
+        "print(run_chaos(11, PROFILES['five_nodes']))"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={"PYTHONHASHSEED": str(h), "PATH": ""},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for h in (1, 2, 3)
+    }
+    assert len(outs) == 1

@@ -311,6 +311,19 @@ def test_read_index_through_a_follower_is_served_by_the_leader() -> None:
     assert index is not None and index >= written
 
 
+def test_a_read_queued_before_the_leader_becomes_the_sole_voter_is_answered() -> None:
+    """The read waits for a heartbeat round; after the change nobody answers heartbeats,
+    so the leader's own round must be enough."""
+    c = Cluster(["n1", "n2"], seed=5, config=RaftConfig(id="_", election_ticks=ELECTION))
+    elect(c, "n1")
+    c.stabilize()
+    c.raft("n1").read_index(b"r")
+    c.raft("n1").propose_conf_change(ConfChange(ConfChangeType.REMOVE, "n2"))
+    c.drain("n1")
+    c.run(5)
+    assert c.reads.get(b"r") is not None
+
+
 # ---------------------------------------------------------------- leadership transfer
 
 

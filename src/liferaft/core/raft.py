@@ -308,6 +308,7 @@ class Raft:
         if self._repl is not None:
             if self._reads.need_round:
                 self._repl.broadcast_heartbeat(self._reads.next_round())
+                self._release_reads()
             self._repl.flush()
         hs = self._hard_state()
         log = self.log
@@ -594,6 +595,7 @@ class Raft:
         if self._heartbeat_elapsed >= self._cfg.heartbeat_ticks:
             self._heartbeat_elapsed = 0
             repl.broadcast_heartbeat(self._reads.next_round())
+            self._release_reads()  # our own round counts: a sole voter confirms itself
 
     def _step_leader(self, m: AnyMessage) -> None:
         repl = self._repl_or_fail()

@@ -22,12 +22,12 @@ from liferaft.core import (
     RaftConfig,
     Role,
 )
-from liferaft.testing.checker import SafetyViolation
+from liferaft.testing.checker import SimulationFailure
 from liferaft.testing.network import Faults
 from liferaft.testing.sim import Cluster
 
 
-class LivenessViolation(AssertionError):
+class LivenessViolation(SimulationFailure):
     """A healed cluster failed to elect a leader or commit within the bound."""
 
 
@@ -38,12 +38,23 @@ class ChaosOptions:
     ticks: int = 2000
     faults: Faults = field(default_factory=Faults.lossy)
     crash_in_ready: float = 0.0002
-    crash_after_commit: float = 0.0  # a leader that just committed crashes
     election_ticks: int = 10
     heartbeat_ticks: int = 2
     crash: float = 0.003  # per tick, a random node crashes (restarted a while later)
     network: float = 0.01  # per tick, a partition is made or healed
     max_msg_bytes: int = 128  # small messages: replication is paged and pipelined
+
+
+# The random-run profiles the test suite runs (tests/core/test_chaos.py) and
+# `liferaft sim --profile` replays.
+PROFILES: dict[str, ChaosOptions] = {
+    "three_nodes": ChaosOptions(voters=3, ticks=2000),
+    "five_nodes": ChaosOptions(voters=5, ticks=2000),
+    # Frequent crashes and partitions with one entry per message: many terms and
+    # divergent logs, where Figure 8's commitment hazard lives.
+    "churn_three": ChaosOptions(voters=3, ticks=1000, crash=0.02, network=0.03, max_msg_bytes=17),
+    "churn_five": ChaosOptions(voters=5, ticks=1000, crash=0.02, network=0.03, max_msg_bytes=17),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +86,20 @@ class ChaosReport:
 def run_chaos(
     seed: int, opts: ChaosOptions | None = None, on_event: Callable[[str], None] | None = None
 ) -> ChaosReport:
-    """Run one random cluster; raises SafetyViolation or LivenessViolation (with the
-    seed and the last trace lines in the message) on failure. ``on_event`` receives
-    each notable event (elections, crashes, partitions, ...) as a line of text."""
+    """Run one random cluster. On failure raises SafetyViolation, LivenessViolation, or
+    SimulationFailure for any other exception (a core that raised is a bug too), each
+    with the seed and the last trace lines in the message. ``on_event`` receives each
+    notable event (elections, crashes, partitions, ...) as a line of text."""
     o = opts or ChaosOptions()
     run = _Run(seed, o)
     run.cluster.on_note = on_event
     try:
         return run.go()
-    except (SafetyViolation, LivenessViolation, AssertionError) as exc:
+    except Exception as exc:
         trace = "\n".join(run.cluster.trace)
-        raise type(exc)(f"seed {seed}: {exc}\nlast events:\n{trace}") from exc
+        kind = type(exc) if isinstance(exc, SimulationFailure) else SimulationFailure
+        what = str(exc) if kind is type(exc) else f"{type(exc).__name__}: {exc}"
+        raise kind(f"seed {seed}: {what}\nlast events:\n{trace}") from exc
 
 
 class _Run:
@@ -111,7 +125,6 @@ class _Run:
             faults=o.faults,
             config=config,
             crash_in_ready=o.crash_in_ready,
-            crash_after_commit=o.crash_after_commit,
         )
         self.restart_at: dict[str, int] = {}
         self.counter = 0
@@ -248,7 +261,7 @@ class _Run:
         c = self.cluster
         c.network.heal()
         c.network.faults = Faults.none()
-        c.crash_in_ready = c.crash_after_commit = 0.0
+        c.crash_in_ready = 0.0
         for nid in self.ids:
             c.restart(nid)
         bound = 30 * self.o.election_ticks
@@ -270,18 +283,16 @@ class _Run:
             term = c.raft(leader).term
             voters = c.raft(leader).membership.voters
 
-            def settled(
-                leader: str = leader,
-                term: int = term,
-                index: int = index,
-                voters: frozenset[str] = voters,
-            ) -> bool:
-                node = c.nodes[leader]
-                lost = node.raft is None or node.raft.term != term
-                return lost or all(c.applied(v) >= index for v in voters)
+            def done(i: int = index, vs: frozenset[str] = voters) -> bool:
+                return all(c.applied(v) >= i for v in vs)
 
-            c.run_until(settled, bound)
-            if all(c.applied(v) >= index for v in voters):
+            def lost(leader: str = leader, term: int = term) -> bool:
+                node = c.nodes[leader]
+                return node.raft is None or node.raft.term != term
+
+            while not (done() or lost()) and c.now - start < bound:
+                c.tick()
+            if done():
                 return to_leader, c.now - start
         raise LivenessViolation(f"no write was applied by all voters within {bound} ticks")
 

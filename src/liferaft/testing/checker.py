@@ -22,7 +22,11 @@ from dataclasses import dataclass, field
 from liferaft.core import Entry, Raft, Snapshot
 
 
-class SafetyViolation(AssertionError):
+class SimulationFailure(AssertionError):
+    """A simulated run went wrong; the message names the seed that replays it."""
+
+
+class SafetyViolation(SimulationFailure):
     """A Raft safety property failed; the message says which and where."""
 
 

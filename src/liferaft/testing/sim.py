@@ -118,7 +118,6 @@ class Cluster:
         disks: dict[str, Disk] | None = None,
         checker: Checker | None = None,
         crash_in_ready: float = 0.0,
-        crash_after_commit: float = 0.0,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -126,9 +125,6 @@ class Cluster:
         self.base_config = config or RaftConfig(id="_")
         self.checker = checker or Checker()
         self.crash_in_ready = crash_in_ready
-        # A nemesis aimed at the commit rule: a leader that just committed dies before
-        # its next messages leave (Figure 8's hazard needs exactly that timing).
-        self.crash_after_commit = crash_after_commit
         self.now = 0
         self.trace: deque[str] = deque(maxlen=200)  # printed when a check fails
         self.on_note: Callable[[str], None] | None = None
@@ -292,13 +288,6 @@ class Cluster:
                 f"{node.id} members: voters {sorted(ms.voters)} learners {sorted(ms.learners)}"
             )
         raft.advance(rd)
-        if (
-            self.crash_after_commit
-            and rd.committed_entries
-            and raft.role is Role.LEADER
-            and self.rng.random() < self.crash_after_commit
-        ):
-            self.crash(node.id)
 
     # ---------------------------------------------------------------- client actions
 
