@@ -8,9 +8,12 @@ PYTEST_ARGS ?=
 
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
+comma := ,
+empty :=
+space := $(empty) $(empty)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint fmt typecheck demo clean
+.PHONY: help install test test-slow lint fmt typecheck demo certs cluster clean
 
 help:
 	@echo "liferaft make targets:"
@@ -22,6 +25,8 @@ help:
 	@echo "  fmt        ruff format and ruff check --fix"
 	@echo "  typecheck  mypy"
 	@echo "  demo       simulate a 5-node cluster for 3000 ticks (seed 1)"
+	@echo "  certs      make the CA, node certificates and JWT keys in certs/ (NODES=\"n1 n2 n3\")"
+	@echo "  cluster    run a local 3-node cluster from config/node1..3.toml (Ctrl-C stops it)"
 	@echo "  clean      remove $(VENV), caches and build artifacts"
 
 $(STAMP): pyproject.toml
@@ -56,6 +61,17 @@ typecheck: install
 
 demo: install
 	$(BIN)/liferaft sim --nodes 5 --ticks 3000 --seed 1
+
+certs: install
+	$(BIN)/liferaft certs --dir certs --nodes $(subst $(space),$(comma),$(strip $(NODES)))
+
+# Three `liferaft node` processes in the foreground; Ctrl-C (SIGINT to the whole
+# process group) or SIGTERM stops all of them.
+cluster: install
+	@[ -f certs/ca.pem ] || $(MAKE) --no-print-directory certs
+	@trap 'kill 0' TERM; \
+	for i in 1 2 3; do $(BIN)/liferaft node --config config/node$$i.toml & done; \
+	wait
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

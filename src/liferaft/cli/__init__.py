@@ -1,11 +1,12 @@
-"""The ``liferaft`` command. For now it runs the simulator; the node, certificate and
-client commands of SPEC.md §3 join it as they are built."""
+"""The ``liferaft`` command: run a node, make certificates and tokens, simulate.
+The client commands of SPEC.md §3 join it with the client API."""
 
 from __future__ import annotations
 
 import click
 
 from liferaft.cli.certs import certs, token
+from liferaft.cli.node import node
 from liferaft.cli.sim import sim
 
 
@@ -15,6 +16,7 @@ def cli() -> None:
     """liferaft: a Raft cluster serving a transactional key-value store."""
 
 
+cli.add_command(node)
 cli.add_command(sim)
 cli.add_command(certs)
 cli.add_command(token)

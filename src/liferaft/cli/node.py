@@ -1,0 +1,54 @@
+"""``liferaft node --config FILE``: run one node in the foreground until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+import trio
+
+from liferaft.config import ConfigError, Settings, load
+from liferaft.observability.logs import configure, event
+from liferaft.storage.errors import StorageError
+
+log = logging.getLogger("liferaft.cli")
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The node's TOML config file (SPEC.md §2).",
+)
+def node(config_path: Path) -> None:
+    """Run one cluster node. Logs JSON lines to stderr; SIGINT or SIGTERM stops it
+    cleanly (exit 0). A config error exits 2, a storage error 1."""
+    try:
+        settings = load(config_path)
+    except ConfigError as exc:
+        click.echo(f"liferaft node: config error: {exc}", err=True)
+        sys.exit(2)
+    configure(settings.node.id)
+    try:
+        trio.run(_run, settings)
+    except* StorageError as group:
+        event(log, "fatal_storage_error", error=str(group.exceptions[0]))
+        sys.exit(1)
+
+
+async def _run(settings: Settings) -> None:
+    from liferaft.node.node import Node  # imported here: the CLI stays light to start
+
+    n = Node(settings)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            await nursery.start(n.run)
+            async for signum in signals:
+                event(log, "stopping", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,363 @@
+"""One liferaft node: a nursery of Trio tasks around the pure Raft core.
+
+    ticker ──┐
+    peers ───┼─> inputs ─> core loop ─> storage (one worker thread, fsync)
+    callers ─┘               │  │
+                             │  └─> transport (one sender per peer, batched)
+                             └────> applier ─> state machine ─> waiting callers
+
+The core loop is the only task that touches the core. It takes every input that is
+waiting (so a burst of proposals or messages becomes one Ready), persists the Ready in
+one SQLite transaction while the leader's appends are already on their way, sends the
+acknowledgements only once the write is durable, and hands committed entries to the
+applier. A storage error stops the node (fail-stop): it never goes on after a failed
+fsync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+import trio
+
+from liferaft.config import Settings
+from liferaft.core import (
+    AnyMessage,
+    EntryKind,
+    Membership,
+    NotLeader,
+    Raft,
+    RaftConfig,
+    Ready,
+    Role,
+    Snapshot,
+    Status,
+)
+from liferaft.node.statemachine import DigestStateMachine, StateMachine
+from liferaft.node.waiters import Outcome, ReadFailed, Waiters
+from liferaft.observability.http import HealthServer
+from liferaft.observability.logs import event, node_context
+from liferaft.observability.metrics import NodeMetrics
+from liferaft.security.tls import peer_client_context, peer_server_context
+from liferaft.storage.writer import StorageWriter
+from liferaft.transport.peer import PeerTransport
+
+log = logging.getLogger("liferaft.node")
+T = TypeVar("T")
+
+MAX_INPUTS_PER_ROUND = 4096  # inputs folded into one Ready at most
+
+
+@dataclass(frozen=True, slots=True)
+class _Tick:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class _Messages:
+    peer: str
+    msgs: list[AnyMessage]
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """Run ``fn(raft)`` inside the core loop and report its result."""
+
+    fn: Callable[[Raft], Any]
+    out: Outcome[Any]
+
+
+_Input = _Tick | _Messages | _Call
+
+
+def _compact(raft: Raft, *, index: int, data: bytes) -> Snapshot:
+    return raft.compact(index, data)
+
+
+def raft_config(settings: Settings) -> RaftConfig:
+    """Ticks are heartbeat intervals; the election timeout is a whole number of them."""
+    r = settings.raft
+    return RaftConfig(
+        id=settings.node.id,
+        heartbeat_ticks=1,
+        election_ticks=max(2, r.election_timeout_ms // r.heartbeat_interval_ms),
+    )
+
+
+class Node:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        state_machine: StateMachine | None = None,
+        rng: random.Random | None = None,
+        send_filter: Callable[[list[AnyMessage]], list[AnyMessage]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.id = settings.node.id
+        self.sm: StateMachine = state_machine or DigestStateMachine()
+        self._rng = rng or random.Random()
+        self._send_filter = send_filter  # tests' fault layer sits here
+        self.metrics = NodeMetrics(self.id)
+        self.waiters = Waiters()
+        self._inputs_send, self._inputs = trio.open_memory_channel[_Input](1024)
+        self._apply_send, self._apply_recv = trio.open_memory_channel[Snapshot | tuple[Any, ...]](
+            64
+        )
+        self.raft: Raft | None = None
+        self.storage: StorageWriter | None = None
+        self.transport: PeerTransport | None = None
+        self.applied = 0
+        self.storage_ok = True
+        self._last_soft: tuple[Role, str | None, int] | None = None
+        self._snapshot_index = 0
+        self._compact_send, self._compact_recv = trio.open_memory_channel[tuple[int, bytes]](1)
+
+    # ---------------------------------------------------------------- running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with node_context(self.id):  # every task below logs this node's id
+            await self._run(task_status)
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
+        s = self.settings
+        members = {m.id: m for m in s.cluster.members}
+        initial = None if s.cluster.join else Membership.of(sorted(members))
+        self.storage = await StorageWriter.open(s.node.data_dir, initial=initial)
+        try:
+            restored = await self.storage.load()
+            self.raft = Raft(raft_config(s), self._rng, restored)
+            if restored.snapshot is not None:
+                self.sm.restore(restored.snapshot.data)
+                self.applied = self._snapshot_index = restored.snapshot.meta.index
+            tls = s.tls
+            self.transport = PeerTransport(
+                self.id,
+                server_ctx=peer_server_context(tls.ca, tls.cert, tls.key),
+                client_ctx=peer_client_context(tls.ca, tls.cert, tls.key),
+                peers={
+                    m.id: (m.peer.host, m.peer.port) for m in s.cluster.members if m.id != self.id
+                },
+                handshake_timeout=s.client.handshake_timeout_ms / 1000,
+                rng=random.Random(self._rng.getrandbits(64)),
+                log=self._transport_log,
+            )
+            health = HealthServer(self.metrics, self.healthy, self.ready)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.transport.run, (s.peer.listen.host, s.peer.listen.port))
+                await nursery.start(health.run, s.metrics.listen.host, s.metrics.listen.port)
+                nursery.start_soon(self._forward_inbound)
+                nursery.start_soon(self._applier)
+                nursery.start_soon(self._compactor)
+                nursery.start_soon(self._core_loop)
+                nursery.start_soon(self._ticker)
+                event(log, "node_started", term=self.raft.term, peer=str(s.peer.listen))
+                task_status.started()
+        finally:
+            self.waiters.fail_all(ReadFailed("node stopped"))
+            with trio.CancelScope(shield=True):
+                await self.storage.close()
+
+    def _transport_log(self, name: str, fields: dict[str, object]) -> None:
+        event(log, name, **fields)  # type: ignore[arg-type]  # fields never hold 'level'
+
+    async def _ticker(self) -> None:
+        interval = self.settings.raft.heartbeat_interval_ms / 1000
+        deadline = trio.current_time()
+        while True:
+            deadline += interval
+            await trio.sleep_until(deadline)
+            deadline = max(deadline, trio.current_time() - interval)  # no catch-up storm
+            await self._inputs_send.send(_Tick())
+
+    async def _forward_inbound(self) -> None:
+        assert self.transport is not None
+        async for peer, msgs in self.transport.inbound:
+            await self._inputs_send.send(_Messages(peer, msgs))
+
+    # ---------------------------------------------------------------- the core loop
+
+    async def _core_loop(self) -> None:
+        raft = self._core()
+        while True:
+            self._handle(await self._inputs.receive())
+            for _ in range(MAX_INPUTS_PER_ROUND):
+                try:
+                    self._handle(self._inputs.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            while raft.has_ready():
+                await self._process(raft, raft.ready())
+
+    def _handle(self, item: _Input) -> None:
+        raft = self._core()
+        if isinstance(item, _Tick):
+            raft.tick()
+        elif isinstance(item, _Messages):
+            for m in item.msgs:
+                if m.src == item.peer:  # a peer speaks only for itself
+                    raft.step(m)
+        else:
+            try:
+                item.out.set(item.fn(raft))
+            except Exception as exc:  # reported to the caller, who asked for it
+                item.out.fail(exc)
+
+    async def _process(self, raft: Raft, rd: Ready) -> None:
+        assert self.storage is not None
+        self._send(rd.messages)
+        if rd.must_persist():
+            try:
+                seconds = await self.storage.save(rd)
+            except Exception:
+                self.storage_ok = False
+                event(log, "storage_failed", level=logging.CRITICAL, term=raft.term)
+                raise
+            self.metrics.fsync_duration.observe(seconds)
+        self._send(rd.persisted_messages)
+        if rd.snapshot is not None:
+            await self._apply_send.send(rd.snapshot)
+        if rd.committed_entries:
+            await self._apply_send.send(("entries", rd.committed_entries))
+        for rs in rd.read_states:
+            out = self.waiters.reads.pop(rs.ctx, None)
+            if out is not None:
+                out.set(rs.index)
+        for ctx in rd.failed_reads:
+            out = self.waiters.reads.pop(ctx, None)
+            if out is not None:
+                out.fail(ReadFailed("leadership lost before the read was confirmed"))
+        raft.advance(rd)
+        self._observe(raft)
+
+    def _send(self, msgs: Iterable[AnyMessage]) -> None:
+        batch = list(msgs)
+        if not batch or self.transport is None:
+            return
+        if self._send_filter is not None:
+            batch = self._send_filter(batch)
+        self.transport.send(batch)
+
+    def _observe(self, raft: Raft) -> None:
+        soft = (raft.role, raft.leader, raft.term)
+        if soft != self._last_soft:
+            prev = self._last_soft
+            self._last_soft = soft
+            if prev is None or prev[1] != raft.leader:
+                self.metrics.leader_changes.inc()
+                event(
+                    log, "leader_changed", term=raft.term, leader=raft.leader, role=raft.role.value
+                )
+            elif prev[0] != raft.role:
+                event(log, "role_changed", term=raft.term, role=raft.role.value)
+        m = self.metrics
+        m.has_leader.set(1 if raft.leader else 0)
+        m.is_leader.set(1 if raft.role is Role.LEADER else 0)
+        m.term.set(raft.term)
+        m.commit_index.set(raft.commit)
+        m.proposals_pending.set(len(self.waiters.proposals))
+
+    # ---------------------------------------------------------------- applying
+
+    async def _applier(self) -> None:
+        async for item in self._apply_recv:
+            if isinstance(item, Snapshot):
+                self.sm.restore(item.data)
+                self.applied = self._snapshot_index = item.meta.index
+                event(log, "snapshot_installed", index=item.meta.index)
+            else:
+                for e in item[1]:
+                    result: object = None
+                    if e.kind is EntryKind.NORMAL:
+                        result = self.sm.apply(e)
+                        self.metrics.proposals_committed.inc()
+                    self.applied = e.index
+                    self.waiters.on_applied(e.index, e.term, result)
+            self.sm.index = self.applied
+            self.metrics.applied_index.set(self.applied)
+            self.waiters.on_applied_index(self.applied)
+            self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
+        """Ask the compactor for a snapshot at the applied index, if the log is long and
+        the compactor is idle (the applier never waits for it)."""
+        if self.applied - self._snapshot_index < self.settings.raft.snapshot_entries:
+            return
+        with contextlib.suppress(trio.WouldBlock):
+            self._compact_send.send_nowait((self.applied, self.sm.snapshot()))
+
+    async def _compactor(self) -> None:
+        async for index, data in self._compact_recv:
+            if index <= self._snapshot_index:
+                continue
+            snap = await self.call(partial(_compact, index=index, data=data))
+            assert self.storage is not None
+            await self.storage.save_snapshot(snap)
+            self._snapshot_index = index
+            event(log, "log_compacted", index=index)
+
+    # ---------------------------------------------------------------- callers
+
+    async def call(self, fn: Callable[[Raft], T]) -> T:
+        """Run ``fn`` on the core inside the core loop; its exception is re-raised here."""
+        out: Outcome[T] = Outcome()
+        await self._inputs_send.send(_Call(fn, out))
+        return await out.wait()
+
+    async def propose(self, data: bytes) -> object:
+        """Replicate ``data``; returns the state machine's result once it is applied
+        here. Raises NotLeader on a follower, ProposalDropped if a new leader
+        overwrote the entry."""
+        out: Outcome[object] = Outcome()
+
+        def go(raft: Raft) -> None:
+            index = raft.propose(data)
+            self.waiters.proposals[index] = (raft.term, out)
+
+        await self.call(go)
+        try:
+            return await out.wait()
+        except BaseException:
+            self.metrics.proposals_failed.inc()
+            raise
+
+    async def read_index(self) -> int:
+        """A linearizable read barrier: returns once the local state machine reflects
+        every write committed before the call."""
+        ctx, out = self.waiters.new_read()
+        await self.call(lambda r: r.read_index(ctx))
+        index = await out.wait()
+        if self.applied < index:
+            done: Outcome[None] = Outcome()
+            self.waiters.applied.append((index, done))
+            await done.wait()
+        return index
+
+    def status(self) -> Status:
+        return self._core().status()
+
+    # ---------------------------------------------------------------- health
+
+    def healthy(self) -> bool:
+        return self.raft is not None and self.storage_ok
+
+    def ready(self) -> tuple[bool, str]:
+        raft = self.raft
+        if raft is None:
+            return False, "starting"
+        if raft.leader is None:
+            return False, "no leader known"
+        if self.applied < raft.commit:
+            return False, f"applied {self.applied} behind commit {raft.commit}"
+        return True, "ready"
+
+    def _core(self) -> Raft:
+        if self.raft is None:
+            raise NotLeader(None)
+        return self.raft

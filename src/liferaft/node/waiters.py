@@ -1,0 +1,99 @@
+"""Callers waiting for the outcome of something the core loop will do later.
+
+A proposal waits until its entry is applied (or until a different entry lands at its
+index, which means it was lost with a deposed leader); a read waits for its read
+index and then for the state machine to reach it. Trio is single-threaded, so plain
+dicts shared by the core loop and the applier are safe.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+class ProposalDropped(Exception):
+    """The entry was overwritten by a new leader's log: it will never apply."""
+
+
+class ReadFailed(Exception):
+    """The read lost its leader before it could be confirmed."""
+
+
+class Outcome(Generic[T]):
+    """A single-assignment result that one task sets and another awaits."""
+
+    __slots__ = ("_error", "_event", "_value")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def set(self, value: T) -> None:
+        if not self._event.is_set():
+            self._value = value
+            self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._event.is_set():
+            self._error = error
+            self._event.set()
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> T:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+class Waiters:
+    def __init__(self) -> None:
+        self.proposals: dict[int, tuple[int, Outcome[object]]] = {}  # index -> (term, ...)
+        self.reads: dict[bytes, Outcome[int]] = {}  # ctx -> read index
+        self.applied: list[tuple[int, Outcome[None]]] = []  # wait for applied >= index
+        self._ctx = itertools.count(1)
+
+    def new_read(self) -> tuple[bytes, Outcome[int]]:
+        ctx = b"r%d" % next(self._ctx)
+        out: Outcome[int] = Outcome()
+        self.reads[ctx] = out
+        return ctx, out
+
+    def on_applied(self, index: int, term: int, result: object) -> None:
+        w = self.proposals.pop(index, None)
+        if w is not None:
+            if w[0] == term:
+                w[1].set(result)
+            else:
+                w[1].fail(ProposalDropped(f"entry {index} was replaced by a new leader"))
+
+    def on_applied_index(self, applied: int) -> None:
+        if not self.applied:
+            return
+        keep = []
+        for index, out in self.applied:
+            if index <= applied:
+                out.set(None)
+            else:
+                keep.append((index, out))
+        self.applied = keep
+
+    def fail_all(self, error: BaseException) -> None:
+        for _, out in self.proposals.values():
+            out.fail(error)
+        for r in self.reads.values():
+            r.fail(error)
+        for _, a in self.applied:
+            a.fail(error)
+        self.proposals.clear()
+        self.reads.clear()
+        self.applied.clear()

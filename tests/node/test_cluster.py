@@ -1,0 +1,158 @@
+"""Real nodes in one process: Trio, mutual-TLS WebSockets and SQLite on loopback.
+
+Timing is never asserted: tests wait for conditions, and ``trio.fail_after`` only
+guards against a hang (its bound is far above what the condition needs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from liferaft.core import NotLeader, Role
+from liferaft.node.node import Node
+from liferaft.node.waiters import ProposalDropped
+from liferaft.storage.errors import StorageCorrupt
+from liferaft.storage.sqlite import Storage
+from liferaft.testing.localcluster import LocalCluster, wait_until
+
+HANG = 60  # seconds: a guard against hangs, not a performance claim
+
+
+@asynccontextmanager
+async def running(tmp: Path, certs: Path, n: int) -> AsyncIterator[LocalCluster]:
+    c = LocalCluster(tmp, certs, [f"n{i}" for i in range(1, n + 1)])
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            yield c
+        nursery.cancel_scope.cancel()
+
+
+async def write(c: LocalCluster, data: bytes) -> None:
+    """Write through whoever leads, retrying across leader changes like a client."""
+    while True:
+        leader = await c.wait_leader()
+        try:
+            await c.nodes[leader].propose(data)
+            return
+        except (NotLeader, ProposalDropped):
+            await trio.sleep(0.01)
+
+
+def converged(c: LocalCluster) -> bool:
+    nodes = list(c.nodes.values())
+    return (
+        all(n.applied == nodes[0].applied for n in nodes)
+        and len({n.sm.snapshot() for n in nodes}) == 1
+    )
+
+
+def leaders(c: LocalCluster) -> list[str]:
+    return [i for i, n in c.nodes.items() if n.raft is not None and n.raft.role is Role.LEADER]
+
+
+@pytest.mark.parametrize("size", [3, 5])
+async def test_a_cluster_elects_exactly_one_leader_and_replicates_to_all(
+    tmp_path: Path, certs: Path, size: int
+) -> None:
+    async with running(tmp_path, certs, size) as c:
+        await c.wait_leader()
+        for i in range(30):
+            await write(c, b"entry %d" % i)
+        await wait_until(lambda: converged(c))
+        assert len(leaders(c)) == 1
+        assert all(n.applied >= 31 for n in c.nodes.values())  # 30 writes + the no-op
+
+
+async def test_losing_the_leader_leads_to_a_new_election_and_healing_converges(
+    tmp_path: Path, certs: Path
+) -> None:
+    async with running(tmp_path, certs, 3) as c:
+        old = await c.wait_leader()
+        await write(c, b"before")
+        c.faults.isolate(old, c.ids)
+        await wait_until(lambda: c.leader() not in (None, old))
+        await write(c, b"during")
+        c.faults.heal()
+        await write(c, b"after")
+        await wait_until(lambda: converged(c))
+        assert c.nodes[old].raft is not None and c.nodes[old].raft.role is Role.FOLLOWER
+
+
+async def test_writes_commit_through_message_loss_and_delay(tmp_path: Path, certs: Path) -> None:
+    async with running(tmp_path, certs, 3) as c:
+        await c.wait_leader()
+        c.faults.drop = 0.2
+        c.faults.max_delay = 0.03
+        for i in range(20):
+            await write(c, b"lossy %d" % i)
+        c.faults.heal()
+        await write(c, b"clean")
+        await wait_until(lambda: converged(c))
+
+
+async def test_a_crashed_node_restarts_with_its_term_vote_and_log(
+    tmp_path: Path, certs: Path
+) -> None:
+    async with running(tmp_path, certs, 3) as c:
+        leader = await c.wait_leader()
+        for i in range(10):
+            await write(c, b"w%d" % i)
+        await wait_until(lambda: converged(c))
+        victim = next(i for i in c.ids if i != leader)
+        raft = c.nodes[victim].raft
+        assert raft is not None
+        before = (raft.term, raft.vote, list(raft.log.entries))
+        c.crash(victim)
+        await trio.testing.wait_all_tasks_blocked()
+        storage = Storage.open(tmp_path / "data" / victim)
+        restored = storage.load()
+        storage.close()
+        hs = restored.hard_state
+        assert (hs.term, hs.vote, list(restored.entries)) == before
+        await c.start_node(victim)
+        await write(c, b"after restart")
+        await wait_until(lambda: converged(c))
+
+
+async def test_a_whole_cluster_restart_keeps_every_committed_entry(
+    tmp_path: Path, certs: Path
+) -> None:
+    async with running(tmp_path, certs, 3) as c:
+        await c.wait_leader()
+        for i in range(25):
+            await write(c, b"durable %d" % i)
+        await wait_until(lambda: converged(c))
+        some = next(iter(c.nodes.values()))
+        applied = some.applied
+        assert some.raft is not None
+        committed = [(e.index, e.term, e.data) for e in some.raft.log.entries]
+        for i in list(c.nodes):
+            c.crash(i)
+        for i in c.ids:
+            await c.start_node(i)
+        await write(c, b"after")
+        await wait_until(lambda: converged(c))
+        for node in c.nodes.values():
+            assert node.raft is not None
+            kept = [(e.index, e.term, e.data) for e in node.raft.log.entries if e.index <= applied]
+            assert kept == committed
+
+
+async def test_a_corrupted_database_is_refused_at_start(tmp_path: Path, certs: Path) -> None:
+    async with running(tmp_path, certs, 3) as c:
+        await c.wait_leader()
+        await write(c, b"x")
+        await wait_until(lambda: converged(c))
+        c.crash("n3")
+    db = tmp_path / "data" / "n3" / "raft.db"
+    with db.open("r+b") as f:
+        f.write(b"\x00" * 100)  # the database header: SQLite no longer knows the file
+    node = Node(c.settings("n3"))
+    with pytest.raises(StorageCorrupt):
+        await node.run()

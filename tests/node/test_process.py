@@ -1,0 +1,80 @@
+"""The ``liferaft node`` process as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from liferaft.testing.localcluster import free_ports, write_config
+
+HANG = 60  # a guard against hangs, not a performance claim
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_node_process_serves_healthz_and_exits_0_on_sigterm(
+    tmp_path: Path, certs: Path
+) -> None:
+    peer, client, metrics = free_ports(3)
+    cfg = write_config(
+        tmp_path / "n1.toml", "n1", {"n1": (peer, client, metrics)}, certs, tmp_path / "data"
+    )
+    with trio.fail_after(HANG):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "liferaft", "node", "--config", str(cfg)],
+            stderr=subprocess.PIPE,
+        )
+        try:
+            while True:
+                try:
+                    status, _ = await http_get(metrics, "/healthz")
+                    if status == 200:
+                        break
+                except OSError:
+                    pass  # not listening yet
+                await trio.sleep(0.05)
+            # a single node elects itself; poll until it says so
+            while (await http_get(metrics, "/readyz"))[0] != 200:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.stderr is not None
+        err = await proc.stderr.receive_some(1 << 20)
+    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert any(e["msg"] == "leader_changed" and e["node"] == "n1" for e in events)
+
+
+def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path, certs: Path) -> None:
+    cfg = write_config(
+        tmp_path / "n1.toml", "n1", {"n1": (7001, 8001, 9001)}, certs, tmp_path / "data"
+    )
+    cfg.write_text(cfg.read_text().replace('listen = "127.0.0.1:7001"', 'listen = "nowhere"'))
+    proc = subprocess.run(
+        [sys.executable, "-m", "liferaft", "node", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=HANG,
+    )
+    assert proc.returncode == 2
+    assert "peer.listen" in proc.stderr and str(cfg) in proc.stderr
+    assert not (tmp_path / "data").exists()  # nothing started
