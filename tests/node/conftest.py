@@ -9,7 +9,16 @@ from liferaft.security.certs import generate
 
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One CA and certificates for n1..n6, shared by every node test."""
+    """One CA and certificates for n1..n6 (and "intruder", signed by the same CA but
+    never a member), shared by every node test."""
     d = tmp_path_factory.mktemp("certs")
-    generate(d, [f"n{i}" for i in range(1, 7)])
+    generate(d, [*(f"n{i}" for i in range(1, 7)), "intruder"])
+    return d
+
+
+@pytest.fixture(scope="session")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, unrelated CA with a certificate that claims to be n2."""
+    d = tmp_path_factory.mktemp("other-ca")
+    generate(d, ["n2"])
     return d

@@ -6,6 +6,7 @@ guards against a hang (its bound is far above what the condition needs).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ import trio
 from liferaft.core import NotLeader, Role
 from liferaft.node.node import Node
 from liferaft.node.waiters import ProposalDropped
+from liferaft.security.tls import peer_client_context
 from liferaft.storage.errors import StorageCorrupt
 from liferaft.storage.sqlite import Storage
 from liferaft.testing.localcluster import LocalCluster, wait_until
@@ -142,6 +144,44 @@ async def test_a_whole_cluster_restart_keeps_every_committed_entry(
             assert node.raft is not None
             kept = [(e.index, e.term, e.data) for e in node.raft.log.entries if e.index <= applied]
             assert kept == committed
+
+
+async def _refused(port: int, ctx: ssl.SSLContext) -> None:
+    """The node hangs up on us: during the handshake, or right after it (TLS 1.3 reports
+    a refused client certificate only once the client has finished)."""
+    try:
+        stream = trio.SSLStream(
+            await trio.open_tcp_stream("127.0.0.1", port), ctx, server_hostname="n1"
+        )
+        await stream.do_handshake()
+        assert await stream.receive_some() == b""
+    except trio.BrokenResourceError:
+        pass
+
+
+async def test_the_peer_port_refuses_strangers_and_the_node_stays_healthy(
+    tmp_path: Path, certs: Path, other_ca: Path
+) -> None:
+    async with running(tmp_path, certs, 3) as c:
+        await c.wait_leader()
+        n1 = c.nodes["n1"]
+        assert n1.transport is not None
+        port = c.ports["n1"][0]
+        no_cert = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        await _refused(port, no_cert)
+        foreign = peer_client_context(
+            certs / "ca.pem", other_ca / "n2.pem", other_ca / "n2-key.pem"
+        )
+        await _refused(port, foreign)
+        intruder = peer_client_context(
+            certs / "ca.pem", certs / "intruder.pem", certs / "intruder-key.pem"
+        )
+        await _refused(port, intruder)
+        stats = n1.transport.stats
+        await wait_until(lambda: stats.rejects["tls"] >= 2 and stats.rejects["not_member"] >= 1)
+        assert n1.healthy()
+        await write(c, b"still fine")
+        await wait_until(lambda: converged(c))
 
 
 async def test_a_corrupted_database_is_refused_at_start(tmp_path: Path, certs: Path) -> None:

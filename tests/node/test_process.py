@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from liferaft.testing.localcluster import free_ports, write_config
 
@@ -52,6 +53,16 @@ async def test_node_process_serves_healthz_and_exits_0_on_sigterm(
             # a single node elects itself; poll until it says so
             while (await http_get(metrics, "/readyz"))[0] != 200:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+            status, body = await http_get(metrics, "/metrics")
+            assert status == 200
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(body.decode())
+                for s in family.samples
+            }
+            assert samples[("liferaft_server_is_leader", ())] == 1
+            assert samples[("liferaft_server_has_leader", ())] == 1
+            assert samples[("liferaft_server_term", ())] >= 1
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
         finally:
@@ -59,7 +70,9 @@ async def test_node_process_serves_healthz_and_exits_0_on_sigterm(
                 proc.kill()
                 await proc.wait()
         assert proc.stderr is not None
-        err = await proc.stderr.receive_some(1 << 20)
+        err = b""
+        while chunk := await proc.stderr.receive_some(1 << 16):
+            err += chunk
     events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
     assert any(e["msg"] == "leader_changed" and e["node"] == "n1" for e in events)
 

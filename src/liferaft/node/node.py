@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -157,12 +158,33 @@ class Node:
                 nursery.start_soon(self._compactor)
                 nursery.start_soon(self._core_loop)
                 nursery.start_soon(self._ticker)
+                nursery.start_soon(self._sync_metrics)
                 event(log, "node_started", term=self.raft.term, peer=str(s.peer.listen))
                 task_status.started()
         finally:
             self.waiters.fail_all(ReadFailed("node stopped"))
             with trio.CancelScope(shield=True):
                 await self.storage.close()
+
+    async def _sync_metrics(self) -> None:
+        """Copy the transport's and storage's counters into Prometheus once a second
+        (they are plain integers on the hot path)."""
+        sent: Counter[str] = Counter()
+        received: Counter[str] = Counter()
+        while True:
+            if self.transport is not None:
+                st = self.transport.stats
+                for total, seen, metric in (
+                    (st.sent_bytes, sent, self.metrics.peer_sent_bytes),
+                    (st.received_bytes, received, self.metrics.peer_received_bytes),
+                ):
+                    for peer, n in total.items():
+                        if n > seen[peer]:
+                            metric.labels(peer).inc(n - seen[peer])
+                            seen[peer] = n
+            if self.storage is not None:
+                self.metrics.db_size_bytes.set(await self.storage.size_bytes())
+            await trio.sleep(1)
 
     def _transport_log(self, name: str, fields: dict[str, object]) -> None:
         event(log, name, **fields)  # type: ignore[arg-type]  # fields never hold 'level'
@@ -247,10 +269,11 @@ class Node:
     def _observe(self, raft: Raft) -> None:
         soft = (raft.role, raft.leader, raft.term)
         if soft != self._last_soft:
-            prev = self._last_soft
+            prev = self._last_soft or (Role.FOLLOWER, None, 0)
             self._last_soft = soft
-            if prev is None or prev[1] != raft.leader:
-                self.metrics.leader_changes.inc()
+            if prev[1] != raft.leader:
+                if raft.leader is not None:
+                    self.metrics.leader_changes.inc()
                 event(
                     log, "leader_changed", term=raft.term, leader=raft.leader, role=raft.role.value
                 )
