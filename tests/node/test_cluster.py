@@ -18,7 +18,7 @@ from liferaft.core import NotLeader, Role
 from liferaft.node.node import Node
 from liferaft.node.waiters import ProposalDropped
 from liferaft.security.tls import peer_client_context
-from liferaft.storage.errors import StorageCorrupt
+from liferaft.storage.errors import StorageCorrupt, StorageError
 from liferaft.storage.sqlite import Storage
 from liferaft.testing.localcluster import LocalCluster, wait_until
 
@@ -196,3 +196,24 @@ async def test_a_corrupted_database_is_refused_at_start(tmp_path: Path, certs: P
     node = Node(c.settings("n3"))
     with pytest.raises(StorageCorrupt):
         await node.run()
+
+
+async def test_a_storage_error_stops_the_node(tmp_path: Path, certs: Path) -> None:
+    """Fail-stop: after a failed write the node does not carry on."""
+    c = LocalCluster(tmp_path, certs, ["n1"])
+    node: Node | None = None
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with trio.open_nursery() as nursery:
+            await c.start(nursery)
+            node = c.nodes["n1"]
+            with trio.fail_after(HANG):
+                await c.wait_leader()
+                assert node.storage is not None
+
+                async def broken(rd: object) -> float:
+                    raise StorageError("disk I/O error")
+
+                node.storage.save = broken  # type: ignore[method-assign]
+                await node.propose(b"never durable")
+    assert info.group_contains(StorageError)
+    assert node is not None and not node.healthy()

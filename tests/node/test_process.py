@@ -91,3 +91,20 @@ def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path, certs: Path) -> Non
     assert proc.returncode == 2
     assert "peer.listen" in proc.stderr and str(cfg) in proc.stderr
     assert not (tmp_path / "data").exists()  # nothing started
+
+
+def test_a_damaged_database_exits_1_saying_what_is_wrong(tmp_path: Path, certs: Path) -> None:
+    peer, client, metrics = free_ports(3)
+    cfg = write_config(
+        tmp_path / "n1.toml", "n1", {"n1": (peer, client, metrics)}, certs, tmp_path / "data"
+    )
+    (tmp_path / "data").mkdir(mode=0o700)
+    (tmp_path / "data" / "raft.db").write_bytes(b"this is not a database" * 100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "liferaft", "node", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=HANG,
+    )
+    assert proc.returncode == 1
+    assert "fatal_storage_error" in proc.stderr and "not a database" in proc.stderr
