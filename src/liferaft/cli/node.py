@@ -37,17 +37,26 @@ def node(config_path: Path) -> None:
     try:
         trio.run(_run, settings)
     except* StorageError as group:
-        event(log, "fatal_storage_error", error=str(group.exceptions[0]))
+        event(log, "fatal_storage_error", level=logging.CRITICAL, error=str(_first(group)))
         sys.exit(1)
 
 
-async def _run(settings: Settings) -> None:
-    from liferaft.node.node import Node  # imported here: the CLI stays light to start
+def _first(group: BaseExceptionGroup[StorageError]) -> BaseException:
+    """The first real error inside (nested nurseries nest their groups)."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
-    n = Node(settings)
+
+async def _run(settings: Settings) -> None:
+    # imported here: the other commands stay light to start
+    from liferaft.api.service import serve
+    from liferaft.node.node import Node
+
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            await nursery.start(n.run)
+            await nursery.start(serve, Node(settings))
             async for signum in signals:
                 event(log, "stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

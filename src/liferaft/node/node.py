@@ -17,6 +17,7 @@ fsync.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 from collections import Counter
@@ -30,9 +31,13 @@ import trio
 from liferaft.config import Settings
 from liferaft.core import (
     AnyMessage,
+    ConfChange,
+    ConfEntry,
+    Entry,
     EntryKind,
     Membership,
     NotLeader,
+    ProposalRefused,
     Raft,
     RaftConfig,
     Ready,
@@ -40,11 +45,13 @@ from liferaft.core import (
     Snapshot,
     Status,
 )
-from liferaft.node.statemachine import DigestStateMachine, StateMachine
+from liferaft.kv.store import KVStore
+from liferaft.node.statemachine import StateMachine
 from liferaft.node.waiters import Outcome, ReadFailed, Waiters
 from liferaft.observability.http import HealthServer
 from liferaft.observability.logs import event, node_context
 from liferaft.observability.metrics import NodeMetrics
+from liferaft.safecbor import dumps, loads
 from liferaft.security.tls import peer_client_context, peer_server_context
 from liferaft.storage.writer import StorageWriter
 from liferaft.transport.peer import PeerTransport
@@ -102,7 +109,12 @@ class Node:
     ) -> None:
         self.settings = settings
         self.id = settings.node.id
-        self.sm: StateMachine = state_machine or DigestStateMachine()
+        self.sm: StateMachine = state_machine if state_machine is not None else KVStore()
+        # member id -> (peer address, client address), from the config and CONFIG entries
+        self.addresses: dict[str, tuple[str, str]] = {
+            m.id: (str(m.peer), str(m.client)) for m in settings.cluster.members
+        }
+        self.db_size = 0
         self._rng = rng or random.Random()
         self._send_filter = send_filter  # tests' fault layer sits here
         self.metrics = NodeMetrics(self.id)
@@ -135,8 +147,9 @@ class Node:
             restored = await self.storage.load()
             self.raft = Raft(raft_config(s), self._rng, restored)
             if restored.snapshot is not None:
-                self.sm.restore(restored.snapshot.data)
+                self._restore(restored.snapshot.data)
                 self.applied = self._snapshot_index = restored.snapshot.meta.index
+            self._learn_addresses(restored.entries)
             tls = s.tls
             self.transport = PeerTransport(
                 self.id,
@@ -183,8 +196,86 @@ class Node:
                             metric.labels(peer).inc(n - seen[peer])
                             seen[peer] = n
             if self.storage is not None:
-                self.metrics.db_size_bytes.set(await self.storage.size_bytes())
+                self.db_size = await self.storage.size_bytes()
+                self.metrics.db_size_bytes.set(self.db_size)
             await trio.sleep(1)
+
+    # ---------------------------------------------------------------- members
+
+    @property
+    def kv(self) -> KVStore:
+        if not isinstance(self.sm, KVStore):
+            raise TypeError("this node runs another state machine")
+        return self.sm
+
+    @staticmethod
+    def encode_addresses(peer: str, client: str) -> bytes:
+        """The context of a member's CONFIG entry: where to reach it."""
+        return json.dumps({"peer": peer, "client": client}).encode()
+
+    def _learn_addresses(self, entries: Iterable[Entry]) -> None:
+        for e in entries:
+            if e.kind is EntryKind.CONFIG:
+                change = ConfEntry.decode(e.data).change
+                if change.context:
+                    ctx = json.loads(change.context)
+                    self.addresses[change.node_id] = (ctx["peer"], ctx["client"])
+
+    def _dial(self, membership: Membership) -> None:
+        """Keep a link to every other member whose address we know."""
+        if self.transport is None:
+            return
+        peers = {}
+        for mid in membership.members - {self.id}:
+            if mid in self.addresses:
+                host, _, port = self.addresses[mid][0].rpartition(":")
+                peers[mid] = (host.strip("[]"), int(port))
+        self.transport.set_peers(peers)
+
+    def client_endpoint(self, node_id: str) -> str | None:
+        addr = self.addresses.get(node_id)
+        return f"wss://{addr[1]}/v1" if addr else None
+
+    def _snapshot_bytes(self) -> bytes:
+        """The state machine's snapshot plus the member address book, which must survive
+        compaction of the CONFIG entries that carried it."""
+        return dumps({"sm": self.sm.snapshot(), "members": self.addresses})
+
+    def _restore(self, data: bytes) -> None:
+        obj = loads(data)
+        self.sm.restore(obj["sm"])
+        self.addresses.update({k: (v[0], v[1]) for k, v in obj["members"].items()})
+
+    async def change_membership(self, change: ConfChange) -> None:
+        """Propose a membership change and wait until it is applied here."""
+        out: Outcome[object] = Outcome()
+
+        def go(raft: Raft) -> None:
+            index = raft.propose_conf_change(change)
+            self.waiters.proposals[index] = (raft.term, out)
+
+        await self.call(go)
+        await out.wait()
+
+    async def transfer_leadership(self, to: str | None) -> str:
+        """Hand leadership to ``to`` (or the most up-to-date voter); returns the new leader
+        once this node sees it."""
+
+        def go(raft: Raft) -> str:
+            target = to
+            if target is None:
+                st = raft.status()
+                voters = [p for p in st.peers if p in st.membership.voters]
+                if not voters:
+                    raise ProposalRefused("no other voter to hand leadership to")
+                target = max(voters, key=lambda p: (st.peers[p].match, p))
+            raft.transfer_leadership(target)
+            return target
+
+        target = await self.call(go)
+        while self.raft is None or self.raft.leader != target:  # noqa: ASYNC110
+            await trio.sleep(self.settings.raft.heartbeat_interval_ms / 1000)
+        return target
 
     def _transport_log(self, name: str, fields: dict[str, object]) -> None:
         event(log, name, **fields)  # type: ignore[arg-type]  # fields never hold 'level'
@@ -243,6 +334,9 @@ class Node:
                 raise
             self.metrics.fsync_duration.observe(seconds)
         self._send(rd.persisted_messages)
+        self._learn_addresses(rd.entries)
+        if rd.membership is not None:
+            self._dial(rd.membership)
         if rd.snapshot is not None:
             await self._apply_send.send(rd.snapshot)
         if rd.committed_entries:
@@ -291,7 +385,7 @@ class Node:
     async def _applier(self) -> None:
         async for item in self._apply_recv:
             if isinstance(item, Snapshot):
-                self.sm.restore(item.data)
+                self._restore(item.data)
                 self.applied = self._snapshot_index = item.meta.index
                 event(log, "snapshot_installed", index=item.meta.index)
             else:
@@ -300,6 +394,8 @@ class Node:
                     if e.kind is EntryKind.NORMAL:
                         result = self.sm.apply(e)
                         self.metrics.proposals_committed.inc()
+                    else:
+                        self.sm.apply(e)  # the state machine keeps its index in step
                     self.applied = e.index
                     self.waiters.on_applied(e.index, e.term, result)
             self.sm.index = self.applied
@@ -313,7 +409,7 @@ class Node:
         if self.applied - self._snapshot_index < self.settings.raft.snapshot_entries:
             return
         with contextlib.suppress(trio.WouldBlock):
-            self._compact_send.send_nowait((self.applied, self.sm.snapshot()))
+            self._compact_send.send_nowait((self.applied, self._snapshot_bytes()))
 
     async def _compactor(self) -> None:
         async for index, data in self._compact_recv:

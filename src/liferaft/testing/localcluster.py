@@ -1,5 +1,5 @@
-"""Real nodes in one Trio process, on loopback, with real TLS and real SQLite, and a
-fault layer between them: partitions, message loss and delay, abrupt crashes.
+"""Real nodes (with their client API) in one Trio process, on loopback, with real TLS and
+real SQLite, and a fault layer between them: partitions, message loss and delay, abrupt crashes.
 
 Trio's scheduler is not deterministic, so these runs are not replayable the way the
 simulator's are; what they prove is that the shell around the core (storage, transport,
@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import random
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
+from liferaft.api.server import ClientServer
+from liferaft.api.service import serve
 from liferaft.config import Settings, load
 from liferaft.core import AnyMessage, Role
 from liferaft.node.node import Node
+from liferaft.security.tokens import mint
 
 
 def free_ports(n: int) -> list[int]:
@@ -189,12 +193,36 @@ class LocalCluster:
         self._scopes[node_id] = scope
         self.nodes[node_id] = node
 
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def run(
+            task_status: trio.TaskStatus[ClientServer] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
             with scope:
-                await node.run(task_status=task_status)
+                await serve(node, task_status=task_status)
 
         await self._nursery.start(run)
         return node
+
+    def endpoints(self) -> list[str]:
+        """The client URLs of every node (running or not)."""
+        return [f"wss://127.0.0.1:{self.ports[i][1]}/v1" for i in self.ids]
+
+    def token(
+        self,
+        roles: str = "read,write,admin",
+        *,
+        sub: str = "tester",
+        ttl_s: int = 3600,
+        prefixes: list[str] | None = None,
+    ) -> str:
+        """A client token signed with the cluster's JWT key."""
+        return mint(
+            (self.certs / "jwt-private.pem").read_bytes(),
+            sub=sub,
+            roles=roles.split(","),
+            ttl_s=ttl_s,
+            prefixes=prefixes,
+            now=time.time(),
+        )
 
     def crash(self, node_id: str) -> None:
         """Cancel every task of the node at once: no goodbye to anyone."""

@@ -1,0 +1,272 @@
+"""One client connection: pipelined requests answered by id, responses batched.
+
+Each request runs as its own task (so a slow linearizable read does not hold up a put
+behind it), bounded by a per-connection semaphore. Responses ready at the same moment
+leave as one WebSocket message (an array), because a message costs the server far more
+than a response inside it. Watch events use the same outgoing queue. A client that does
+not read its responses fills the queue and is disconnected: it never grows our memory
+without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+import trio_websocket
+
+from liferaft.api import access, handlers
+from liferaft.api.errors import ApiError, invalid
+from liferaft.kv.commands import RequestError, validate_request
+from liferaft.kv.store import Compacted
+from liferaft.observability.logs import event
+from liferaft.safecbor import CBORError, dumps, loads
+from liferaft.security.tokens import Claims, TokenError
+
+if TYPE_CHECKING:
+    from liferaft.api.server import ClientServer
+
+log = logging.getLogger("liferaft.api")
+audit_log = logging.getLogger("liferaft.audit")
+
+MAX_BATCH = 1024  # requests in one array message (SPEC.md §4)
+MAX_IN_FLIGHT = 4096  # requests being handled per connection
+MAX_QUEUED = 65536  # responses and events waiting to be sent before we give up
+UNSUPPORTED_DATA, INVALID_PAYLOAD, TRY_LATER = 1003, 1007, 1013
+
+
+class Closing(Exception):
+    """Close the connection with ``code`` (after what is queued has been sent)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Connection:
+    def __init__(
+        self,
+        server: ClientServer,
+        ws: trio_websocket.WebSocketConnection,
+        claims: Claims,
+        remote: str,
+    ) -> None:
+        self.server = server
+        self.ws = ws
+        self.claims = claims
+        self.remote = remote
+        self._out: list[dict[str, Any]] = []
+        self._wake = trio.Event()
+        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._watches: dict[int, trio.CancelScope] = {}
+        self._next_watch = 1
+        self._scope = trio.CancelScope()
+        self._overflow: Closing | None = None
+
+    async def run(self) -> None:
+        close: Closing | None = None
+        gone = False
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._sender)
+                try:
+                    await self._receive(nursery)
+                except Closing as c:
+                    close = c
+                nursery.cancel_scope.cancel()
+        except* trio_websocket.ConnectionClosed:
+            gone = True  # the client went away; its pending requests die with it
+        if gone:
+            return
+        close = close or self._overflow
+        if close is not None:
+            event(log, "client_closed", remote=self.remote, code=close.code, reason=close.reason)
+            with trio.move_on_after(1):
+                await self._flush()
+                await self.ws.aclose(close.code, close.reason)
+
+    # ---------------------------------------------------------------- receiving
+
+    async def _receive(self, nursery: trio.Nursery) -> None:
+        while True:
+            data = await self.ws.get_message()
+            if not isinstance(data, bytes):
+                raise Closing(UNSUPPORTED_DATA, "binary CBOR messages only")
+            try:
+                obj = loads(data, max_depth=24)
+            except CBORError as exc:
+                raise Closing(INVALID_PAYLOAD, str(exc)[:120]) from None
+            if isinstance(obj, dict):
+                batch = [obj]
+            elif isinstance(obj, list) and 1 <= len(obj) <= MAX_BATCH:
+                batch = obj
+            else:
+                raise Closing(INVALID_PAYLOAD, "a message is a request map or 1..1024 of them")
+            for req in batch:
+                rid = req.get("id") if isinstance(req, dict) else None
+                if type(rid) is not int or rid < 0:
+                    raise Closing(INVALID_PAYLOAD, "every request needs an unsigned integer id")
+                await self._slots.acquire()
+                nursery.start_soon(self._handle, req, nursery)
+
+    async def _handle(self, req: dict[str, Any], nursery: trio.Nursery) -> None:
+        rid = req["id"]
+        op = req.get("op")
+        started = time.perf_counter()
+        code = "ok"
+        try:
+            result = await self._dispatch(req, nursery)
+            self._queue({"id": rid, "ok": True, **result})
+        except ApiError as exc:
+            code = exc.code
+            self._queue({"id": rid, "ok": False, "error": exc.body()})
+        except Exception as exc:  # a bug of ours: answer it, log it, keep serving
+            code = "internal"
+            event(log, "request_failed", level=logging.ERROR, op=op, error=repr(exc)[:300])
+            self._queue(
+                {"id": rid, "ok": False, "error": {"code": code, "message": "internal error"}}
+            )
+        finally:
+            self._slots.release()
+        opname = op if isinstance(op, str) and op in access.OP_ROLE else "invalid"
+        m = self.server.metrics
+        m.client_requests.labels(opname, code).inc()
+        m.client_request_duration.labels(opname).observe(time.perf_counter() - started)
+        if opname in handlers.WRITE_OPS or code in ("permission_denied", "unauthenticated"):
+            self._audit(req, opname, code)
+
+    async def _dispatch(self, req: dict[str, Any], nursery: trio.Nursery) -> dict[str, Any]:
+        op = req.get("op")
+        if not isinstance(op, str) or op not in access.OP_ROLE:
+            raise invalid(f"unknown op {op!r}")
+        if op == "refresh":  # allowed with an expired token: it is how to recover
+            return self._refresh(req)
+        if self.claims.exp + self.server.leeway_s < time.time():
+            raise ApiError("unauthenticated", "the token expired; send refresh with a new one")
+        try:
+            validate_request(req)
+        except RequestError as exc:
+            raise ApiError(exc.code, str(exc)) from None
+        access.check(self.claims, req)
+        node = self.server.node
+        if op in handlers.WRITE_OPS:
+            return await handlers.write(node, req)
+        if op in ("get", "range"):
+            return await handlers.read(node, req)
+        if op == "watch":
+            return self._watch(req, nursery)
+        if op == "unwatch":
+            return self._unwatch(req)
+        if op == "status":
+            return handlers.status(node)
+        if op == "transfer_leader":
+            return await handlers.transfer_leader(node, req)
+        return await handlers.member_change(node, req)
+
+    def _refresh(self, req: dict[str, Any]) -> dict[str, Any]:
+        token = req.get("token")
+        if not isinstance(token, str):
+            raise invalid("refresh needs a token")
+        try:
+            self.claims = self.server.verifier.verify(token, now=time.time())
+        except TokenError as exc:
+            self.server.metrics.auth_failures.labels(exc.reason).inc()
+            raise ApiError("unauthenticated", f"token refused: {exc.reason}") from None
+        return {}
+
+    # ---------------------------------------------------------------- watches
+
+    def _watch(self, req: dict[str, Any], nursery: trio.Nursery) -> dict[str, Any]:
+        kv = self.server.node.kv
+        key, prefix = req.get("key"), req.get("prefix")
+        start = req.get("start_revision", 0)
+        try:
+            backlog = kv.events_since(start, key=key, prefix=prefix) if start else []
+        except Compacted as exc:
+            raise ApiError(
+                "compacted",
+                "start_revision is older than the kept history",
+                compact_revision=exc.args[0] if exc.args else None,
+            ) from None
+        wid = self._next_watch
+        self._next_watch += 1
+        scope = trio.CancelScope()
+        self._watches[wid] = scope
+        nursery.start_soon(self._stream, wid, key, prefix, backlog, scope)
+        return {"watch_id": wid}
+
+    async def _stream(
+        self,
+        wid: int,
+        key: str | None,
+        prefix: str | None,
+        backlog: list[dict[str, Any]],
+        scope: trio.CancelScope,
+    ) -> None:
+        hub = self.server.watch_hub
+        with scope, hub.subscription() as events:
+            last = 0
+            await trio.lowlevel.checkpoint()  # let the watch_id answer go first
+            if backlog:
+                last = backlog[-1]["revision"]
+                self._queue({"watch_id": wid, "events": backlog, "revision": last})
+            async for batch in events:
+                chosen = [e for e in batch if e["revision"] > last and _matches(e, key, prefix)]
+                if chosen:
+                    last = chosen[-1]["revision"]
+                    self._queue({"watch_id": wid, "events": chosen, "revision": last})
+            # The hub cut us off: we fell too far behind to deliver every event.
+            self._overflow = Closing(TRY_LATER, "a watch fell behind; watch again from a revision")
+            self._scope.cancel()
+
+    def _unwatch(self, req: dict[str, Any]) -> dict[str, Any]:
+        wid = req.get("watch_id")
+        scope = self._watches.pop(wid, None) if type(wid) is int else None
+        if scope is None:
+            raise invalid(f"no watch {wid!r} on this connection")
+        scope.cancel()
+        return {}
+
+    # ---------------------------------------------------------------- sending
+
+    def _queue(self, item: dict[str, Any]) -> None:
+        if len(self._out) >= MAX_QUEUED:  # a client that does not read: let it go
+            self._overflow = Closing(TRY_LATER, "the client does not read its responses")
+            self._scope.cancel()
+            return
+        self._out.append(item)
+        self._wake.set()
+
+    async def _sender(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        while self._out:
+            batch, self._out = self._out, []
+            await self.ws.send_message(dumps(batch[0] if len(batch) == 1 else batch))
+
+    def _audit(self, req: dict[str, Any], op: str, code: str) -> None:
+        key = req.get("key", req.get("prefix"))
+        event(
+            audit_log,
+            "audit",
+            subject=self.claims.sub,
+            remote=self.remote,
+            op=op,
+            key=key if isinstance(key, str) else None,
+            result=code,
+        )
+
+
+def _matches(e: dict[str, Any], key: str | None, prefix: str | None) -> bool:
+    k = e["kv"]["key"]
+    if key is not None:
+        return bool(k == key)
+    return prefix is None or bool(k.startswith(prefix))

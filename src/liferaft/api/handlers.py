@@ -1,0 +1,139 @@
+"""What each op does, given a node. One function per op family; each returns the result
+fields of SPEC.md §4 (without ``id``/``ok``) or raises ApiError."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from liferaft.api.errors import ApiError, invalid, unavailable
+from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused
+from liferaft.kv.commands import encode_command
+from liferaft.node.waiters import ProposalDropped, ReadFailed
+
+if TYPE_CHECKING:
+    from liferaft.node.node import Node
+
+REQUEST_TIMEOUT = 5.0  # seconds a request may wait for the cluster before `unavailable`
+
+WRITE_OPS = frozenset({"put", "delete", "txn"})
+_WRITE_FIELDS = ("key", "value", "prefix", "compare", "success", "failure", "session", "seq")
+
+
+def not_leader(node: Node, leader: str | None) -> ApiError:
+    endpoint = node.client_endpoint(leader) if leader else None
+    extra = {"leader_endpoint": endpoint} if endpoint else {}
+    return ApiError("not_leader", f"this node is not the leader (leader: {leader})", **extra)
+
+
+async def write(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+    """Replicate the write through the log; its result comes back from the state machine.
+
+    A follower answers ``not_leader`` with the leader's client URL (the client library
+    follows it), rather than forwarding: forwarding would double the leader's work per
+    request and hide a misrouted client's cost.
+    """
+    cmd = {k: req[k] for k in _WRITE_FIELDS if k in req}
+    cmd["op"] = req["op"]
+    cmd["time_ms"] = int(time.time() * 1000)  # the leader's clock, carried in the log
+    try:
+        with trio.fail_after(REQUEST_TIMEOUT):
+            result = await node.propose(encode_command(cmd))
+    except NotLeader as exc:
+        raise not_leader(node, exc.leader) from None
+    except (ProposalDropped, ProposalRefused, trio.TooSlowError) as exc:
+        raise unavailable(f"the write may or may not have happened: {exc}") from None
+    if not isinstance(result, dict):
+        raise ApiError("internal", "the state machine gave no result")
+    if "error" in result:
+        err = result["error"]
+        raise ApiError(err.get("code", "internal"), err.get("message", ""))
+    return result
+
+
+async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+    """Linearizable unless ``serializable``: confirm the read index with a quorum (the
+    leader does it; a follower asks the leader), wait to apply it, then read locally."""
+    if not req.get("serializable", False):
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                await node.read_index()
+        except (ReadFailed, NotLeader, trio.TooSlowError) as exc:
+            raise unavailable(f"could not confirm the read with a quorum: {exc}") from None
+    kv = node.kv
+    if req["op"] == "get":
+        return {"kv": kv.get(req["key"]), "revision": kv.revision}
+    kvs, more = kv.range(req["prefix"], req.get("limit", 0))
+    return {"kvs": kvs, "more": more, "revision": kv.revision}
+
+
+def status(node: Node) -> dict[str, Any]:
+    st = node.status()
+    members = []
+    for mid in sorted(st.membership.members):
+        peer, client = node.addresses.get(mid, ("", ""))
+        members.append(
+            {"id": mid, "peer": peer, "client": client, "voter": mid in st.membership.voters}
+        )
+    return {
+        "node_id": st.id,
+        "role": st.role.value,
+        "term": st.term,
+        "leader_id": st.leader,
+        "leader_endpoint": node.client_endpoint(st.leader) if st.leader else None,
+        "commit_index": st.commit,
+        "applied_index": node.applied,
+        "revision": node.kv.revision,
+        "members": members,
+        "db_size": node.db_size,
+    }
+
+
+async def member_change(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+    op = req["op"]
+    # SPEC.md §4 calls the member "id", which is also the request id; liferaft uses
+    # "member_id" (see docs/client-protocol.md).
+    mid = req.get("member_id")
+    if not isinstance(mid, str) or not mid:
+        raise invalid("member_id must be a node id")
+    if op == "member_add":
+        peer, client = req.get("peer"), req.get("client")
+        if not isinstance(peer, str) or not isinstance(client, str):
+            raise invalid("member_add needs peer and client addresses (host:port)")
+        change = ConfChange(
+            ConfChangeType.ADD_LEARNER if req.get("learner") else ConfChangeType.ADD_VOTER,
+            mid,
+            node.encode_addresses(peer, client),
+        )
+    elif op == "member_promote":
+        change = ConfChange(ConfChangeType.PROMOTE, mid)
+    else:
+        change = ConfChange(ConfChangeType.REMOVE, mid)
+    try:
+        with trio.fail_after(REQUEST_TIMEOUT):
+            await node.change_membership(change)
+    except NotLeader as exc:
+        raise not_leader(node, exc.leader) from None
+    except ProposalRefused as exc:
+        raise ApiError("member_error", str(exc)) from None
+    except (ProposalDropped, trio.TooSlowError) as exc:
+        raise unavailable(f"the change may or may not have happened: {exc}") from None
+    return {"members": status(node)["members"]}
+
+
+async def transfer_leader(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+    to = req.get("to")
+    if to is not None and not isinstance(to, str):
+        raise invalid("to must be a node id")
+    try:
+        with trio.fail_after(REQUEST_TIMEOUT):
+            leader = await node.transfer_leadership(to)
+    except NotLeader as exc:
+        raise not_leader(node, exc.leader) from None
+    except ProposalRefused as exc:
+        raise ApiError("member_error", str(exc)) from None
+    except trio.TooSlowError:
+        raise unavailable("leadership did not move in time") from None
+    return {"leader_id": leader}

@@ -1,0 +1,128 @@
+"""The client listener: TLS with the node's certificate, the JWT checked before the
+WebSocket upgrade, then one ``Connection`` per client.
+
+A missing, malformed, expired, not-yet-valid, wrongly signed or wrongly addressed token
+gets HTTP 401 and no connection, an audit record and
+``liferaft_auth_failures_total{reason}``. The TLS handshake and the upgrade must finish
+within ``handshake_timeout_ms``; connections beyond ``max_connections`` are closed at
+accept (trio-websocket has neither limit of its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+import trio_websocket
+
+from liferaft.api.connection import Connection
+from liferaft.api.watch import WatchHub
+from liferaft.observability.logs import event
+from liferaft.security.tls import client_server_context
+from liferaft.security.tokens import Claims, TokenError, TokenVerifier
+
+if TYPE_CHECKING:
+    from liferaft.config import Settings
+    from liferaft.node.node import Node
+
+log = logging.getLogger("liferaft.api")
+audit_log = logging.getLogger("liferaft.audit")
+PATH = "/v1"
+
+
+class ClientServer:
+    def __init__(self, node: Node, settings: Settings) -> None:
+        self.node = node
+        self.metrics = node.metrics
+        c = settings.client
+        self.max_message_bytes = c.max_message_bytes
+        self.max_connections = c.max_connections
+        self.handshake_timeout = c.handshake_timeout_ms / 1000
+        a = settings.auth
+        self.leeway_s = a.leeway_s
+        self.verifier = TokenVerifier.from_files(
+            list(a.jwt_public_keys), issuer=a.issuer, audience=a.audience, leeway_s=a.leeway_s
+        )
+        self.ssl_ctx = client_server_context(settings.tls.cert, settings.tls.key)
+        self.watch_hub = WatchHub()
+        self.open_connections = 0
+        self.port: int | None = None
+
+    async def run(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.port = listeners[0].socket.getsockname()[1]
+        event(log, "client_listening", address=f"{host}:{self.port}")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started()
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        remote = _remote(tcp)
+        if self.open_connections >= self.max_connections:
+            event(log, "client_rejected", reason="max_connections", remote=remote)
+            await trio.aclose_forcefully(tcp)
+            return
+        self.open_connections += 1
+        stream = trio.SSLStream(tcp, self.ssl_ctx, server_side=True)
+        try:
+            async with trio.open_nursery() as nursery:  # trio-websocket's reader task
+                accepted = None
+                with trio.move_on_after(self.handshake_timeout):
+                    accepted = await self._upgrade(nursery, stream, remote)
+                if accepted is not None:
+                    await Connection(self, accepted[0], accepted[1], remote).run()
+                await trio.aclose_forcefully(stream)
+                nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio_websocket.ConnectionClosed, OSError):
+            pass  # the client went away mid-handshake or mid-connection
+        except* Exception as group:  # the edge of one connection: log it, keep serving
+            event(log, "client_connection_error", remote=remote, error=repr(group)[:300])
+        finally:
+            self.open_connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _upgrade(
+        self, nursery: trio.Nursery, stream: trio.SSLStream[trio.SocketStream], remote: str
+    ) -> tuple[trio_websocket.WebSocketConnection, Claims] | None:
+        await stream.do_handshake()
+        request = await trio_websocket.wrap_server_stream(
+            nursery, stream, max_message_size=self.max_message_bytes
+        )
+        if request.path != PATH:
+            await request.reject(404, body=b"not found: the client API is at /v1\n")
+            return None
+        header = dict(request.headers).get(b"authorization", b"").decode("latin-1")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        try:
+            claims = self.verifier.verify(token, now=time.time())
+        except TokenError as exc:
+            self.metrics.auth_failures.labels(exc.reason).inc()
+            event(
+                audit_log,
+                "audit",
+                subject=None,
+                remote=remote,
+                op="connect",
+                key=None,
+                result=f"unauthenticated:{exc.reason}",
+            )
+            await request.reject(
+                401,
+                extra_headers=[(b"www-authenticate", b'Bearer realm="liferaft"')],
+                body=f"unauthenticated: {exc.reason}\n".encode(),
+            )
+            return None
+        ws = await request.accept()
+        return ws, claims
+
+
+def _remote(tcp: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = tcp.socket.getpeername()
+    except (OSError, ValueError):
+        return "?"
+    return f"{host}:{port}"

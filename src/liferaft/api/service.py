@@ -1,0 +1,22 @@
+"""A whole node as an operator runs it: the Raft node and its client API side by side."""
+
+from __future__ import annotations
+
+import trio
+
+from liferaft.api.server import ClientServer
+from liferaft.node.node import Node
+
+
+async def serve(
+    node: Node, *, task_status: trio.TaskStatus[ClientServer] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run ``node`` and its client listener until cancelled; ``started()`` gives the
+    ClientServer once both listen."""
+    api = ClientServer(node, node.settings)
+    node.kv.subscribe(api.watch_hub.publish)
+    listen = node.settings.client.listen
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        await nursery.start(api.run, listen.host, listen.port)
+        task_status.started(api)

@@ -1,0 +1,39 @@
+"""Fan-out of the state machine's events to the connections that watch.
+
+The applier publishes each applied batch of events once; every subscription gets it on
+its own bounded channel. A subscriber that falls that far behind is cut off (its watch
+ends and the client sees the connection close) rather than buffering without bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+QUEUE = 1024  # event batches a subscription may lag behind
+
+
+class WatchHub:
+    def __init__(self) -> None:
+        self._subs: set[trio.MemorySendChannel[list[dict[str, Any]]]] = set()
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        for send in list(self._subs):
+            try:
+                send.send_nowait(events)
+            except trio.WouldBlock:
+                self._subs.discard(send)
+                send.close()  # the slow watcher's stream ends
+
+    @contextmanager
+    def subscription(self) -> Iterator[trio.MemoryReceiveChannel[list[dict[str, Any]]]]:
+        send, recv = trio.open_memory_channel[list[dict[str, Any]]](QUEUE)
+        self._subs.add(send)
+        try:
+            yield recv
+        finally:
+            self._subs.discard(send)
+            send.close()

@@ -1,0 +1,128 @@
+"""Tokens at the client API's door and on live connections (SPEC.md §1, §4)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+import trio
+import trio_websocket
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from test_protocol import cluster, connect, ctx
+
+from liferaft.security.tokens import mint
+from liferaft.testing.localcluster import LocalCluster
+
+
+def claims(**over: object) -> dict[str, object]:
+    now = int(time.time())
+    base: dict[str, object] = {
+        "sub": "mallory",
+        "roles": ["admin"],
+        "iss": "liferaft",
+        "aud": "liferaft",
+        "iat": now,
+        "exp": now + 600,
+    }
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def bad_tokens(certs: Path) -> dict[str, str | None]:
+    private = (certs / "jwt-private.pem").read_bytes()
+    key = serialization.load_pem_private_key(private, password=None)
+    other = Ed25519PrivateKey.generate()
+    public_pem = (certs / "jwt-public.pem").read_bytes()
+    return {
+        "missing": None,
+        "malformed": "not.a.token",
+        "expired": jwt.encode(claims(exp=int(time.time()) - 60), key, algorithm="EdDSA"),
+        "not_yet_valid": jwt.encode(claims(nbf=int(time.time()) + 600), key, algorithm="EdDSA"),
+        "bad_issuer": jwt.encode(claims(iss="someone-else"), key, algorithm="EdDSA"),
+        "bad_audience": jwt.encode(claims(aud="another-app"), key, algorithm="EdDSA"),
+        "bad_signature": jwt.encode(claims(), other, algorithm="EdDSA"),
+        "alg_none": jwt.encode(claims(), None, algorithm="none"),
+        # the classic confusion: HMAC "signed" with the server's public key
+        "hmac": _hs256(claims(), public_pem),
+    }
+
+
+def _hs256(payload: dict[str, object], secret: bytes) -> str:
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(payload).encode())
+    sig = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+
+
+async def status_of(c: LocalCluster, token: str | None) -> int | None:
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token is not None else []
+    try:
+        async with trio_websocket.open_websocket_url(
+            c.endpoints()[0], ssl_context=ctx(c.certs), extra_headers=headers
+        ):
+            return None
+    except trio_websocket.ConnectionRejected as exc:
+        return exc.status_code
+
+
+async def test_every_bad_token_gets_401_and_no_connection(tmp_path: Path, certs: Path) -> None:
+    async with cluster(tmp_path, certs) as c:
+        for name, token in bad_tokens(certs).items():
+            assert await status_of(c, token) == 401, name
+        text = c.nodes["n1"].metrics.exposition().decode()
+        for reason in (
+            "missing",
+            "malformed",
+            "expired",
+            "not_yet_valid",
+            "bad_issuer",
+            "bad_audience",
+            "bad_signature",
+            "bad_algorithm",
+        ):
+            assert f'liferaft_auth_failures_total{{reason="{reason}"}}' in text, reason
+        assert all(n.healthy() for n in c.nodes.values())
+        assert await status_of(c, c.token("read")) is None  # a good token still connects
+
+
+async def test_a_token_that_expires_on_a_live_connection_then_refresh(
+    tmp_path: Path, certs: Path
+) -> None:
+    async with cluster(tmp_path, certs) as c:
+        key = (certs / "jwt-private.pem").read_bytes()
+        # Valid at connect only thanks to the 5 s leeway; expires for real shortly.
+        short = mint(key, sub="t", roles=["read"], ttl_s=1, now=time.time() - 4)
+        async with connect(c, short) as r:
+            while True:  # poll until the leeway runs out (bounded by the cluster's guard)
+                st = await r.call(op="status")
+                if not st["ok"]:
+                    break
+                await trio.sleep(0.2)
+            assert st["error"]["code"] == "unauthenticated"
+            bad = await r.call(op="refresh", token="garbage")
+            assert bad["error"]["code"] == "unauthenticated"
+            assert (await r.call(op="refresh", token=c.token("read")))["ok"]
+            assert (await r.call(op="status"))["ok"]
+
+
+@pytest.mark.parametrize("path", ["/", "/v2", "/raft"])
+async def test_other_paths_are_not_found(tmp_path: Path, certs: Path, path: str) -> None:
+    async with cluster(tmp_path, certs) as c:
+        url = c.endpoints()[0].replace("/v1", path)
+        headers = [(b"authorization", f"Bearer {c.token()}".encode())]
+        with pytest.raises(trio_websocket.ConnectionRejected) as info:
+            async with trio_websocket.open_websocket_url(
+                url, ssl_context=ctx(c.certs), extra_headers=headers
+            ):
+                pass
+        assert info.value.status_code == 404
