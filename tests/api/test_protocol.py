@@ -20,8 +20,10 @@ HANG = 60  # a guard against hangs, not a performance claim
 
 
 @asynccontextmanager
-async def cluster(tmp: Path, certs: Path, n: int = 3) -> AsyncIterator[LocalCluster]:
-    c = LocalCluster(tmp, certs, [f"n{i}" for i in range(1, n + 1)])
+async def cluster(
+    tmp: Path, certs: Path, n: int = 3, *, kv_history: int = 10_000
+) -> AsyncIterator[LocalCluster]:
+    c = LocalCluster(tmp, certs, [f"n{i}" for i in range(1, n + 1)], kv_history=kv_history)
     async with trio.open_nursery() as nursery:
         await c.start(nursery)
         with trio.fail_after(HANG):
@@ -209,6 +211,21 @@ async def test_watch_streams_changes_from_a_revision(tmp_path: Path, certs: Path
             await r._pump()
         assert seen() == [("put", "w/a"), ("put", "w/b"), ("delete", "w/a")]
         assert (await r.call(op="unwatch", watch_id=wid))["ok"]
+
+
+async def test_a_watch_from_before_the_kept_history_is_compacted(
+    tmp_path: Path, certs: Path
+) -> None:
+    async with (
+        cluster(tmp_path, certs, kv_history=5) as c,
+        connect(c, c.token(), await leader_index(c)) as r,
+    ):
+        for i in range(12):
+            await r.call(op="put", key="h", value=b"%d" % i)
+        old = await r.call(op="watch", key="h", start_revision=1)
+        assert old["error"]["code"] == "compacted"
+        recent = await r.call(op="watch", key="h", start_revision=10)
+        assert recent["ok"]
 
 
 async def test_status_reports_the_cluster(tmp_path: Path, certs: Path) -> None:

@@ -197,7 +197,9 @@ class Connection:
         scope = trio.CancelScope()
         self._watches[wid] = scope
         nursery.start_soon(self._stream, wid, key, prefix, backlog, scope)
-        return {"watch_id": wid}
+        # The revision the watch starts after: a client that must resubscribe resumes
+        # from it without a gap (an extension of SPEC.md §4's result).
+        return {"watch_id": wid, "revision": kv.revision}
 
     async def _stream(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from liferaft.cli.certs import certs, token
+from liferaft.cli.client_cmds import delete, get, member, put, status, transfer_leader, txn, watch
 from liferaft.cli.node import node
 from liferaft.cli.sim import sim
 
@@ -20,6 +21,14 @@ cli.add_command(node)
 cli.add_command(sim)
 cli.add_command(certs)
 cli.add_command(token)
+cli.add_command(put)
+cli.add_command(get)
+cli.add_command(delete)
+cli.add_command(txn)
+cli.add_command(watch)
+cli.add_command(status)
+cli.add_command(member)
+cli.add_command(transfer_leader)
 
 
 def main() -> None:

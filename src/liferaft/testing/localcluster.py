@@ -21,6 +21,7 @@ from liferaft.api.server import ClientServer
 from liferaft.api.service import serve
 from liferaft.config import Settings, load
 from liferaft.core import AnyMessage, Role
+from liferaft.kv.store import KVStore
 from liferaft.node.node import Node
 from liferaft.security.tokens import mint
 
@@ -150,6 +151,7 @@ class LocalCluster:
         heartbeat_ms: int = 20,
         election_ms: int = 100,
         snapshot_entries: int = 10000,
+        kv_history: int = 10_000,
     ) -> None:
         self.base = base
         self.certs = certs
@@ -161,6 +163,7 @@ class LocalCluster:
             i: (ports[3 * n], ports[3 * n + 1], ports[3 * n + 2]) for n, i in enumerate(ids)
         }
         self.timing = (heartbeat_ms, election_ms, snapshot_entries)
+        self.kv_history = kv_history
         self.nodes: dict[str, Node] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
@@ -187,7 +190,11 @@ class LocalCluster:
 
     async def start_node(self, node_id: str) -> Node:
         assert self._nursery is not None
-        node = Node(self.settings(node_id), rng=random.Random(self.rng.getrandbits(64)))
+        node = Node(
+            self.settings(node_id),
+            state_machine=KVStore(history_revisions=self.kv_history),
+            rng=random.Random(self.rng.getrandbits(64)),
+        )
         node._send_filter = self.faults.filter_for(node)
         scope = trio.CancelScope()
         self._scopes[node_id] = scope

@@ -1,0 +1,105 @@
+"""liferaft.client: talk to a liferaft cluster from Python.
+
+The async client (Trio) pipelines every request over one TLS WebSocket, packs requests
+made at the same moment into one message, finds the leader by itself, and retries writes
+with a session and seq so that each one applies at most once (SPEC.md §4)::
+
+    import trio
+    from liferaft.client import open_client, compare, op_put, op_get
+
+    async def main():
+        async with open_client(
+            ["wss://127.0.0.1:8001", "wss://127.0.0.1:8002", "wss://127.0.0.1:8003"],
+            token=open("client.jwt").read().strip(),   # liferaft token --key ... --sub me
+            cacert="certs/ca.pem",
+        ) as client:
+            rev = await client.put("app/config", b'{"mode": "fast"}')
+            kv = await client.get("app/config")            # KeyValue or None
+            kvs, more = await client.range("app/", limit=100)
+            n = await client.delete(prefix="tmp/")
+            r = await client.txn(                          # create if absent
+                compare=[compare("app/lock", "version", "==", 0)],
+                success=[op_put("app/lock", "me")],
+                failure=[op_get("app/lock")],
+            )
+            async with client.watch(prefix="app/", start_revision=rev) as events:
+                async for ev in events:
+                    print(ev.type, ev.kv.key, ev.kv.value)
+                    break
+            print((await client.status())["leader_id"])
+
+    trio.run(main)
+
+For scripts without Trio, :class:`SyncClient` has the same methods and blocks::
+
+    from liferaft.client import SyncClient
+
+    with SyncClient("wss://127.0.0.1:8001", token=jwt, cacert="certs/ca.pem") as c:
+        c.put("k", "v")
+        print(c.get("k").text)
+
+Errors are typed (:class:`LiferaftError` and one subclass per SPEC.md §4 error code):
+``Unauthenticated`` for a refused token, ``PermissionDenied``, ``Unavailable`` when no
+quorum or no endpoint answered within the call's ``timeout``, ``Compacted``, and so on.
+"""
+
+from __future__ import annotations
+
+from liferaft.client.client import DEFAULT_ENDPOINT, Client, open_client
+from liferaft.client.errors import (
+    Compacted,
+    ConnectionFailed,
+    InternalError,
+    InvalidRequest,
+    LiferaftError,
+    MemberError,
+    NotLeader,
+    PermissionDenied,
+    TLSError,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+    error_from_wire,
+)
+from liferaft.client.models import (
+    KeyValue,
+    TxnResult,
+    WatchEvent,
+    compare,
+    op_delete,
+    op_get,
+    op_put,
+    op_range,
+)
+from liferaft.client.sync import SyncClient, SyncWatch
+from liferaft.client.watch import Watch
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "Client",
+    "Compacted",
+    "ConnectionFailed",
+    "InternalError",
+    "InvalidRequest",
+    "KeyValue",
+    "LiferaftError",
+    "MemberError",
+    "NotLeader",
+    "PermissionDenied",
+    "SyncClient",
+    "SyncWatch",
+    "TLSError",
+    "TooLarge",
+    "TxnResult",
+    "Unauthenticated",
+    "Unavailable",
+    "Watch",
+    "WatchEvent",
+    "compare",
+    "error_from_wire",
+    "op_delete",
+    "op_get",
+    "op_put",
+    "op_range",
+    "open_client",
+]

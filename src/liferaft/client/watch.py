@@ -1,0 +1,122 @@
+"""Watches that survive reconnects (SPEC.md §4 ``watch``/``unwatch``).
+
+A :class:`Watch` subscribes through the client's retrying request path; the response's
+``watch_id`` is routed to a :class:`~liferaft.client.connection.WatchStream` by the
+connection's reader before it reads on, so events that follow the response in the same
+message are never lost. When the connection breaks, or the consumer falls so far behind
+that its buffer overflows, the stream ends and the watch subscribes again from the
+revision after the last event it delivered.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from liferaft.client.connection import Connection, WatchStream
+from liferaft.client.errors import InternalError, error_from_wire
+from liferaft.client.models import WatchEvent, event_from_wire
+
+if TYPE_CHECKING:
+    from liferaft.client.client import Client
+
+
+class Watch:
+    """An async iterator of :class:`WatchEvent` for one key or prefix; made by
+    :meth:`Client.watch`. ``async with`` it to unwatch on exit (or call ``aclose``)."""
+
+    def __init__(self, client: Client, selector: dict[str, Any], start_revision: int) -> None:
+        self._client = client
+        self._selector = selector
+        self._next_revision = start_revision  # where to resume; 0 = "from now"
+        self._stream: WatchStream | None = None
+        self._buffer: deque[WatchEvent] = deque()
+        self._closed = False
+
+    @property
+    def next_revision(self) -> int:
+        """The revision a resubscription would start from (0 until one is known)."""
+        return self._next_revision
+
+    async def __aenter__(self) -> Watch:
+        if self._stream is None:
+            await self._subscribe()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        while True:
+            if self._buffer:
+                return self._buffer.popleft()
+            if self._closed:
+                raise StopAsyncIteration
+            if self._stream is None:
+                await self._subscribe()
+            assert self._stream is not None
+            try:
+                msg = await self._stream.receive_channel.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                # The connection broke or we fell behind: resubscribe where we left off.
+                self._stream = None
+                continue
+            self._take(msg)
+
+    def _take(self, msg: dict[str, Any]) -> None:
+        if "error" in msg:
+            self.close()
+            raise error_from_wire(msg["error"])
+        events = msg.get("events", [])
+        if not isinstance(events, list):
+            raise InternalError("watch message without an events list")
+        revision = msg.get("revision")
+        for raw in events:
+            ev = event_from_wire(raw)
+            at = ev.kv.mod_revision or (revision if type(revision) is int else 0)
+            self._next_revision = max(self._next_revision, at + 1)
+            self._buffer.append(ev)
+
+    async def _subscribe(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the watch is closed")
+
+        def on_ok(conn: Connection, resp: dict[str, Any]) -> None:
+            # Runs in the connection's reader, before the next message is read: events
+            # that follow the response in the same message already find the stream.
+            watch_id = resp.get("watch_id")
+            if type(watch_id) is int:
+                self._stream = conn.subscribe(watch_id)
+
+        fields: dict[str, Any] = {"op": "watch", **self._selector}
+        if self._next_revision:
+            fields["start_revision"] = self._next_revision
+        resp = await self._client._request(fields, on_ok=on_ok)
+        if self._stream is None:
+            raise InternalError("watch response without a watch_id")
+        revision = resp.get("revision")
+        if not self._next_revision and type(revision) is int:
+            self._next_revision = revision + 1  # resume after the revision we started at
+
+    def close(self) -> None:
+        """Stop watching (sends ``unwatch``); iteration ends after buffered events."""
+        self._closed = True
+        if self._stream is not None:
+            self._stream.conn.unsubscribe(self._stream)
+            self._stream = None
+
+    async def aclose(self) -> None:
+        """Stop watching; the async spelling of :meth:`close`."""
+        self.close()
+        await trio.lowlevel.checkpoint()
