@@ -163,6 +163,14 @@ async def test_errors_are_answered_by_id_and_the_connection_survives(
         assert (await r.call(op="status"))["ok"]
 
 
+async def test_too_large_and_member_error(tmp_path: Path, certs: Path) -> None:
+    async with cluster(tmp_path, certs) as c, connect(c, c.token(), await leader_index(c)) as r:
+        big = await r.call(op="put", key="k" * 5000, value=b"v")
+        assert big["error"]["code"] == "too_large"
+        not_a_learner = await r.call(op="member_promote", member_id="n2")
+        assert not_a_learner["error"]["code"] == "member_error"
+
+
 async def test_prefix_limited_tokens_touch_only_their_keys(tmp_path: Path, certs: Path) -> None:
     async with cluster(tmp_path, certs) as c:
         token = c.token("read,write", prefixes=["app/"])

@@ -164,6 +164,7 @@ class LocalCluster:
         }
         self.timing = (heartbeat_ms, election_ms, snapshot_entries)
         self.kv_history = kv_history
+        self.joiners: set[str] = set()
         self.nodes: dict[str, Node] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
@@ -179,8 +180,18 @@ class LocalCluster:
             heartbeat_ms=self.timing[0],
             election_ms=self.timing[1],
             snapshot_entries=self.timing[2],
+            join=node_id in self.joiners,
         )
         return load(path)
+
+    def reserve(self, node_id: str) -> tuple[str, str]:
+        """Ports for a node that will join later (``start_node`` starts it with
+        ``join = true``); returns its peer and client addresses for ``member_add``."""
+        peer, client, metrics = free_ports(3)
+        self.ports[node_id] = (peer, client, metrics)
+        self.ids.append(node_id)
+        self.joiners.add(node_id)
+        return f"127.0.0.1:{peer}", f"127.0.0.1:{client}"
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
