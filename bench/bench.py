@@ -105,6 +105,39 @@ def percentile(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
 
 
+AREAS = (
+    ("liferaft/api/", "liferaft.api (requests, auth, responses)"),
+    ("liferaft/kv/", "liferaft.kv (apply, sessions, history)"),
+    ("liferaft/core/", "liferaft.core (Raft)"),
+    ("liferaft/node/", "liferaft.node (core loop, applier)"),
+    ("liferaft/storage/", "liferaft.storage"),
+    ("liferaft/transport/", "liferaft.transport (peer codec, links)"),
+    ("liferaft/observability/", "liferaft.observability (logs, metrics)"),
+    ("trio_websocket", "trio-websocket"),
+    ("wsproto", "wsproto"),
+    ("/trio/", "trio (scheduling, I/O)"),
+    ("ssl", "ssl"),
+    ("cbor2", "cbor2"),
+    ("prometheus_client", "prometheus_client"),
+    ("logging", "logging"),
+    ("sqlite", "sqlite3"),
+    ("select.epoll", "waiting in epoll (idle)"),
+)
+
+
+def by_area(stats: pstats.Stats) -> None:
+    """Own time per area, to see which layer the CPU goes to."""
+    totals: dict[str, float] = {}
+    raw = stats.stats  # type: ignore[attr-defined]
+    for (filename, _line, func), (_cc, _nc, tottime, _ct, _callers) in raw.items():
+        where = f"{filename}:{func}"
+        area = next((name for key, name in AREAS if key in where), "other (stdlib, builtins)")
+        totals[area] = totals.get(area, 0.0) + tottime
+    total = sum(totals.values())
+    for area, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {t:7.2f} s  {100 * t / total:5.1f} %  {area}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--connections", type=int, default=4)
@@ -152,8 +185,9 @@ def main() -> None:
         if args.profile:
             prof = base / f"{leader}.prof"
             if prof.exists():
-                print(f"\nwhere the leader ({leader}) spends its time (cumulative):")
-                pstats.Stats(str(prof)).sort_stats("tottime").print_stats(25)
+                print(f"\nwhere the leader ({leader}) spends its time:")
+                by_area(pstats.Stats(str(prof)))
+                pstats.Stats(str(prof)).sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":

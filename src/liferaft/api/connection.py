@@ -133,9 +133,7 @@ class Connection:
         finally:
             self._slots.release()
         opname = op if isinstance(op, str) and op in access.OP_ROLE else "invalid"
-        m = self.server.metrics
-        m.client_requests.labels(opname, code).inc()
-        m.client_request_duration.labels(opname).observe(time.perf_counter() - started)
+        self.server.observe(opname, code, time.perf_counter() - started)
         if opname in handlers.WRITE_OPS or code in ("permission_denied", "unauthenticated"):
             self._audit(req, opname, code)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 import trio_websocket
@@ -49,6 +49,21 @@ class ClientServer:
         self.watch_hub = WatchHub()
         self.open_connections = 0
         self.port: int | None = None
+        self._requests: dict[tuple[str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    def observe(self, op: str, code: str, seconds: float) -> None:
+        """Count a request; the labelled children are cached (labels() costs a lookup
+        with locking on every call, and this runs once per request)."""
+        key = (op, code)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.metrics.client_requests.labels(op, code)
+        counter.inc()
+        hist = self._durations.get(op)
+        if hist is None:
+            hist = self._durations[op] = self.metrics.client_request_duration.labels(op)
+        hist.observe(seconds)
 
     async def run(
         self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -81,7 +81,16 @@ class _Call:
     out: Outcome[Any]
 
 
-_Input = _Tick | _Messages | _Call
+@dataclass(frozen=True, slots=True)
+class _Propose:
+    """A client command: appended in the core loop, answered when applied (one wake-up
+    per write instead of a ``_Call`` round trip plus the wait for the result)."""
+
+    data: bytes
+    out: Outcome[object]
+
+
+_Input = _Tick | _Messages | _Call | _Propose
 
 
 def _compact(raft: Raft, *, index: int, data: bytes) -> Snapshot:
@@ -312,6 +321,13 @@ class Node:
         raft = self._core()
         if isinstance(item, _Tick):
             raft.tick()
+        elif isinstance(item, _Propose):
+            try:
+                index = raft.propose(item.data)
+            except Exception as exc:  # NotLeader, ProposalRefused: the caller's answer
+                item.out.fail(exc)
+            else:
+                self.waiters.proposals[index] = (raft.term, item.out)
         elif isinstance(item, _Messages):
             for m in item.msgs:
                 if m.src == item.peer:  # a peer speaks only for itself
@@ -434,12 +450,7 @@ class Node:
         here. Raises NotLeader on a follower, ProposalDropped if a new leader
         overwrote the entry."""
         out: Outcome[object] = Outcome()
-
-        def go(raft: Raft) -> None:
-            index = raft.propose(data)
-            self.waiters.proposals[index] = (raft.term, out)
-
-        await self.call(go)
+        await self._inputs_send.send(_Propose(data, out))
         try:
             return await out.wait()
         except BaseException:
