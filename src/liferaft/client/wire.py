@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import struct
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import cbor2
+
+from liferaft import safecbor
 
 PATH = "/v1"
 DEFAULT_PORT = 8001
@@ -109,43 +111,12 @@ def packed_size(count: int, payload_bytes: int) -> int:
 # ---------------------------------------------------------------- decoding
 
 
-def _refuse_tag(*_args: object) -> NoReturn:
-    raise ValueError("CBOR tags are not allowed")
-
-
-class _EveryTag(Mapping[int, Callable[[Any, bool], Any]]):
-    """A ``semantic_decoders`` table claiming every tag with a decoder that refuses it:
-    cbor2 consults it before its built-in tag decoders (see transport.codec)."""
-
-    def __getitem__(self, tag: int) -> Callable[[Any, bool], Any]:
-        return _refuse_tag
-
-    def __contains__(self, tag: object) -> bool:
-        return True
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
-_NO_TAGS = _EveryTag()
-
-
 def decode_message(data: bytes) -> list[dict[str, Any]]:
     """The maps of one server message (a map, or an array of maps); ProtocolError else."""
     try:
-        obj = cbor2.loads(
-            data,
-            tag_hook=_refuse_tag,
-            semantic_decoders=_NO_TAGS,
-            max_depth=MAX_DEPTH,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        )
-    except Exception as exc:  # cbor2 wraps most failures; be sure nothing else escapes
-        raise ProtocolError(f"not a CBOR item: {exc}") from None
+        obj = safecbor.loads(data, max_depth=MAX_DEPTH)
+    except safecbor.CBORError as exc:
+        raise ProtocolError(str(exc)) from None
     items = obj if isinstance(obj, list) else [obj]
     if not items:
         raise ProtocolError("an empty array")

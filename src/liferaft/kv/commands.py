@@ -21,10 +21,12 @@ bytes and anything not canonically encoded), and the command is validated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import cbor2
+
+from liferaft import safecbor
 
 MAX_KEY_BYTES = 4096
 MAX_TXN_OPS = 128  # per branch (success, failure)
@@ -66,46 +68,10 @@ class CommandError(ValueError):
 # ---------------------------------------------------------------- bounded CBOR
 
 
-def _refuse_tag(*_args: object) -> NoReturn:
-    raise ValueError("CBOR tags are not allowed")
-
-
-class _EveryTag(Mapping[int, Callable[[Any, bool], Any]]):
-    """A ``semantic_decoders`` table claiming every tag number, each with a decoder that
-    refuses it: cbor2 6 consults this table before its built-in tag decoders (bignums,
-    regexes, shared references, ...), which ``tag_hook`` alone would not stop."""
-
-    def __getitem__(self, tag: int) -> Callable[[Any, bool], Any]:
-        return _refuse_tag
-
-    def __contains__(self, tag: object) -> bool:
-        return True
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
-_NO_TAGS = _EveryTag()
-
-
 def cbor_loads_strict(data: bytes, *, max_depth: int) -> object:
-    """One CBOR item without tags, indefinite lengths or duplicate keys, at most
-    ``max_depth`` containers deep. Raises ValueError (and nothing else) on anything else;
-    trailing bytes are the caller's check (compare a canonical re-encoding)."""
-    try:
-        return cbor2.loads(
-            data,
-            tag_hook=_refuse_tag,
-            semantic_decoders=_NO_TAGS,
-            max_depth=max_depth,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        )
-    except Exception as exc:  # cbor2 wraps its failures, but be sure nothing else escapes
-        raise ValueError(f"not a CBOR item: {exc}") from None
+    """One CBOR item without tags, indefinite lengths, duplicate keys or trailing bytes,
+    at most ``max_depth`` containers deep (liferaft.safecbor); ValueError otherwise."""
+    return safecbor.loads(data, max_depth=max_depth)
 
 
 # ---------------------------------------------------------------- commands

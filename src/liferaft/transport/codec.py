@@ -21,11 +21,12 @@ So ``encode(decode(b)) == b`` holds for every ``b`` that decodes.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import Any
 
 import cbor2
 
+from liferaft import safecbor
 from liferaft.core.membership import Membership
 from liferaft.core.messages import (
     AnyMessage,
@@ -119,45 +120,14 @@ def _encode_message(m: AnyMessage) -> list[object]:
 # ---------------------------------------------------------------- decoding
 
 
-def _refuse_tag(*_args: object) -> NoReturn:
-    raise ValueError("CBOR tags are not allowed")
-
-
-class _EveryTag(Mapping[int, Callable[[Any, bool], Any]]):
-    """A ``semantic_decoders`` table claiming every tag number, each with a decoder that
-    refuses it: cbor2 consults this table before its built-in tag decoders."""
-
-    def __getitem__(self, tag: int) -> Callable[[Any, bool], Any]:
-        return _refuse_tag
-
-    def __contains__(self, tag: object) -> bool:
-        return True
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
-_NO_TAGS = _EveryTag()
-
-
 def decode(data: bytes, *, max_bytes: int) -> list[AnyMessage]:
     """The messages of one batch; CodecError (and nothing else) if ``data`` is not one."""
     if len(data) > max_bytes:
         raise CodecError(f"batch of {len(data)} bytes exceeds {max_bytes}")
     try:
-        obj = cbor2.loads(
-            data,
-            tag_hook=_refuse_tag,
-            semantic_decoders=_NO_TAGS,
-            max_depth=MAX_DEPTH,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        )
-    except Exception as exc:  # cbor2 wraps its failures, but be sure nothing else escapes
-        raise CodecError(f"not a CBOR item: {exc}") from None
+        obj = safecbor.loads(data, max_depth=MAX_DEPTH)
+    except safecbor.CBORError as exc:
+        raise CodecError(str(exc)) from None
     if type(obj) is not list or len(obj) != 2:
         raise CodecError("a batch is [version, messages]")
     version, raw = obj
