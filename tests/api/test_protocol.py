@@ -236,6 +236,43 @@ async def test_a_watch_from_before_the_kept_history_is_compacted(
         assert recent["ok"]
 
 
+async def test_without_a_quorum_requests_are_unavailable(tmp_path: Path, certs: Path) -> None:
+    async with cluster(tmp_path, certs) as c:
+        lead = await c.wait_leader()
+        for i in c.ids:
+            if i != lead:
+                c.crash(i)
+        async with connect(c, c.token(), c.ids.index(lead)) as r:
+            w = await r.call(op="put", key="k", value=b"v")
+            assert w["error"]["code"] == "unavailable"
+            rd = await r.call(op="get", key="k")
+            assert rd["error"]["code"] == "unavailable"
+            assert (await r.call(op="get", key="k", serializable=True))["ok"]
+
+
+async def test_a_node_restarted_after_compaction_has_the_same_data(
+    tmp_path: Path, certs: Path
+) -> None:
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"], snapshot_entries=20)
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            lead = await c.wait_leader()
+            async with connect(c, c.token(), c.ids.index(lead)) as r:
+                for i in range(70):
+                    await r.call(op="put", key=f"k{i:02d}", value=b"%d" % i)
+            victim = next(i for i in c.ids if i != lead)
+            await wait_until(lambda: c.nodes[victim].applied >= c.nodes[lead].applied)
+            before = c.nodes[victim].kv.range("", 0)
+            c.crash(victim)
+            node = await c.start_node(victim)
+            assert node.storage is not None
+            await wait_until(lambda: node.applied >= c.nodes[lead].applied)
+            assert node.kv.range("", 0) == before
+            assert node._snapshot_index > 0  # it restarted from a snapshot
+        nursery.cancel_scope.cancel()
+
+
 async def test_status_reports_the_cluster(tmp_path: Path, certs: Path) -> None:
     async with cluster(tmp_path, certs) as c, connect(c, c.token("read")) as r:
         st = await r.call(op="status")

@@ -23,7 +23,11 @@ _WRITE_FIELDS = ("key", "value", "prefix", "compare", "success", "failure", "ses
 
 
 def not_leader(node: Node, leader: str | None) -> ApiError:
-    endpoint = node.client_endpoint(leader) if leader else None
+    """``not_leader`` with the leader's URL; with no leader known the cluster cannot take
+    the request anywhere right now, which is ``unavailable``."""
+    if leader is None:
+        return unavailable("no leader is known (an election is under way or no quorum)")
+    endpoint = node.client_endpoint(leader)
     extra = {"leader_endpoint": endpoint} if endpoint else {}
     return ApiError("not_leader", f"this node is not the leader (leader: {leader})", **extra)
 
