@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio_websocket
 
+from liferaft.api.watch import WatchHub
 from liferaft.testing.localcluster import LocalCluster, wait_until
 
 HANG = 60  # a guard against hangs, not a performance claim
@@ -296,3 +297,15 @@ async def test_bad_frames_close_only_that_connection(tmp_path: Path, certs: Path
             assert (await r.call(op="status"))["ok"]
         assert all(n.healthy() for n in c.nodes.values())
         await wait_until(lambda: c.leader() is not None)
+
+
+def test_a_snapshot_install_ends_every_watch() -> None:
+    """Events between the old state and an installed snapshot were never published, so
+    the hub ends each subscription rather than let a watch silently skip them."""
+    hub = WatchHub()
+    with hub.subscription() as events:
+        hub.publish([{"revision": 1}])
+        hub.reset()
+        assert events.receive_nowait() == [{"revision": 1}]
+        with pytest.raises(trio.EndOfChannel):
+            events.receive_nowait()

@@ -15,6 +15,7 @@ async def serve(
     ClientServer once both listen."""
     api = ClientServer(node, node.settings)
     node.kv.subscribe(api.watch_hub.publish)
+    node.on_restore = api.watch_hub.reset
     listen = node.settings.client.listen
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)

@@ -28,6 +28,13 @@ class WatchHub:
                 self._subs.discard(send)
                 send.close()  # the slow watcher's stream ends
 
+    def reset(self) -> None:
+        """The state machine was replaced by a snapshot: events in between were never
+        published, so every watch ends (its client watches again from a revision)."""
+        for send in list(self._subs):
+            self._subs.discard(send)
+            send.close()
+
     @contextmanager
     def subscription(self) -> Iterator[trio.MemoryReceiveChannel[list[dict[str, Any]]]]:
         send, recv = trio.open_memory_channel[list[dict[str, Any]]](QUEUE)

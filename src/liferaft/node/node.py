@@ -124,6 +124,7 @@ class Node:
             m.id: (str(m.peer), str(m.client)) for m in settings.cluster.members
         }
         self.db_size = 0
+        self.on_restore: Callable[[], None] | None = None  # the state machine was replaced
         self._rng = rng or random.Random()
         self._send_filter = send_filter  # tests' fault layer sits here
         self.metrics = NodeMetrics(self.id)
@@ -402,6 +403,8 @@ class Node:
         async for item in self._apply_recv:
             if isinstance(item, Snapshot):
                 self._restore(item.data)
+                if self.on_restore is not None:
+                    self.on_restore()
                 self.applied = self._snapshot_index = item.meta.index
                 event(log, "snapshot_installed", index=item.meta.index)
             else:
