@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_protocol import cluster, connect, ctx
 
+from liferaft.observability.logs import JsonFormatter
 from liferaft.security.tokens import mint
 from liferaft.testing.localcluster import LocalCluster
 
@@ -126,3 +128,27 @@ async def test_other_paths_are_not_found(tmp_path: Path, certs: Path, path: str)
             ):
                 pass
         assert info.value.status_code == 404
+
+
+async def test_audit_records_name_who_did_what_to_which_key_but_never_the_value(
+    tmp_path: Path, certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="liferaft.audit")
+    formatter = JsonFormatter()
+    async with cluster(tmp_path, certs) as c:
+        lead = c.ids.index(await c.wait_leader())
+        async with connect(c, c.token("read,write", sub="alice"), lead) as r:
+            assert (await r.call(op="put", key="audited", value=b"s3cret-value"))["ok"]
+        async with connect(c, c.token("read", sub="bob"), lead) as r:
+            assert (await r.call(op="put", key="nope", value=b"s3cret-value"))["error"]
+        assert await status_of(c, "garbage") == 401
+    lines = [
+        json.loads(formatter.format(rec)) for rec in caplog.records if rec.name == "liferaft.audit"
+    ]
+    assert {"subject": "alice", "op": "put", "key": "audited", "result": "ok"}.items() <= next(
+        x for x in lines if x.get("key") == "audited"
+    ).items()
+    assert any(x["subject"] == "bob" and x["result"] == "permission_denied" for x in lines)
+    assert any(x["op"] == "connect" and "unauthenticated" in x["result"] for x in lines)
+    assert all("remote" in x and x["msg"] == "audit" for x in lines)
+    assert "s3cret-value" not in json.dumps(lines)

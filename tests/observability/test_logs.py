@@ -202,7 +202,8 @@ def test_redact_masks_secret_keys_in_any_case_and_at_any_depth() -> None:
         "Token": "eyJhbGciOi",
         "AUTHORIZATION": "Bearer abc",
         "password": "hunter2",
-        "key": "/users/alice",
+        "key": "/users/alice",  # a store key: shown (the audit log needs it)
+        "private_key": "-----BEGIN PRIVATE KEY-----",
         "Value": b"salary",
         "peer": "n2",
         "request": {"op": "put", "key": "k", "value": "v", "nested": [{"token": "t"}]},
@@ -212,12 +213,13 @@ def test_redact_masks_secret_keys_in_any_case_and_at_any_depth() -> None:
         "Token": REDACTED,
         "AUTHORIZATION": REDACTED,
         "password": REDACTED,
-        "key": REDACTED,
+        "key": "/users/alice",
+        "private_key": REDACTED,
         "Value": REDACTED,
         "peer": "n2",
         "request": {
             "op": "put",
-            "key": REDACTED,
+            "key": "k",
             "value": REDACTED,
             "nested": [{"token": REDACTED}],
         },
@@ -226,14 +228,14 @@ def test_redact_masks_secret_keys_in_any_case_and_at_any_depth() -> None:
 
 
 def test_secrets_never_reach_the_log_line(out: io.StringIO) -> None:
-    secrets = ["eyJhbGciOiJFUzI1NiJ9.secret", "Bearer s3cr3t", "hunter2", "/private/k", "v4lue"]
+    secrets = ["eyJhbGciOiJFUzI1NiJ9.secret", "Bearer s3cr3t", "hunter2", "-----BEGIN", "v4lue"]
     event(
         log,
         "put_rejected",
         token=secrets[0],
         Authorization=secrets[1],
         PASSWORD=secrets[2],
-        key=secrets[3],
+        private_key=secrets[3],
         value=secrets[4],
         request={"value": secrets[4], "op": "put"},
         peer="n2",
@@ -244,7 +246,7 @@ def test_secrets_never_reach_the_log_line(out: io.StringIO) -> None:
     for secret in secrets:
         assert secret not in text
     first, second = lines(out)
-    assert first["token"] == first["key"] == first["value"] == REDACTED
+    assert first["token"] == first["private_key"] == first["value"] == REDACTED
     assert first["request"] == {"value": REDACTED, "op": "put"}
     assert first["peer"] == "n2"
     assert second["authorization"] == REDACTED

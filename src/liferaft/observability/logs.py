@@ -33,13 +33,13 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Final, TextIO
 
-#: Field names whose values are never logged (compared case-insensitively).
+#: Field names whose values are never logged (compared case-insensitively). A "key" is
+#: a key-value store key, which the audit log must show; a private key is "private_key".
 SENSITIVE_KEYS: Final = frozenset(
     {
         "token",
         "authorization",
         "password",
-        "key",
         "value",
         "secret",
         "private_key",
