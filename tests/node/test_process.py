@@ -6,11 +6,14 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from liferaft.client import open_client
+from liferaft.security.tokens import mint
 from liferaft.testing.localcluster import free_ports, write_config
 
 HANG = 60  # a guard against hangs, not a performance claim
@@ -108,3 +111,66 @@ def test_a_damaged_database_exits_1_saying_what_is_wrong(tmp_path: Path, certs: 
     )
     assert proc.returncode == 1
     assert "fatal_storage_error" in proc.stderr and "not a database" in proc.stderr
+
+
+async def test_kill_9_of_the_leader_under_load_loses_no_acknowledged_write(
+    tmp_path: Path, certs: Path
+) -> None:
+    """Three real processes; writers keep writing through the client library while the
+    leader is killed with SIGKILL and started again on the same data directory."""
+    ids = ["n1", "n2", "n3"]
+    ports = free_ports(9)
+    members = {i: (ports[3 * n], ports[3 * n + 1], ports[3 * n + 2]) for n, i in enumerate(ids)}
+    configs = {
+        i: write_config(tmp_path / f"{i}.toml", i, members, certs, tmp_path / "data" / i)
+        for i in ids
+    }
+    endpoints = [f"wss://127.0.0.1:{members[i][1]}/v1" for i in ids]
+    token = mint(
+        (certs / "jwt-private.pem").read_bytes(), sub="t", roles=["write"], now=time.time()
+    )
+    procs: dict[str, trio.Process] = {}
+
+    async def start(i: str) -> None:
+        procs[i] = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "liferaft", "node", "--config", str(configs[i])],
+            stderr=subprocess.DEVNULL,
+        )
+
+    with trio.fail_after(HANG):
+        for i in ids:
+            await start(i)
+        try:
+            async with open_client(
+                endpoints, token=token, cacert=certs / "ca.pem", timeout=30
+            ) as c:
+                acked: list[str] = []
+                half = trio.Event()
+
+                async def writer(w: int) -> None:
+                    for n in range(40):
+                        key = f"k/{w}/{n}"
+                        await c.put(key, key)
+                        acked.append(key)
+                        if len(acked) == 200:
+                            half.set()
+
+                async def killer() -> None:
+                    await half.wait()
+                    leader = str((await c.status())["leader_id"])
+                    procs[leader].kill()  # SIGKILL: no goodbye, mid-batch
+                    await procs[leader].wait()
+                    await start(leader)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(killer)
+                    for w in range(10):
+                        nursery.start_soon(writer, w)
+                kvs, more = await c.range("k/")
+                assert not more and sorted(kv.key for kv in kvs) == sorted(acked)
+                assert len(acked) == 400 and all(kv.version == 1 for kv in kvs)
+        finally:
+            for p in procs.values():
+                if p.returncode is None:
+                    p.kill()
+                    await p.wait()
