@@ -462,3 +462,32 @@ async def test_sync_client(cluster: FakeCluster, certs: Path) -> None:
             SyncClient(cluster.urls, token="wrong", cacert=certs / "ca.pem")
 
     await trio.to_thread.run_sync(script)
+
+
+async def test_an_endpoint_that_accepts_but_never_answers_is_skipped(
+    cluster: FakeCluster, certs: Path, nursery: trio.Nursery
+) -> None:
+    """A paused node's kernel still accepts TCP, but TLS never completes: after one
+    attempt's time the client must move on to the next endpoint, not wait there again."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    held: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        held.append(stream)  # accept, then say nothing
+        await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, hold, listeners)
+    stuck = f"wss://127.0.0.1:{port}"
+    async with open_client(
+        [cluster["n1"].url, stuck],
+        token=TOKEN,
+        cacert=certs / "ca.pem",
+        timeout=10,
+        attempt_timeout=0.5,
+    ) as c:
+        await c.put("k", b"1")
+        cluster["n1"].inject("unavailable", op="put", times=1)  # rotate to the stuck one
+        await c.put("k", b"2")
+        assert c.endpoint == parse_endpoint(cluster["n1"].url).url
+    assert held  # the stuck endpoint really was tried

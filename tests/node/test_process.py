@@ -174,3 +174,53 @@ async def test_kill_9_of_the_leader_under_load_loses_no_acknowledged_write(
                 if p.returncode is None:
                     p.kill()
                     await p.wait()
+
+
+async def test_a_paused_leader_is_replaced_and_steps_down_when_it_resumes(
+    tmp_path: Path, certs: Path
+) -> None:
+    """SIGSTOP the leader: the others elect a new one and keep taking writes; after
+    SIGCONT the old leader learns the new term and follows. No acknowledged write lost."""
+    ids = ["n1", "n2", "n3"]
+    ports = free_ports(9)
+    members = {i: (ports[3 * n], ports[3 * n + 1], ports[3 * n + 2]) for n, i in enumerate(ids)}
+    procs: dict[str, trio.Process] = {}
+    endpoints = [f"wss://127.0.0.1:{members[i][1]}/v1" for i in ids]
+    token = mint(
+        (certs / "jwt-private.pem").read_bytes(), sub="t", roles=["write"], now=time.time()
+    )
+    with trio.fail_after(HANG):
+        try:
+            for i in ids:
+                cfg = write_config(tmp_path / f"{i}.toml", i, members, certs, tmp_path / "data" / i)
+                procs[i] = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "liferaft", "node", "--config", str(cfg)],
+                    stderr=subprocess.DEVNULL,
+                )
+            async with open_client(
+                endpoints, token=token, cacert=certs / "ca.pem", timeout=30
+            ) as c:
+                for n in range(20):
+                    await c.put(f"before/{n}", "x")
+                old = str((await c.status())["leader_id"])
+                procs[old].send_signal(signal.SIGSTOP)
+                for n in range(20):  # the client finds the new leader by itself
+                    await c.put(f"during/{n}", "x")
+                new = str((await c.status())["leader_id"])
+                assert new != old
+                procs[old].send_signal(signal.SIGCONT)
+                metrics_port = members[old][2]
+                # The resumed node hears the new term and follows the new leader.
+                while True:
+                    _, body = await http_get(metrics_port, "/metrics")
+                    if b"liferaft_server_is_leader 0.0" in body:
+                        break
+                    await trio.sleep(0.05)
+                kvs, _ = await c.range("")
+                assert len(kvs) == 40
+        finally:
+            for p in procs.values():
+                if p.returncode is None:
+                    p.send_signal(signal.SIGCONT)
+                    p.kill()
+                    await p.wait()

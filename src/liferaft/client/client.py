@@ -104,9 +104,12 @@ class Client:
         trio.run(main)
 
     ``timeout`` bounds each call, retries included; ``attempt_timeout`` (default half of
-    it) bounds one try, and the connection handshake. ``max_batch`` caps the requests per
-    message (SPEC.md §4 allows 1..1024), ``max_message_bytes`` the size of one message
-    (keep it at or below the server's ``max_message_bytes``). ``session_window`` bounds
+    it, at most 2 s) bounds one try, and the connection handshake: a node that is paused
+    or partitioned keeps its TCP connection open, and only this moves the call on to
+    another node (a retried write keeps its session and seq, so it is applied once).
+    ``max_batch`` caps the requests per message (SPEC.md §4 allows 1..1024),
+    ``max_message_bytes`` the size of one message (keep it at or below the server's
+    ``max_message_bytes``). ``session_window`` bounds
     the span of seqs in flight at once; keep it at or below the number of results per
     session the server remembers (128 in liferaft), or retries of old writes are refused.
     """
@@ -144,7 +147,9 @@ class Client:
             cafile=str(cacert) if cacert is not None else None
         )
         self._timeout = timeout
-        self._attempt_timeout = attempt_timeout if attempt_timeout is not None else timeout / 2
+        self._attempt_timeout = (
+            attempt_timeout if attempt_timeout is not None else min(timeout / 2, 2.0)
+        )
         self._max_batch = max_batch
         self._max_message_bytes = max_message_bytes
         self._rng = rng if rng is not None else random.Random()
@@ -598,6 +603,11 @@ class Client:
                 self._index += 1
                 pending.error = _connect_error(endpoint, exc)
                 raise pending.error from None
+            except BaseException:
+                # Cancelled: the attempt ran out of time (a paused node accepts TCP but
+                # never finishes TLS). Try the next endpoint next time, not this one.
+                self._index += 1
+                raise
             finally:
                 self._connecting = None
                 pending.done.set()
