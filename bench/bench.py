@@ -41,8 +41,13 @@ def start_cluster(base: Path, profile: bool) -> tuple[list[subprocess.Popen[byte
     procs = []
     for i in IDS:
         cfg = write_config(
-            base / f"{i}.toml", i, members, certs, base / "data" / i,
-            heartbeat_ms=50, election_ms=300,
+            base / f"{i}.toml",
+            i,
+            members,
+            certs,
+            base / "data" / i,
+            heartbeat_ms=50,
+            election_ms=300,
         )
         prefix = [sys.executable]
         if profile:
@@ -155,7 +160,10 @@ def main() -> None:
         try:
             token = mint(
                 (base / "certs" / "jwt-private.pem").read_bytes(),
-                sub="bench", roles=["write"], ttl_s=3600, now=time.time(),
+                sub="bench",
+                roles=["write"],
+                ttl_s=3600,
+                now=time.time(),
             )
             cacert = base / "certs" / "ca.pem"
             leader = trio.run(wait_for_leader, endpoints, token, cacert)
