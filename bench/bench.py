@@ -33,7 +33,9 @@ from liferaft.testing.localcluster import free_ports, write_config
 IDS = ["n1", "n2", "n3"]
 
 
-def start_cluster(base: Path, profile: bool) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+def start_cluster(
+    base: Path, args: argparse.Namespace
+) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     certs = base / "certs"
     generate(certs, IDS)
     ports = free_ports(9)
@@ -46,11 +48,11 @@ def start_cluster(base: Path, profile: bool) -> tuple[list[subprocess.Popen[byte
             members,
             certs,
             base / "data" / i,
-            heartbeat_ms=50,
-            election_ms=300,
+            heartbeat_ms=args.heartbeat_ms,
+            election_ms=args.election_ms,
         )
         prefix = [sys.executable]
-        if profile:
+        if args.profile:
             prefix += ["-m", "cProfile", "-o", str(base / f"{i}.prof")]
         cmd = [*prefix, "-m", "liferaft", "node", "--config", str(cfg)]
         log = (base / f"{i}.log").open("wb")
@@ -70,6 +72,12 @@ async def wait_for_leader(endpoints: list[str], token: str, cacert: Path) -> str
             except LiferaftError:
                 pass
             await trio.sleep(0.2)
+
+
+async def term_of(endpoints: list[str], token: str, cacert: Path) -> int:
+    """The cluster's current term: each election during the run raises it."""
+    async with await Client.connect(endpoints, token=token, cacert=cacert, timeout=30) as c:
+        return int((await c.status())["term"])
 
 
 async def drive(
@@ -152,11 +160,13 @@ def main() -> None:
     ap.add_argument("--value-size", type=int, default=100)
     ap.add_argument("--unbatched", action="store_true", help="one request per message")
     ap.add_argument("--profile", action="store_true", help="cProfile the nodes")
+    ap.add_argument("--heartbeat-ms", type=int, default=50, help="SPEC default 50")
+    ap.add_argument("--election-ms", type=int, default=300, help="SPEC default 300")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="liferaft-bench-") as tmp:
         base = Path(tmp)
-        procs, endpoints = start_cluster(base, args.profile)
+        procs, endpoints = start_cluster(base, args)
         try:
             token = mint(
                 (base / "certs" / "jwt-private.pem").read_bytes(),
@@ -167,11 +177,13 @@ def main() -> None:
             )
             cacert = base / "certs" / "ca.pem"
             leader = trio.run(wait_for_leader, endpoints, token, cacert)
+            term_before = trio.run(term_of, endpoints, token, cacert)
             # Start at the leader so writes need no redirect.
             lead_first = [endpoints[IDS.index(leader)]] + [
                 e for e in endpoints if e != endpoints[IDS.index(leader)]
             ]
             n, lat, elapsed = trio.run(drive, lead_first, token, cacert, args)
+            elections = trio.run(term_of, endpoints, token, cacert) - term_before
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -188,7 +200,9 @@ def main() -> None:
         print(
             f"committed writes: {n} in {elapsed:.1f} s = {n / elapsed:,.0f}/s; "
             f"latency p50 {percentile(lat, 0.5) * 1000:.1f} ms, "
-            f"p99 {percentile(lat, 0.99) * 1000:.1f} ms"
+            f"p99 {percentile(lat, 0.99) * 1000:.1f} ms; "
+            f"elections during the run: {elections} "
+            f"(heartbeat {args.heartbeat_ms} ms, election timeout {args.election_ms} ms)"
         )
         if args.profile:
             prof = base / f"{leader}.prof"
