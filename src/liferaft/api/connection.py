@@ -19,7 +19,7 @@ import trio_websocket
 
 from liferaft.api import access, handlers
 from liferaft.api.errors import ApiError, invalid
-from liferaft.kv.commands import RequestError, validate_request
+from liferaft.kv.commands import WRITE_OPS, RequestError, validate_request
 from liferaft.kv.store import Compacted
 from liferaft.observability.logs import event
 from liferaft.safecbor import CBORError, dumps, loads
@@ -134,7 +134,7 @@ class Connection:
             self._slots.release()
         opname = op if isinstance(op, str) and op in access.OP_ROLE else "invalid"
         self.server.observe(opname, code, time.perf_counter() - started)
-        if opname in handlers.WRITE_OPS or code in ("permission_denied", "unauthenticated"):
+        if opname in WRITE_OPS or code in ("permission_denied", "unauthenticated"):
             self._audit(req, opname, code)
 
     async def _dispatch(self, req: dict[str, Any], nursery: trio.Nursery) -> dict[str, Any]:
@@ -151,7 +151,7 @@ class Connection:
             raise ApiError(exc.code, str(exc)) from None
         access.check(self.claims, req)
         node = self.server.node
-        if op in handlers.WRITE_OPS:
+        if op in WRITE_OPS:
             return await handlers.write(node, req)
         if op in ("get", "range"):
             return await handlers.read(node, req)

@@ -10,16 +10,13 @@ import trio
 
 from liferaft.api.errors import ApiError, invalid, unavailable
 from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused
-from liferaft.kv.commands import encode_command
+from liferaft.kv.commands import command_from_request, encode_command
 from liferaft.node.waiters import ProposalDropped, ReadFailed
 
 if TYPE_CHECKING:
     from liferaft.node.node import Node
 
 REQUEST_TIMEOUT = 5.0  # seconds a request may wait for the cluster before `unavailable`
-
-WRITE_OPS = frozenset({"put", "delete", "txn"})
-_WRITE_FIELDS = ("key", "value", "prefix", "compare", "success", "failure", "session", "seq")
 
 
 def not_leader(node: Node, leader: str | None) -> ApiError:
@@ -39,9 +36,8 @@ async def write(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     follows it), rather than forwarding: forwarding would double the leader's work per
     request and hide a misrouted client's cost.
     """
-    cmd = {k: req[k] for k in _WRITE_FIELDS if k in req}
-    cmd["op"] = req["op"]
-    cmd["time_ms"] = int(time.time() * 1000)  # the leader's clock, carried in the log
+    # the leader's clock, carried in the log: the state machine's only notion of time
+    cmd = command_from_request(req, time_ms=int(time.time() * 1000))
     try:
         with trio.fail_after(REQUEST_TIMEOUT):
             result = await node.propose(encode_command(cmd))
