@@ -18,7 +18,6 @@ import os
 import pstats
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +25,8 @@ from pathlib import Path
 import trio
 
 from liferaft.client import Client, LiferaftError
-from liferaft.security.certs import generate
 from liferaft.security.tokens import mint
-from liferaft.testing.localcluster import free_ports, write_config
+from liferaft.testing.processes import process_cluster
 
 IDS = ["n1", "n2", "n3"]
 
@@ -36,29 +34,13 @@ IDS = ["n1", "n2", "n3"]
 def start_cluster(
     base: Path, args: argparse.Namespace
 ) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    certs = base / "certs"
-    generate(certs, IDS)
-    ports = free_ports(9)
-    members = {i: (ports[3 * n], ports[3 * n + 1], ports[3 * n + 2]) for n, i in enumerate(IDS)}
+    pc = process_cluster(base, IDS, heartbeat_ms=args.heartbeat_ms, election_ms=args.election_ms)
     procs = []
     for i in IDS:
-        cfg = write_config(
-            base / f"{i}.toml",
-            i,
-            members,
-            certs,
-            base / "data" / i,
-            heartbeat_ms=args.heartbeat_ms,
-            election_ms=args.election_ms,
-        )
-        prefix = [sys.executable]
-        if args.profile:
-            prefix += ["-m", "cProfile", "-o", str(base / f"{i}.prof")]
-        cmd = [*prefix, "-m", "liferaft", "node", "--config", str(cfg)]
+        profile = ["-m", "cProfile", "-o", str(base / f"{i}.prof")] if args.profile else []
         log = (base / f"{i}.log").open("wb")
-        procs.append(subprocess.Popen(cmd, stderr=log, stdout=log))
-    endpoints = [f"wss://127.0.0.1:{members[i][1]}/v1" for i in IDS]
-    return procs, endpoints
+        procs.append(subprocess.Popen(pc.command(i, *profile), stderr=log, stdout=log))
+    return procs, pc.endpoints
 
 
 async def wait_for_leader(endpoints: list[str], token: str, cacert: Path) -> str:

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from liferaft.client import open_client
 from liferaft.security.tokens import mint
 from liferaft.testing.localcluster import free_ports, write_config
+from liferaft.testing.processes import process_cluster
 
 HANG = 60  # a guard against hangs, not a performance claim
 
@@ -118,27 +119,18 @@ async def test_kill_9_of_the_leader_under_load_loses_no_acknowledged_write(
 ) -> None:
     """Three real processes; writers keep writing through the client library while the
     leader is killed with SIGKILL and started again on the same data directory."""
-    ids = ["n1", "n2", "n3"]
-    ports = free_ports(9)
-    members = {i: (ports[3 * n], ports[3 * n + 1], ports[3 * n + 2]) for n, i in enumerate(ids)}
-    configs = {
-        i: write_config(tmp_path / f"{i}.toml", i, members, certs, tmp_path / "data" / i)
-        for i in ids
-    }
-    endpoints = [f"wss://127.0.0.1:{members[i][1]}/v1" for i in ids]
+    pc = process_cluster(tmp_path, ["n1", "n2", "n3"], certs=certs)
+    endpoints = pc.endpoints
     token = mint(
         (certs / "jwt-private.pem").read_bytes(), sub="t", roles=["write"], now=time.time()
     )
     procs: dict[str, trio.Process] = {}
 
     async def start(i: str) -> None:
-        procs[i] = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "liferaft", "node", "--config", str(configs[i])],
-            stderr=subprocess.DEVNULL,
-        )
+        procs[i] = await trio.lowlevel.open_process(pc.command(i), stderr=subprocess.DEVNULL)
 
     with trio.fail_after(HANG):
-        for i in ids:
+        for i in pc.ids:
             await start(i)
         try:
             async with open_client(
@@ -181,21 +173,18 @@ async def test_a_paused_leader_is_replaced_and_steps_down_when_it_resumes(
 ) -> None:
     """SIGSTOP the leader: the others elect a new one and keep taking writes; after
     SIGCONT the old leader learns the new term and follows. No acknowledged write lost."""
-    ids = ["n1", "n2", "n3"]
-    ports = free_ports(9)
-    members = {i: (ports[3 * n], ports[3 * n + 1], ports[3 * n + 2]) for n, i in enumerate(ids)}
+    pc = process_cluster(tmp_path, ["n1", "n2", "n3"], certs=certs)
+    members = pc.members
     procs: dict[str, trio.Process] = {}
-    endpoints = [f"wss://127.0.0.1:{members[i][1]}/v1" for i in ids]
+    endpoints = pc.endpoints
     token = mint(
         (certs / "jwt-private.pem").read_bytes(), sub="t", roles=["write"], now=time.time()
     )
     with trio.fail_after(HANG):
         try:
-            for i in ids:
-                cfg = write_config(tmp_path / f"{i}.toml", i, members, certs, tmp_path / "data" / i)
+            for i in pc.ids:
                 procs[i] = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "liferaft", "node", "--config", str(cfg)],
-                    stderr=subprocess.DEVNULL,
+                    pc.command(i), stderr=subprocess.DEVNULL
                 )
             async with open_client(
                 endpoints, token=token, cacert=certs / "ca.pem", timeout=30

@@ -1,0 +1,65 @@
+"""Real ``liferaft node`` processes on loopback: the files and command lines for a
+local cluster of them (tests/node/test_process.py, bench/). Callers start and stop the
+processes their own way (Trio in tests, a profiler in benchmarks)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from liferaft.security.certs import generate
+from liferaft.testing.localcluster import free_ports, write_config
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessCluster:
+    ids: list[str]
+    certs: Path
+    members: dict[str, tuple[int, int, int]]  # id -> peer, client, metrics ports
+    configs: dict[str, Path]
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"wss://127.0.0.1:{self.members[i][1]}/v1" for i in self.ids]
+
+    def command(self, node_id: str, *python_args: str) -> list[str]:
+        """``python [python_args] -m liferaft node --config <its file>``."""
+        return [
+            sys.executable,
+            *python_args,
+            "-m",
+            "liferaft",
+            "node",
+            "--config",
+            str(self.configs[node_id]),
+        ]
+
+
+def process_cluster(
+    base: Path,
+    ids: list[str],
+    *,
+    certs: Path | None = None,
+    heartbeat_ms: int = 50,
+    election_ms: int = 300,
+) -> ProcessCluster:
+    """Config files (and, unless ``certs`` is given, certificates) under ``base``."""
+    if certs is None:
+        certs = base / "certs"
+        generate(certs, ids)
+    ports = free_ports(3 * len(ids))
+    members = {i: (ports[3 * n], ports[3 * n + 1], ports[3 * n + 2]) for n, i in enumerate(ids)}
+    configs = {
+        i: write_config(
+            base / f"{i}.toml",
+            i,
+            members,
+            certs,
+            base / "data" / i,
+            heartbeat_ms=heartbeat_ms,
+            election_ms=election_ms,
+        )
+        for i in ids
+    }
+    return ProcessCluster(ids, certs, members, configs)
