@@ -3,8 +3,9 @@
 Starts three `liferaft node` processes (heartbeat ``--heartbeat-ms``, election timeout
 ``--election-ms``; default 20/100, the fast-failover setting), keeps ``--writers``
 writers busy through the client library, kills the leader with SIGKILL ``--kills`` times
-(restarting it each time), and reports for each kill how long no write completed. A
-gap includes the election and the client noticing (``--attempt-timeout``).
+(restarting it each time), and reports for each kill how long until the first write
+*invoked after the kill* completed. A gap includes the election and the client noticing
+(``--attempt-timeout``).
 
     .venv/bin/python bench/failover.py --kills 5
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,45 +22,27 @@ from pathlib import Path
 import trio
 
 from liferaft.client import Client
-from liferaft.security.certs import generate
 from liferaft.security.tokens import mint
-from liferaft.testing.localcluster import free_ports, write_config
+from liferaft.testing.processes import process_cluster
 
 IDS = ["n1", "n2", "n3"]
 
 
 async def run(args: argparse.Namespace) -> list[float]:
     base = Path(tempfile.mkdtemp(prefix="liferaft-failover-"))
-    certs = base / "certs"
-    generate(certs, IDS)
-    ports = free_ports(9)
-    members = {i: (ports[3 * n], ports[3 * n + 1], ports[3 * n + 2]) for n, i in enumerate(IDS)}
-    cfgs = {
-        i: write_config(
-            base / f"{i}.toml",
-            i,
-            members,
-            certs,
-            base / "data" / i,
-            heartbeat_ms=args.heartbeat_ms,
-            election_ms=args.election_ms,
-        )
-        for i in IDS
-    }
+    pc = process_cluster(base, IDS, heartbeat_ms=args.heartbeat_ms, election_ms=args.election_ms)
+    certs = pc.certs
     procs: dict[str, trio.Process] = {}
 
     async def start(i: str) -> None:
-        procs[i] = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "liferaft", "node", "--config", str(cfgs[i])],
-            stderr=subprocess.DEVNULL,
-        )
+        procs[i] = await trio.lowlevel.open_process(pc.command(i), stderr=subprocess.DEVNULL)
 
     for i in IDS:
         await start(i)
     token = mint(
         (certs / "jwt-private.pem").read_bytes(), sub="b", roles=["write"], now=time.time()
     )
-    endpoints = [f"wss://127.0.0.1:{members[i][1]}/v1" for i in IDS]
+    endpoints = pc.endpoints
     gaps: list[float] = []
     try:
         client = await Client.connect(
@@ -71,14 +53,17 @@ async def run(args: argparse.Namespace) -> list[float]:
             attempt_timeout=args.attempt_timeout,
         )
         async with client:
-            last_ok = [trio.current_time()]
+            killed_at = [float("inf")]
+            resumed = [float("inf")]  # when the first write invoked after the kill completed
             stop = trio.Event()
 
             async def writer(w: int) -> None:
                 n = 0
                 while not stop.is_set():
+                    started = trio.current_time()
                     await client.put(f"f/{w}/{n % 100}", b"x")
-                    last_ok[0] = trio.current_time()
+                    if started > killed_at[0]:
+                        resumed[0] = min(resumed[0], trio.current_time())
                     n += 1
 
             async with trio.open_nursery() as nursery:
@@ -87,12 +72,14 @@ async def run(args: argparse.Namespace) -> list[float]:
                 await trio.sleep(1)
                 for _ in range(args.kills):
                     leader = str((await client.status())["leader_id"])
-                    killed_at = trio.current_time()
+                    resumed[0] = float("inf")
+                    killed_at[0] = trio.current_time()
                     procs[leader].kill()
                     await procs[leader].wait()
-                    while last_ok[0] <= killed_at:  # noqa: ASYNC110 - polling a timestamp
+                    while resumed[0] == float("inf"):  # noqa: ASYNC110 - polling a timestamp
                         await trio.sleep(0.001)
-                    gaps.append(last_ok[0] - killed_at)
+                    gaps.append(resumed[0] - killed_at[0])
+                    killed_at[0] = float("inf")
                     await start(leader)
                     await trio.sleep(1.5)  # let it catch up before the next kill
                 stop.set()
