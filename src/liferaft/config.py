@@ -286,6 +286,16 @@ class RaftSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class KvSettings:
+    """The key-value store; every replica must use the same values."""
+
+    history_revisions: int = 100000  # automatic compaction keeps this many revisions
+
+    def __post_init__(self) -> None:
+        _at_least("history_revisions", self.history_revisions, 1)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     node: NodeSettings
     peer: PeerSettings
@@ -295,6 +305,7 @@ class Settings:
     tls: TlsSettings
     auth: AuthSettings
     raft: RaftSettings
+    kv: KvSettings
     path: Path  # the config file, absolute
 
     def __post_init__(self) -> None:
@@ -330,8 +341,9 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "tls": ("ca", "cert", "key"),
     "auth": ("jwt_public_keys", "issuer", "audience", "leeway_s"),
     "raft": ("heartbeat_interval_ms", "election_timeout_ms", "snapshot_entries"),
+    "kv": ("history_revisions",),
 }
-_OPTIONAL_SECTIONS: Final = frozenset({"raft"})  # every key has a default
+_OPTIONAL_SECTIONS: Final = frozenset({"raft", "kv"})  # every key has a default
 _MEMBER_KEYS: Final = ("id", "peer", "client")
 
 
@@ -511,8 +523,12 @@ class _Loader:
                 snapshot_entries=t.integer("snapshot_entries", 10000),
             )
 
+        t = root.table("kv", _SECTIONS["kv"])
+        with t.invariants():
+            kv = KvSettings(history_revisions=t.integer("history_revisions", 100000))
+
         with root.invariants():
-            return Settings(node, peer, client, metrics, cluster, tls, auth, raft, self.file)
+            return Settings(node, peer, client, metrics, cluster, tls, auth, raft, kv, self.file)
 
     def _cluster(self, t: _Table) -> ClusterSettings:
         members = []

@@ -37,7 +37,8 @@ async def test_a_learner_joins_catches_up_is_promoted_and_removed(
         n4 = await c.start_node("n4")  # starts empty, with join = true
         leader = c.nodes[await c.wait_leader()]
         await wait_until(lambda: n4.applied >= leader.applied > 0)
-        assert n4.kv.get("k19") is not None and n4.kv.get("k19")["value"] == b"v19"
+        kv, _ = n4.kv.db.get("k19")
+        assert kv is not None and kv["value"] == b"v19"
         members = await client.member_promote("n4")
         assert all(m["voter"] for m in members) and len(members) == 4
         members = await client.member_remove("n4")

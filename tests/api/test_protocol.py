@@ -264,12 +264,12 @@ async def test_a_node_restarted_after_compaction_has_the_same_data(
                     await r.call(op="put", key=f"k{i:02d}", value=b"%d" % i)
             victim = next(i for i in c.ids if i != lead)
             await wait_until(lambda: c.nodes[victim].applied >= c.nodes[lead].applied)
-            before = c.nodes[victim].kv.range("", 0)
+            before = c.nodes[victim].kv.db.range("")[0]
             c.crash(victim)
             node = await c.start_node(victim)
             assert node.storage is not None
             await wait_until(lambda: node.applied >= c.nodes[lead].applied)
-            assert node.kv.range("", 0) == before
+            assert node.kv.db.range("")[0] == before
             assert node._snapshot_index > 0  # it restarted from a snapshot
         nursery.cancel_scope.cancel()
 

@@ -50,7 +50,7 @@ def converged(c: LocalCluster) -> bool:
     nodes = list(c.nodes.values())
     return (
         all(n.applied == nodes[0].applied for n in nodes)
-        and len({n.sm.snapshot() for n in nodes}) == 1
+        and len({n.kv.db.digest() for n in nodes}) == 1
     )
 
 
@@ -107,11 +107,12 @@ async def test_a_crashed_node_restarts_with_its_term_vote_and_log(
             await write(c, b"w%d" % i)
         await wait_until(lambda: converged(c))
         victim = next(i for i in c.ids if i != leader)
-        raft = c.nodes[victim].raft
+        node = c.nodes[victim]
+        raft = node.raft
         assert raft is not None
         before = (raft.term, raft.vote, list(raft.log.entries))
         c.crash(victim)
-        await trio.testing.wait_all_tasks_blocked()
+        await node.stopped.wait()
         storage = Storage.open(tmp_path / "data" / victim)
         restored = storage.load()
         storage.close()

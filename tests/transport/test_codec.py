@@ -1,5 +1,5 @@
-"""The peer wire codec: every message type round-trips, and decode refuses hostile bytes
-with CodecError and nothing else."""
+"""The peer wire codec: every message type (the core's and the snapshot-file messages)
+round-trips, and decode refuses hostile bytes with CodecError and nothing else."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ from liferaft.core.messages import (
 )
 from liferaft.transport import codec
 from liferaft.transport.codec import PROTOCOL_VERSION, CodecError, decode, encode
+from liferaft.transport.files import (
+    CHECKSUM_BYTES,
+    FILE_MESSAGE_TYPES,
+    MAX_CHUNK_BYTES,
+    PeerMessage,
+    SnapshotAck,
+    SnapshotChunk,
+    file_hasher,
+)
 
 MAX = 1 << 20
 
@@ -109,7 +118,37 @@ def messages(draw: st.DrawFn) -> AnyMessage:
     return ReadIndexResponse(**c, ctx=draw(blobs), index=draw(uints), ok=draw(b))
 
 
-batches = st.lists(messages(), max_size=6)
+@st.composite
+def snapshot_chunks(draw: st.DrawFn) -> SnapshotChunk:
+    data = draw(blobs)
+    offset = draw(st.integers(min_value=0, max_value=codec.MAX_UINT - len(data)))
+    done = draw(st.booleans())
+    end = offset + len(data)
+    return SnapshotChunk(
+        **_common(draw),
+        transfer=draw(uints),
+        offset=offset,
+        data=data,
+        done=done,
+        size=end if done else draw(st.integers(min_value=end, max_value=codec.MAX_UINT)),
+        checksum=draw(st.binary(min_size=32, max_size=32)) if done else b"",
+    )
+
+
+@st.composite
+def snapshot_acks(draw: st.DrawFn) -> SnapshotAck:
+    return SnapshotAck(
+        **_common(draw),
+        transfer=draw(uints),
+        next_offset=draw(uints),
+        ok=draw(st.booleans()),
+    )
+
+
+peer_messages: st.SearchStrategy[PeerMessage] = st.one_of(
+    messages(), snapshot_chunks(), snapshot_acks()
+)
+batches = st.lists(peer_messages, max_size=6)
 
 
 def _ok_or_codec_error(data: bytes) -> None:
@@ -125,19 +164,19 @@ def _ok_or_codec_error(data: bytes) -> None:
 
 
 def test_layout_covers_every_message_type_and_field() -> None:
-    assert {cls for _, cls, _ in codec._LAYOUT} == set(MESSAGE_TYPES)
+    assert {cls for _, cls, _ in codec._LAYOUT} == {*MESSAGE_TYPES, *FILE_MESSAGE_TYPES}
     for _, cls, fields in codec._LAYOUT:
         names = [f.name for f in dataclasses.fields(cls)]
         assert names == ["term", "src", "dst", *[name for name, _ in fields]], cls
 
 
-@given(messages())
-def test_every_message_round_trips(m: AnyMessage) -> None:
+@given(peer_messages)
+def test_every_message_round_trips(m: PeerMessage) -> None:
     assert decode(encode([m]), max_bytes=MAX) == [m]
 
 
 @given(batches)
-def test_batches_round_trip_canonically(msgs: list[AnyMessage]) -> None:
+def test_batches_round_trip_canonically(msgs: list[PeerMessage]) -> None:
     data = encode(msgs)
     assert decode(data, max_bytes=MAX) == msgs
     assert cbor2.dumps(cbor2.loads(data), canonical=True) == data
@@ -298,7 +337,7 @@ def test_random_bytes_raise_only_codec_error(data: bytes) -> None:
 
 @st.composite
 def mutated_encodings(draw: st.DrawFn) -> bytes:
-    data = bytearray(encode(draw(st.lists(messages(), min_size=1, max_size=4))))
+    data = bytearray(encode(draw(st.lists(peer_messages, min_size=1, max_size=4))))
     for _ in range(draw(st.integers(min_value=1, max_value=4))):
         op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
         pos = draw(st.integers(min_value=0, max_value=max(len(data) - 1, 0)))
@@ -319,3 +358,138 @@ def mutated_encodings(draw: st.DrawFn) -> bytes:
 @given(mutated_encodings())
 def test_mutated_encodings_raise_only_codec_error(data: bytes) -> None:
     _ok_or_codec_error(data)
+
+
+# ---------------------------------------------------------------- snapshot-file messages
+
+FILE = bytes(range(256)) * 10
+FILE_SUM = file_hasher()
+FILE_SUM.update(FILE)
+# A valid last chunk and ack, as wire items: [type, term, src, dst, *fields].
+CHUNK = [100, 3, "n1", "n2", 7, 2000, FILE[2000:], True, len(FILE), FILE_SUM.digest()]
+ACK = [101, 3, "n2", "n1", 7, len(FILE), True]
+
+
+def _chunk(**changes: object) -> list[object]:
+    names = ["transfer", "offset", "data", "done", "size", "checksum"]
+    return [*CHUNK[:4], *(changes.get(n, v) for n, v in zip(names, CHUNK[4:], strict=True))]
+
+
+def _ack(**changes: object) -> list[object]:
+    names = ["transfer", "next_offset", "ok"]
+    return [*ACK[:4], *(changes.get(n, v) for n, v in zip(names, ACK[4:], strict=True))]
+
+
+def test_file_messages_have_their_own_type_codes_and_compact_arrays() -> None:
+    chunk = SnapshotChunk(3, "n1", "n2", 7, 0, b"ab", False, 5, b"")
+    ack = SnapshotAck(3, "n2", "n1", 7, 2, True)
+    assert cbor2.loads(encode([chunk, ack])) == [
+        PROTOCOL_VERSION,
+        [[100, 3, "n1", "n2", 7, 0, b"ab", False, 5, b""], [101, 3, "n2", "n1", 7, 2, True]],
+    ]
+    assert CHECKSUM_BYTES == len(FILE_SUM.digest()) == 32
+    assert file_hasher().name == "blake2b"
+
+
+def test_file_messages_round_trip_in_a_batch_with_core_messages() -> None:
+    hb = Heartbeat(term=3, src="n1", dst="n2", commit=4, read_round=1)
+    ae = AppendEntries(
+        term=3, src="n1", dst="n2", prev_index=4, prev_term=3, entries=(Entry(5, 3),), commit=4
+    )
+    first = SnapshotChunk(3, "n1", "n2", 7, 0, FILE[:2000], False, len(FILE), b"")
+    last = SnapshotChunk(3, "n1", "n2", 7, 2000, FILE[2000:], True, len(FILE), FILE_SUM.digest())
+    ack = SnapshotAck(3, "n2", "n1", 7, 2000, True)
+    batch: list[PeerMessage] = [hb, first, ae, last, ack]
+    data = encode(batch)
+    assert decode(data, max_bytes=MAX) == batch
+    assert encode(decode(data, max_bytes=MAX)) == data
+    assert decode(_raw(CHUNK, ACK), max_bytes=MAX) == [
+        last,
+        SnapshotAck(3, "n2", "n1", 7, 2560, True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        CHUNK,
+        ACK,
+        _chunk(offset=0, data=b"", done=False, size=0, checksum=b""),  # first of an empty file
+        _chunk(offset=0, data=b"", done=True, size=0),  # an empty file in one chunk
+        _chunk(offset=len(FILE), data=b""),  # a bare "done" marker at the end
+        _chunk(transfer=codec.MAX_UINT, offset=0, done=False, size=codec.MAX_UINT, checksum=b""),
+        _ack(ok=False, next_offset=0),
+        _ack(transfer=codec.MAX_UINT, next_offset=codec.MAX_UINT),
+    ],
+)
+def test_valid_raw_file_messages_decode_canonically(raw: list[object]) -> None:
+    data = _raw(raw)
+    [m] = decode(data, max_bytes=MAX)
+    assert isinstance(m, FILE_MESSAGE_TYPES)
+    assert encode([m]) == data
+
+
+def test_a_full_1_mib_chunk_decodes_and_one_byte_more_is_refused() -> None:
+    for n, ok in ((MAX_CHUNK_BYTES, True), (MAX_CHUNK_BYTES + 1, False)):
+        raw = _chunk(offset=0, data=b"x" * n, done=False, size=2 * MAX_CHUNK_BYTES, checksum=b"")
+        data = _raw(raw)
+        if ok:
+            assert MAX_CHUNK_BYTES == 1 << 20
+            assert encode(decode(data, max_bytes=4 * MAX)) == data
+        else:
+            with pytest.raises(CodecError, match="exceeds"):
+                decode(data, max_bytes=4 * MAX)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        # relations between fields (validate_file_message)
+        (_chunk(size=len(FILE) - 1), "beyond the file size"),
+        (_chunk(done=False, size=len(FILE) - 1, checksum=b""), "beyond the file size"),
+        (_chunk(offset=codec.MAX_UINT, data=b"ab", done=False, checksum=b""), "beyond"),
+        (_chunk(size=len(FILE) + 1), "does not end at the file size"),
+        (_chunk(checksum=b""), "32-byte checksum"),
+        (_chunk(checksum=b"\x00" * 31), "32-byte checksum"),
+        (_chunk(checksum=b"\x00" * 33), "32-byte checksum"),
+        (_chunk(done=False, size=len(FILE) + 1), "only the last chunk"),
+        (_chunk(done=False, size=len(FILE) + 1, checksum=b"\x00"), "only the last chunk"),
+        ([100, 3, "", "n2", *CHUNK[4:]], "empty node id"),
+        ([101, 3, "n2", "", *ACK[4:]], "empty node id"),
+        # integers: negative, too large (2**64 needs a bignum tag), booleans, floats
+        (_chunk(transfer=-1), "unsigned"),
+        (_chunk(offset=-1), "unsigned"),
+        (_chunk(size=-1), "unsigned"),
+        ([100, -1, *CHUNK[2:]], "unsigned"),
+        (_chunk(transfer=2**63), "unsigned"),
+        (_chunk(size=2**63), "unsigned"),
+        (_chunk(size=2**64), "tag"),
+        (_chunk(offset=True), "unsigned"),
+        (_chunk(size=float(len(FILE))), "unsigned"),
+        (_ack(next_offset=-1), "unsigned"),
+        (_ack(next_offset=2**63), "unsigned"),
+        (_ack(transfer=-1), "unsigned"),
+        (_ack(transfer=False), "unsigned"),
+        ([101, 2**63, *ACK[2:]], "unsigned"),
+        # other wrong types
+        (_chunk(data=FILE[2000:].decode("latin-1")), "byte string"),
+        (_chunk(data=None), "byte string"),
+        (_chunk(done=1), "boolean"),
+        (_chunk(checksum=FILE_SUM.hexdigest()), "byte string"),
+        (_chunk(checksum=list(FILE_SUM.digest())), "byte string"),
+        ([100, 3, b"n1", "n2", *CHUNK[4:]], "node id"),
+        (_ack(ok=1), "boolean"),
+        (_ack(ok=None), "boolean"),
+        (_ack(next_offset="0"), "unsigned"),
+        # shape
+        (CHUNK[:-1], "takes 10 items"),
+        ([*CHUNK, b""], "takes 10 items"),
+        (ACK[:-1], "takes 7 items"),
+        ([*ACK, 0], "takes 7 items"),
+        ([102, *ACK[1:]], "unknown message type"),
+    ],
+)
+def test_refuses_malformed_file_messages(raw: list[object], match: str) -> None:
+    data = _raw(HB, raw)  # in a batch with a valid core message: the whole batch is refused
+    with pytest.raises(CodecError, match=match):
+        decode(data, max_bytes=MAX)

@@ -17,6 +17,13 @@ from conftest import PKI
 from liferaft.core.messages import AnyMessage, AppendEntries, Entry, Heartbeat, ReadIndexRequest
 from liferaft.security.tls import client_server_context, peer_node_id
 from liferaft.transport.codec import encode
+from liferaft.transport.files import (
+    MAX_CHUNK_BYTES,
+    PeerMessage,
+    SnapshotAck,
+    SnapshotChunk,
+    file_hasher,
+)
 from liferaft.transport.link import backoff_cap
 from liferaft.transport.peer import PeerTransport
 
@@ -59,9 +66,9 @@ async def wait_for(condition: Callable[[], bool]) -> None:
         await trio.sleep(0.01)
 
 
-async def receive(t: PeerTransport, n: int) -> list[tuple[str, AnyMessage]]:
+async def receive(t: PeerTransport, n: int) -> list[tuple[str, PeerMessage]]:
     """The next ``n`` messages delivered to ``t``, each with the peer it came from."""
-    out: list[tuple[str, AnyMessage]] = []
+    out: list[tuple[str, PeerMessage]] = []
     while len(out) < n:
         peer, msgs = await t.inbound.receive()
         out.extend((peer, m) for m in msgs)
@@ -166,6 +173,71 @@ async def test_a_batch_of_500_messages_travels_as_one_websocket_message(pki: PKI
             assert n2.stats.received_batches["n1"] == 1
             assert n2.received_bytes["n1"] == n1.sent_bytes["n2"] == len(encode(batch))
             nursery.cancel_scope.cancel()
+
+
+async def test_a_1_mib_snapshot_chunk_travels_in_order_with_core_messages(pki: PKI) -> None:
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            ts = await start_cluster(nursery, pki, ["n1", "n2"])  # default limits
+            n1, n2 = ts["n1"], ts["n2"]
+            data = random.Random(1).randbytes(MAX_CHUNK_BYTES)
+            checksum = file_hasher()
+            checksum.update(data)
+            chunk = SnapshotChunk(
+                term=1,
+                src="n1",
+                dst="n2",
+                transfer=1,
+                offset=0,
+                data=data,
+                done=True,
+                size=len(data),
+                checksum=checksum.digest(),
+            )
+            append = AppendEntries(
+                term=1, src="n1", dst="n2", prev_index=0, prev_term=0,
+                entries=(Entry(1, 1, data=b"after the chunk"),), commit=0,
+            )  # fmt: skip
+            n1.send([chunk, append])
+            peer, msgs = await n2.inbound.receive()  # one batch, both messages, in order
+            assert peer == "n1"
+            assert msgs == [chunk, append]
+            assert n2.received_bytes["n1"] == len(encode([chunk, append]))
+
+            ack = SnapshotAck(
+                term=1, src="n2", dst="n1", transfer=1, next_offset=len(data), ok=True
+            )
+            n2.send([ack])
+            assert await receive(n1, 1) == [("n2", ack)]
+            assert not n1.dropped and not n2.dropped
+            assert not n1.rejects and not n2.rejects
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_default_queue_holds_several_full_chunks(pki: PKI) -> None:
+    n1 = make(pki, "n1", peers={"n2": (LOCAL, 1)})  # never run: everything stays queued
+    data = b"x" * MAX_CHUNK_BYTES
+    n1.send(
+        [
+            SnapshotChunk(1, "n1", "n2", 1, i * len(data), data, False, 16 * len(data), b"")
+            for i in range(16)
+        ]
+    )
+    assert n1.queued("n2") == 16
+    assert not n1.dropped
+
+
+async def test_send_refuses_a_malformed_file_message_before_it_reaches_the_wire(pki: PKI) -> None:
+    n1 = make(pki, "n1", peers={"n2": (LOCAL, 1)})
+    too_big = SnapshotChunk(1, "n1", "n2", 1, 0, b"x" * (MAX_CHUNK_BYTES + 1), False, 1 << 30, b"")
+    with pytest.raises(ValueError, match="refusing to send SnapshotChunk: chunk of"):
+        n1.send([*heartbeats("n1", "n2", [1]), too_big, *heartbeats("n1", "n2", [2])])
+    assert n1.queued("n2") == 1  # the message before it
+    with pytest.raises(ValueError, match="only the last chunk carries a checksum"):
+        n1.send([SnapshotChunk(1, "n1", "n2", 1, 0, b"", False, 0, b"\0" * 32)])
+    with pytest.raises(ValueError, match="negative"):
+        n1.send([SnapshotAck(1, "n2", "n1", 1, -1, True)])
+    assert n1.queued("n2") == 1
 
 
 async def test_quiet_links_send_keepalives_instead_of_going_idle(pki: PKI) -> None:

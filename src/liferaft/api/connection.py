@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -19,8 +20,10 @@ import trio_websocket
 
 from liferaft.api import access, handlers
 from liferaft.api.errors import ApiError, invalid
+from liferaft.api.watch import Subscription
 from liferaft.kv.commands import WRITE_OPS, RequestError, validate_request
-from liferaft.kv.store import Compacted
+from liferaft.kv.state import StateDB
+from liferaft.kv.watch import Compacted
 from liferaft.observability.logs import event
 from liferaft.safecbor import CBORError, dumps, loads
 from liferaft.security.tokens import Claims, TokenError
@@ -179,45 +182,52 @@ class Connection:
     # ---------------------------------------------------------------- watches
 
     def _watch(self, req: dict[str, Any], nursery: trio.Nursery) -> dict[str, Any]:
-        kv = self.server.node.kv
+        """Subscribe to live events first, then read the history up to the revision the
+        subscription starts at: no event falls in between, none comes twice."""
+        state = self.server.node.kv
         key, prefix = req.get("key"), req.get("prefix")
         start = req.get("start_revision", 0)
-        try:
-            backlog = kv.events_since(start, key=key, prefix=prefix) if start else []
-        except Compacted as exc:
-            raise ApiError(
-                "compacted",
-                "start_revision is older than the kept history",
-                compact_revision=exc.args[0] if exc.args else None,
-            ) from None
+        if start and start <= state.db.compact_revision:
+            raise handlers.compacted(Compacted(state.db.compact_revision))
         wid = self._next_watch
         self._next_watch += 1
         scope = trio.CancelScope()
         self._watches[wid] = scope
-        nursery.start_soon(self._stream, wid, key, prefix, backlog, scope)
+        sub = self.server.watch_hub.subscribe()
+        now = state.db.revision  # committed: its events are in the database
+        nursery.start_soon(self._stream, wid, key, prefix, start, now, sub, scope)
         # The revision the watch starts after: a client that must resubscribe resumes
         # from it without a gap (an extension of SPEC.md §4's result).
-        return {"watch_id": wid, "revision": kv.revision}
+        return {"watch_id": wid, "revision": now}
 
     async def _stream(
         self,
         wid: int,
         key: str | None,
         prefix: str | None,
-        backlog: list[dict[str, Any]],
+        start: int,
+        now: int,
+        sub: Subscription,
         scope: trio.CancelScope,
     ) -> None:
-        hub = self.server.watch_hub
-        with scope, hub.subscription() as events:
-            last = 0
+        state = self.server.node.kv
+        with scope, sub:
             await trio.lowlevel.checkpoint()  # let the watch_id answer go first
-            if backlog:
-                last = backlog[-1]["revision"]
-                self._queue({"watch_id": wid, "events": backlog, "revision": last})
-            async for batch in events:
+            last = now if not start else start - 1  # the newest revision covered
+            while last < now:  # the history, a page at a time, from the database
+                page = partial(StateDB.events, start=last + 1, end=now, key=key, prefix=prefix)
+                try:
+                    events, last = await state.read(page)
+                except Compacted as exc:  # compacted while we read: the client resumes
+                    self._queue({"watch_id": wid, "events": [], "revision": last, **_ended(exc)})
+                    return
+                if events:
+                    self._queue({"watch_id": wid, "events": events, "revision": last})
+            async for batch in sub.events:
                 chosen = [e for e in batch if e["revision"] > last and _matches(e, key, prefix)]
+                if batch:
+                    last = max(last, batch[-1]["revision"])
                 if chosen:
-                    last = chosen[-1]["revision"]
                     self._queue({"watch_id": wid, "events": chosen, "revision": last})
             # The hub cut us off: we fell too far behind to deliver every event.
             self._overflow = Closing(TRY_LATER, "a watch fell behind; watch again from a revision")
@@ -263,6 +273,18 @@ class Connection:
             key=key if isinstance(key, str) else None,
             result=code,
         )
+
+
+def _ended(exc: Compacted) -> dict[str, Any]:
+    """The last message of a watch whose history was compacted under it."""
+    return {
+        "canceled": True,
+        "error": {
+            "code": "compacted",
+            "message": str(exc),
+            "compact_revision": exc.compact_revision,
+        },
+    }
 
 
 def _matches(e: dict[str, Any], key: str | None, prefix: str | None) -> bool:

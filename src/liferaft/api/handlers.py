@@ -11,6 +11,8 @@ import trio
 from liferaft.api.errors import ApiError, invalid, unavailable
 from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused
 from liferaft.kv.commands import command_from_request, encode_command
+from liferaft.kv.state import FutureRevision
+from liferaft.kv.watch import Compacted
 from liferaft.node.waiters import ProposalDropped, ReadFailed
 
 if TYPE_CHECKING:
@@ -48,25 +50,45 @@ async def write(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(result, dict):
         raise ApiError("internal", "the state machine gave no result")
     if "error" in result:
-        err = result["error"]
-        raise ApiError(err.get("code", "internal"), err.get("message", ""))
+        err = dict(result["error"])
+        code, message = err.pop("code", "internal"), err.pop("message", "")
+        raise ApiError(code, message, **err)
     return result
 
 
 async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     """Linearizable unless ``serializable``: confirm the read index with a quorum (the
-    leader does it; a follower asks the leader), wait to apply it, then read locally."""
+    leader does it; a follower asks the leader), wait to apply it, then read the state
+    database on a reader thread (a read never blocks the event loop, however large)."""
     if not req.get("serializable", False):
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 await node.read_index()
         except (ReadFailed, NotLeader, trio.TooSlowError) as exc:
             raise unavailable(f"could not confirm the read with a quorum: {exc}") from None
-    kv = node.kv
-    if req["op"] == "get":
-        return {"kv": kv.get(req["key"]), "revision": kv.revision}
-    kvs, more = kv.range(req["prefix"], req.get("limit", 0))
-    return {"kvs": kvs, "more": more, "revision": kv.revision}
+    revision = req.get("revision", 0)
+    try:
+        if req["op"] == "get":
+            key = req["key"]
+            kv, current = await node.kv.read(lambda db: db.get(key, revision=revision))
+            return {"kv": kv, "revision": current}
+        prefix, limit, after = req["prefix"], req.get("limit", 0), req.get("after")
+        kvs, more, current = await node.kv.read(
+            lambda db: db.range(prefix, limit=limit, after=after, revision=revision)
+        )
+    except Compacted as exc:
+        raise compacted(exc) from None
+    except FutureRevision as exc:
+        raise invalid(str(exc)) from None
+    return {"kvs": kvs, "more": more, "revision": current}
+
+
+def compacted(exc: Compacted) -> ApiError:
+    return ApiError(
+        "compacted",
+        f"revisions before {exc.compact_revision} are compacted",
+        compact_revision=exc.compact_revision,
+    )
 
 
 def status(node: Node) -> dict[str, Any]:
@@ -85,7 +107,7 @@ def status(node: Node) -> dict[str, Any]:
         "leader_endpoint": node.client_endpoint(st.leader) if st.leader else None,
         "commit_index": st.commit,
         "applied_index": node.applied,
-        "revision": node.kv.revision,
+        "revision": node.kv.db.revision,
         "members": members,
         "db_size": node.db_size,
     }

@@ -14,7 +14,7 @@ async def serve(
     """Run ``node`` and its client listener until cancelled; ``started()`` gives the
     ClientServer once both listen."""
     api = ClientServer(node, node.settings)
-    node.kv.subscribe(api.watch_hub.publish)
+    node.on_events.append(api.watch_hub.publish)
     node.on_restore = api.watch_hub.reset
     listen = node.settings.client.listen
     async with trio.open_nursery() as nursery:

@@ -35,12 +35,40 @@ class WatchHub:
             self._subs.discard(send)
             send.close()
 
-    @contextmanager
-    def subscription(self) -> Iterator[trio.MemoryReceiveChannel[list[dict[str, Any]]]]:
+    def subscribe(self) -> Subscription:
+        """Start receiving every batch published from now on."""
         send, recv = trio.open_memory_channel[list[dict[str, Any]]](QUEUE)
         self._subs.add(send)
-        try:
-            yield recv
-        finally:
-            self._subs.discard(send)
-            send.close()
+        return Subscription(self, send, recv)
+
+    def _drop(self, send: trio.MemorySendChannel[list[dict[str, Any]]]) -> None:
+        self._subs.discard(send)
+        send.close()
+
+    @contextmanager
+    def subscription(self) -> Iterator[trio.MemoryReceiveChannel[list[dict[str, Any]]]]:
+        with self.subscribe() as sub:
+            yield sub.events
+
+
+class Subscription:
+    """One subscriber's channel; a context manager that unsubscribes on exit."""
+
+    def __init__(
+        self,
+        hub: WatchHub,
+        send: trio.MemorySendChannel[list[dict[str, Any]]],
+        events: trio.MemoryReceiveChannel[list[dict[str, Any]]],
+    ) -> None:
+        self._hub = hub
+        self._send = send
+        self.events = events
+
+    def close(self) -> None:
+        self._hub._drop(self._send)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,6 +1,6 @@
-"""The replicated key-value state machine (DESIGN.md §2): keys, revisions, txn, watch
-history and exactly-once client sessions. Pure and deterministic: stdlib and cbor2 only,
-no Trio, no I/O, no clock, no global random. See ``store.KVStore``.
+"""The replicated key-value state machine (DESIGN.md §2): etcd's MVCC on disk in
+SQLite, txn, watch history and exactly-once client sessions. Deterministic: no Trio, no
+clock, no global random; its only I/O is its own database file. See ``state.StateDB``.
 """
 
 from liferaft.kv.commands import (
@@ -12,19 +12,20 @@ from liferaft.kv.commands import (
     validate_request,
 )
 from liferaft.kv.sessions import MAX_SESSIONS, SESSION_TTL_MS, SESSION_WINDOW
-from liferaft.kv.store import KVStore, SnapshotError
-from liferaft.kv.watch import HISTORY_REVISIONS, Compacted
+from liferaft.kv.state import HISTORY_REVISIONS, Applied, StateCorrupt, StateDB
+from liferaft.kv.watch import Compacted
 
 __all__ = [
     "HISTORY_REVISIONS",
     "MAX_SESSIONS",
     "SESSION_TTL_MS",
     "SESSION_WINDOW",
+    "Applied",
     "CommandError",
     "Compacted",
-    "KVStore",
     "RequestError",
-    "SnapshotError",
+    "StateCorrupt",
+    "StateDB",
     "command_from_request",
     "decode_command",
     "encode_command",

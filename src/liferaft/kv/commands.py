@@ -40,7 +40,9 @@ MAX_TOKEN_BYTES = 65536
 # command map -> txn branch (array) -> op or compare (map): three containers deep.
 COMMAND_MAX_DEPTH = 3
 
-WRITE_OPS = frozenset({"put", "delete", "txn"})
+# Requests that go through the log. ``compact`` (admin) changes no key but moves the
+# compaction point on every replica at the same log index.
+WRITE_OPS = frozenset({"put", "delete", "txn", "compact"})
 TXN_OPS = frozenset({"put", "get", "delete", "range"})
 COMPARE_TARGETS = frozenset({"value", "version", "create_revision", "mod_revision"})
 COMPARE_RESULTS = frozenset({"==", "!=", "<", ">"})
@@ -231,12 +233,22 @@ def _check_put(req: dict[str, Any], where: str) -> set[str]:
     return {"key", "value"}
 
 
+def _check_read_options(req: dict[str, Any], where: str, fields: set[str]) -> set[str]:
+    """``serializable`` and ``revision``: options of a top-level read, not of a txn op."""
+    if where:
+        return fields
+    if "serializable" in req:
+        _bool(req["serializable"], "serializable", where)
+        fields.add("serializable")
+    if "revision" in req:
+        _uint(req["revision"], "revision", where)
+        fields.add("revision")
+    return fields
+
+
 def _check_get(req: dict[str, Any], where: str) -> set[str]:
     _key(_required(req, "key", where), "key", where)
-    if not where and "serializable" in req:
-        _bool(req["serializable"], "serializable", where)
-        return {"key", "serializable"}
-    return {"key"}
+    return _check_read_options(req, where, {"key"})
 
 
 def _check_range(req: dict[str, Any], where: str) -> set[str]:
@@ -245,10 +257,10 @@ def _check_range(req: dict[str, Any], where: str) -> set[str]:
     if "limit" in req:
         _uint(req["limit"], "limit", where)
         fields.add("limit")
-    if not where and "serializable" in req:
-        _bool(req["serializable"], "serializable", where)
-        fields.add("serializable")
-    return fields
+    if not where and "after" in req:
+        _key(req["after"], "after", where)
+        fields.add("after")
+    return _check_read_options(req, where, fields)
 
 
 def _key_or_prefix(req: dict[str, Any], where: str) -> set[str]:
@@ -354,6 +366,11 @@ def _check_refresh(req: dict[str, Any], where: str) -> set[str]:
     return {"token"}
 
 
+def _check_compact(req: dict[str, Any], where: str) -> set[str]:
+    _uint(_required(req, "revision", where), "revision", where)
+    return {"revision"}
+
+
 def _check_status(req: dict[str, Any], where: str) -> set[str]:
     return set()
 
@@ -390,6 +407,7 @@ def _check_transfer_leader(req: dict[str, Any], where: str) -> set[str]:
 _OPS: dict[str, Callable[[dict[str, Any], str], set[str]]] = {
     **_TXN_CHECKS,
     "txn": _check_txn,
+    "compact": _check_compact,
     "watch": _check_watch,
     "unwatch": _check_unwatch,
     "refresh": _check_refresh,

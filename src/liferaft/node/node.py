@@ -12,6 +12,11 @@ one SQLite transaction while the leader's appends are already on their way, send
 acknowledgements only once the write is durable, and hands committed entries to the
 applier. A storage error stops the node (fail-stop): it never goes on after a failed
 fsync.
+
+The applier applies runs of committed entries to the key-value state (``state.db``) in
+one transaction each, on a worker thread (``StateService``); the log is compacted only
+up to what the state database holds durably. Snapshots are files streamed outside the
+core (``transfer``). docs/storage.md tells what is on disk when.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from liferaft.core import (
     ConfEntry,
     Entry,
     EntryKind,
+    InstallSnapshot,
     Membership,
     NotLeader,
     ProposalRefused,
@@ -43,23 +49,28 @@ from liferaft.core import (
     Ready,
     Role,
     Snapshot,
+    SnapshotMeta,
     Status,
 )
-from liferaft.kv.store import KVStore
-from liferaft.node.statemachine import StateMachine
+from liferaft.kv.watch import Event
+from liferaft.node import transfer
+from liferaft.node.state import StateService
+from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
 from liferaft.node.waiters import Outcome, ReadFailed, Waiters
 from liferaft.observability.http import HealthServer
 from liferaft.observability.logs import event, node_context
 from liferaft.observability.metrics import NodeMetrics
-from liferaft.safecbor import dumps, loads
+from liferaft.safecbor import dumps
 from liferaft.security.tls import peer_client_context, peer_server_context
 from liferaft.storage.writer import StorageWriter
+from liferaft.transport.files import PeerMessage, SnapshotAck, SnapshotChunk
 from liferaft.transport.peer import PeerTransport
 
 log = logging.getLogger("liferaft.node")
 T = TypeVar("T")
 
 MAX_INPUTS_PER_ROUND = 4096  # inputs folded into one Ready at most
+MAX_APPLY_BATCH = 8192  # committed entries applied in one state transaction at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +104,11 @@ class _Propose:
 _Input = _Tick | _Messages | _Call | _Propose
 
 
-def _compact(raft: Raft, *, index: int, data: bytes) -> Snapshot:
+def _compact(raft: Raft, *, index: int, data: bytes) -> Snapshot | None:
+    """Compact at ``index`` unless the log already starts there or later (a snapshot may
+    have been installed meanwhile) or the core has not handed it out for applying."""
+    if index <= raft.status().snapshot_index or index > raft.applied:
+        return None
     return raft.compact(index, data)
 
 
@@ -112,25 +127,26 @@ class Node:
         self,
         settings: Settings,
         *,
-        state_machine: StateMachine | None = None,
         rng: random.Random | None = None,
         send_filter: Callable[[list[AnyMessage]], list[AnyMessage]] | None = None,
     ) -> None:
         self.settings = settings
         self.id = settings.node.id
-        self.sm: StateMachine = state_machine if state_machine is not None else KVStore()
+        self.state: StateService | None = None
         # member id -> (peer address, client address), from the config and CONFIG entries
         self.addresses: dict[str, tuple[str, str]] = {
             m.id: (str(m.peer), str(m.client)) for m in settings.cluster.members
         }
         self.db_size = 0
         self.on_restore: Callable[[], None] | None = None  # the state machine was replaced
+        self.on_events: list[Callable[[list[Event]], object]] = []  # per applied revision
         self._rng = rng or random.Random()
         self._send_filter = send_filter  # tests' fault layer sits here
         self.metrics = NodeMetrics(self.id)
         self.waiters = Waiters()
+        self.stopped = trio.Event()  # set once every database of the node is closed
         self._inputs_send, self._inputs = trio.open_memory_channel[_Input](1024)
-        self._apply_send, self._apply_recv = trio.open_memory_channel[Snapshot | tuple[Any, ...]](
+        self._apply_send, self._apply_recv = trio.open_memory_channel[Snapshot | tuple[Entry, ...]](
             64
         )
         self.raft: Raft | None = None
@@ -139,8 +155,12 @@ class Node:
         self.applied = 0
         self.storage_ok = True
         self._last_soft: tuple[Role, str | None, int] | None = None
-        self._snapshot_index = 0
-        self._compact_send, self._compact_recv = trio.open_memory_channel[tuple[int, bytes]](1)
+        self._snapshot_index = 0  # where the stored log starts
+        self._snapshot_meta: SnapshotMeta | None = None
+        self._compact_send, self._compact_recv = trio.open_memory_channel[None](1)
+        self.sender: SnapshotSender | None = None
+        self.receiver: SnapshotReceiver | None = None
+        self._nursery: trio.Nursery | None = None
 
     # ---------------------------------------------------------------- running
 
@@ -155,10 +175,20 @@ class Node:
         self.storage = await StorageWriter.open(s.node.data_dir, initial=initial)
         try:
             restored = await self.storage.load()
+            snap = restored.snapshot
+            about = transfer.parse(snap.data) if snap is not None else {}
+            self.state = await StateService.open(
+                s.node.data_dir,
+                snapshot_index=snap.meta.index if snap is not None else 0,
+                transfer=about.get("transfer"),
+                history_revisions=s.kv.history_revisions,
+            )
             self.raft = Raft(raft_config(s), self._rng, restored)
-            if restored.snapshot is not None:
-                self._restore(restored.snapshot.data)
-                self.applied = self._snapshot_index = restored.snapshot.meta.index
+            if snap is not None:
+                self._learn_snapshot_addresses(about)
+                self._snapshot_index = snap.meta.index
+                self._snapshot_meta = snap.meta
+            self.applied = self.state.db.applied
             self._learn_addresses(restored.entries)
             tls = s.tls
             self.transport = PeerTransport(
@@ -172,11 +202,21 @@ class Node:
                 rng=random.Random(self._rng.getrandbits(64)),
                 log=self._transport_log,
             )
+            self.sender = SnapshotSender(
+                self.id,
+                self.transport,
+                self.state,
+                self._finish_transfer,
+                random.Random(self._rng.getrandbits(64)),
+            )
+            self.receiver = SnapshotReceiver(self.id, self.transport, self.state)
             health = HealthServer(self.metrics, self.healthy, self.ready)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await nursery.start(self.transport.run, (s.peer.listen.host, s.peer.listen.port))
                 await nursery.start(health.run, s.metrics.listen.host, s.metrics.listen.port)
                 nursery.start_soon(self._forward_inbound)
+                nursery.start_soon(self.receiver.run)
                 nursery.start_soon(self._applier)
                 nursery.start_soon(self._compactor)
                 nursery.start_soon(self._core_loop)
@@ -187,7 +227,12 @@ class Node:
         finally:
             self.waiters.fail_all(ReadFailed("node stopped"))
             with trio.CancelScope(shield=True):
-                await self.storage.close()
+                try:
+                    if self.state is not None:
+                        await self.state.close()
+                finally:
+                    await self.storage.close()
+                    self.stopped.set()
 
     async def _sync_metrics(self) -> None:
         """Copy the transport's and storage's counters into Prometheus once a second
@@ -206,17 +251,30 @@ class Node:
                             metric.labels(peer).inc(n - seen[peer])
                             seen[peer] = n
             if self.storage is not None:
-                self.db_size = await self.storage.size_bytes()
+                size = await self.storage.size_bytes()
+                if self.state is not None:
+                    size += await trio.to_thread.run_sync(self._state_bytes)
+                self.db_size = size
                 self.metrics.db_size_bytes.set(self.db_size)
             await trio.sleep(1)
 
     # ---------------------------------------------------------------- members
 
+    def _state_bytes(self) -> int:
+        total = 0
+        if self.state is not None:
+            path = self.state.db.path
+            for p in (path, path.with_name(path.name + "-wal")):
+                with contextlib.suppress(FileNotFoundError):
+                    total += p.stat().st_size
+        return total
+
     @property
-    def kv(self) -> KVStore:
-        if not isinstance(self.sm, KVStore):
-            raise TypeError("this node runs another state machine")
-        return self.sm
+    def kv(self) -> StateService:
+        """The key-value state; raises NotLeader (unavailable) before the node started."""
+        if self.state is None:
+            raise NotLeader(None)
+        return self.state
 
     @staticmethod
     def encode_addresses(peer: str, client: str) -> bytes:
@@ -246,15 +304,17 @@ class Node:
         addr = self.addresses.get(node_id)
         return f"wss://{addr[1]}/v1" if addr else None
 
-    def _snapshot_bytes(self) -> bytes:
-        """The state machine's snapshot plus the member address book, which must survive
-        compaction of the CONFIG entries that carried it."""
-        return dumps({"sm": self.sm.snapshot(), "members": self.addresses})
+    def _snapshot_data(self) -> bytes:
+        """The core's snapshot holds only the member address book, which must survive
+        compaction of the CONFIG entries that carried it; the state is ``state.db``."""
+        return dumps({"members": self.addresses})
 
-    def _restore(self, data: bytes) -> None:
-        obj = loads(data)
-        self.sm.restore(obj["sm"])
-        self.addresses.update({k: (v[0], v[1]) for k, v in obj["members"].items()})
+    def _learn_snapshot_addresses(self, about: dict[str, Any]) -> None:
+        members = about.get("members")
+        if isinstance(members, dict):
+            for k, v in members.items():
+                if isinstance(k, str) and isinstance(v, list) and len(v) == 2:
+                    self.addresses.setdefault(k, (str(v[0]), str(v[1])))
 
     async def change_membership(self, change: ConfChange) -> None:
         """Propose a membership change and wait until it is applied here."""
@@ -300,9 +360,55 @@ class Node:
             await self._inputs_send.send(_Tick())
 
     async def _forward_inbound(self) -> None:
+        """Raft messages go to the core loop; snapshot file chunks and their acks to the
+        transfer code; an InstallSnapshot only once its file is here whole."""
         assert self.transport is not None
+        assert self.sender is not None and self.receiver is not None
         async for peer, msgs in self.transport.inbound:
-            await self._inputs_send.send(_Messages(peer, msgs))
+            core: list[AnyMessage] = []
+            for m in msgs:
+                if m.src != peer:  # a peer speaks only for itself
+                    continue
+                if isinstance(m, SnapshotChunk):
+                    self.receiver.on_chunk(m)
+                elif isinstance(m, SnapshotAck):
+                    self.sender.on_ack(m)
+                elif isinstance(m, InstallSnapshot):
+                    if self._snapshot_on_disk(m):
+                        core.append(m)
+                else:
+                    core.append(m)
+            if core:
+                await self._inputs_send.send(_Messages(peer, core))
+
+    def _snapshot_on_disk(self, m: InstallSnapshot) -> bool:
+        assert self.receiver is not None
+        try:
+            about = transfer.parse(m.data)
+        except ValueError:
+            return False
+        return about.get("transfer") in self.receiver.complete
+
+    def _finish_transfer(
+        self, msg: InstallSnapshot, transfer_id: int, applied: int
+    ) -> InstallSnapshot | None:
+        """The InstallSnapshot that ends a transfer: the core's current snapshot (never
+        past the copy's applied index: compaction is held there), if this node is still
+        the leader of the term that asked for it."""
+        raft, meta = self.raft, self._snapshot_meta
+        if raft is None or raft.role is not Role.LEADER or raft.term != msg.term:
+            return None
+        if meta is None or meta.index > applied:
+            return None
+        return InstallSnapshot(
+            term=msg.term,
+            src=self.id,
+            dst=msg.dst,
+            meta=meta,
+            offset=0,
+            data=transfer.describe(transfer_id, applied, self.addresses),
+            done=True,
+        )
 
     # ---------------------------------------------------------------- the core loop
 
@@ -331,8 +437,7 @@ class Node:
                 self.waiters.proposals[index] = (raft.term, item.out)
         elif isinstance(item, _Messages):
             for m in item.msgs:
-                if m.src == item.peer:  # a peer speaks only for itself
-                    raft.step(m)
+                raft.step(m)
         else:
             try:
                 item.out.set(item.fn(raft))
@@ -357,7 +462,7 @@ class Node:
         if rd.snapshot is not None:
             await self._apply_send.send(rd.snapshot)
         if rd.committed_entries:
-            await self._apply_send.send(("entries", rd.committed_entries))
+            await self._apply_send.send(rd.committed_entries)
         for rs in rd.read_states:
             out = self.waiters.reads.pop(rs.ctx, None)
             if out is not None:
@@ -370,12 +475,19 @@ class Node:
         self._observe(raft)
 
     def _send(self, msgs: Iterable[AnyMessage]) -> None:
-        batch = list(msgs)
+        batch: list[AnyMessage] = []
+        for m in msgs:
+            if isinstance(m, InstallSnapshot):  # the state is a file: stream it
+                if self.sender is not None and self._nursery is not None:
+                    self.sender.wanted(m, self._nursery)
+            else:
+                batch.append(m)
         if not batch or self.transport is None:
             return
         if self._send_filter is not None:
             batch = self._send_filter(batch)
-        self.transport.send(batch)
+        out: list[PeerMessage] = list(batch)
+        self.transport.send(out)
 
     def _observe(self, raft: Raft) -> None:
         soft = (raft.role, raft.leader, raft.term)
@@ -400,44 +512,79 @@ class Node:
     # ---------------------------------------------------------------- applying
 
     async def _applier(self) -> None:
-        async for item in self._apply_recv:
+        """Apply committed entries in runs (everything queued, up to MAX_APPLY_BATCH, in
+        one state transaction); install snapshot files in order between them."""
+        pending: Snapshot | tuple[Entry, ...] | None = None
+        while True:
+            item = pending if pending is not None else await self._apply_recv.receive()
+            pending = None
             if isinstance(item, Snapshot):
-                self._restore(item.data)
-                if self.on_restore is not None:
-                    self.on_restore()
-                self.applied = self._snapshot_index = item.meta.index
-                event(log, "snapshot_installed", index=item.meta.index)
-            else:
-                for e in item[1]:
-                    result: object = None
-                    if e.kind is EntryKind.NORMAL:
-                        result = self.sm.apply(e)
-                        self.metrics.proposals_committed.inc()
-                    else:
-                        self.sm.apply(e)  # the state machine keeps its index in step
-                    self.applied = e.index
-                    self.waiters.on_applied(e.index, e.term, result)
-            self.sm.index = self.applied
-            self.metrics.applied_index.set(self.applied)
-            self.waiters.on_applied_index(self.applied)
-            self._maybe_compact()
+                await self._install(item)
+                continue
+            entries = list(item)
+            while len(entries) < MAX_APPLY_BATCH:
+                try:
+                    more = self._apply_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                if isinstance(more, Snapshot):
+                    pending = more
+                    break
+                entries.extend(more)
+            await self._apply(entries)
 
-    def _maybe_compact(self) -> None:
-        """Ask the compactor for a snapshot at the applied index, if the log is long and
-        the compactor is idle (the applier never waits for it)."""
-        if self.applied - self._snapshot_index < self.settings.raft.snapshot_entries:
-            return
-        with contextlib.suppress(trio.WouldBlock):
-            self._compact_send.send_nowait((self.applied, self._snapshot_bytes()))
+    async def _apply(self, entries: list[Entry]) -> None:
+        state = self.kv
+        applied = await state.apply(entries)  # type: ignore[arg-type]  # Entry is EntryLike
+        committed = 0
+        for e, result in zip(entries, applied.results, strict=True):
+            if e.kind is EntryKind.NORMAL:
+                committed += 1
+            self.waiters.on_applied(e.index, e.term, result)
+        if committed:
+            self.metrics.proposals_committed.inc(committed)
+        for events in applied.events:
+            for callback in self.on_events:
+                callback(events)
+        self._applied_to(state.db.applied)
+
+    def _applied_to(self, index: int) -> None:
+        self.applied = index
+        self.metrics.applied_index.set(index)
+        self.waiters.on_applied_index(index)
+        if index - self._snapshot_index >= self.settings.raft.snapshot_entries:
+            with contextlib.suppress(trio.WouldBlock):
+                self._compact_send.send_nowait(None)  # the compactor is idle: wake it
+
+    async def _install(self, snap: Snapshot) -> None:
+        """The core restored a snapshot (already in raft.db): swap its file in."""
+        about = transfer.parse(snap.data)
+        await self.kv.install(about["transfer"])
+        self._learn_snapshot_addresses(about)
+        self._snapshot_index = max(self._snapshot_index, snap.meta.index)
+        self._snapshot_meta = snap.meta
+        if self.on_restore is not None:
+            self.on_restore()
+        event(log, "snapshot_installed", index=snap.meta.index, applied=self.kv.db.applied)
+        self._applied_to(self.kv.db.applied)
 
     async def _compactor(self) -> None:
-        async for index, data in self._compact_recv:
+        """Drop the log up to what the state database holds durably (and no further than
+        a running snapshot transfer's copy, so the follower can continue from it)."""
+        assert self.storage is not None
+        async for _ in self._compact_recv:
+            durable = await self.kv.sync()
+            held = self.sender.hold() if self.sender is not None else None
+            index = durable if held is None else min(durable, held)
             if index <= self._snapshot_index:
                 continue
+            data = self._snapshot_data()
             snap = await self.call(partial(_compact, index=index, data=data))
-            assert self.storage is not None
+            if snap is None:
+                continue
             await self.storage.save_snapshot(snap)
-            self._snapshot_index = index
+            self._snapshot_index = max(self._snapshot_index, index)
+            self._snapshot_meta = snap.meta
             event(log, "log_compacted", index=index)
 
     # ---------------------------------------------------------------- callers

@@ -21,7 +21,6 @@ from liferaft.api.server import ClientServer
 from liferaft.api.service import serve
 from liferaft.config import Settings, load
 from liferaft.core import AnyMessage, Role
-from liferaft.kv.store import KVStore
 from liferaft.node.node import Node
 from liferaft.security.tokens import mint
 
@@ -50,6 +49,7 @@ def write_config(
     heartbeat_ms: int = 20,
     election_ms: int = 100,
     snapshot_entries: int = 10000,
+    history_revisions: int = 100000,
     join: bool = False,
 ) -> Path:
     """A node config file as SPEC.md §2 describes; ``members`` maps id -> ports."""
@@ -93,6 +93,9 @@ audience = "liferaft"
 heartbeat_interval_ms = {heartbeat_ms}
 election_timeout_ms = {election_ms}
 snapshot_entries = {snapshot_entries}
+
+[kv]
+history_revisions = {history_revisions}
 """
     )
     return path
@@ -180,6 +183,7 @@ class LocalCluster:
             heartbeat_ms=self.timing[0],
             election_ms=self.timing[1],
             snapshot_entries=self.timing[2],
+            history_revisions=self.kv_history,
             join=node_id in self.joiners,
         )
         return load(path)
@@ -203,7 +207,6 @@ class LocalCluster:
         assert self._nursery is not None
         node = Node(
             self.settings(node_id),
-            state_machine=KVStore(history_revisions=self.kv_history),
             rng=random.Random(self.rng.getrandbits(64)),
         )
         node._send_filter = self.faults.filter_for(node)

@@ -1,4 +1,4 @@
-"""The peer wire format: a batch of Raft messages as one canonical CBOR item.
+"""The peer wire format: a batch of peer messages as one canonical CBOR item.
 
 A batch is ``[version, [message, ...]]`` and each message a compact array
 ``[type_code, term, src, dst, *fields]`` with the fields of its dataclass in the order of
@@ -14,8 +14,10 @@ consulting ``tag_hook``, so each tag is mapped to a decoder that refuses it), in
 lengths and duplicate keys, and to stop at the schema's nesting depth; the result is then
 checked against the schema, re-encoded canonically and compared with the input (which
 refuses trailing bytes, non-minimal lengths and integers, unsorted id lists and anything
-else with two spellings), and finally each message goes through the core's ``validate``.
-So ``encode(decode(b)) == b`` holds for every ``b`` that decodes.
+else with two spellings), and finally each message goes through the core's ``validate``,
+or, for the messages the core never sees (``files.py``: SnapshotChunk and SnapshotAck,
+type codes 100 and up), through ``validate_file_message``. So ``encode(decode(b)) == b``
+holds for every ``b`` that decodes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import cbor2
 from liferaft import safecbor
 from liferaft.core.membership import Membership
 from liferaft.core.messages import (
-    AnyMessage,
     AppendEntries,
     AppendResponse,
     Entry,
@@ -47,6 +48,12 @@ from liferaft.core.messages import (
     VoteResponse,
     validate,
 )
+from liferaft.transport.files import (
+    PeerMessage,
+    SnapshotAck,
+    SnapshotChunk,
+    validate_file_message,
+)
 
 PROTOCOL_VERSION = 1
 
@@ -60,7 +67,7 @@ MAX_NODE_ID = 255  # characters; ids are DNS labels (63), this only bounds garba
 # Field kinds.
 _UINT, _BOOL, _BYTES, _ENTRIES, _META = range(5)
 
-_LAYOUT: tuple[tuple[int, type[AnyMessage], tuple[tuple[str, int], ...]], ...] = (
+_LAYOUT: tuple[tuple[int, type[PeerMessage], tuple[tuple[str, int], ...]], ...] = (
     (
         1,
         VoteRequest,
@@ -84,6 +91,20 @@ _LAYOUT: tuple[tuple[int, type[AnyMessage], tuple[tuple[str, int], ...]], ...] =
     (9, TimeoutNow, ()),
     (10, ReadIndexRequest, (("ctx", _BYTES),)),
     (11, ReadIndexResponse, (("ctx", _BYTES), ("index", _UINT), ("ok", _BOOL))),
+    # Messages outside the Raft core (files.py): codes from 100 leave room for core ones.
+    (
+        100,
+        SnapshotChunk,
+        (
+            ("transfer", _UINT),
+            ("offset", _UINT),
+            ("data", _BYTES),
+            ("done", _BOOL),
+            ("size", _UINT),
+            ("checksum", _BYTES),
+        ),
+    ),
+    (101, SnapshotAck, (("transfer", _UINT), ("next_offset", _UINT), ("ok", _BOOL))),
 )
 _BY_TYPE = {cls: (code, fields) for code, cls, fields in _LAYOUT}
 _BY_CODE = {code: (cls, fields) for code, cls, fields in _LAYOUT}
@@ -97,12 +118,12 @@ class CodecError(ValueError):
 # ---------------------------------------------------------------- encoding
 
 
-def encode(msgs: Sequence[AnyMessage]) -> bytes:
+def encode(msgs: Sequence[PeerMessage]) -> bytes:
     """One canonical CBOR item holding the whole batch (one WebSocket message)."""
     return cbor2.dumps([PROTOCOL_VERSION, [_encode_message(m) for m in msgs]], canonical=True)
 
 
-def _encode_message(m: AnyMessage) -> list[object]:
+def _encode_message(m: PeerMessage) -> list[object]:
     code, fields = _BY_TYPE[type(m)]
     out: list[object] = [code, m.term, m.src, m.dst]
     for name, kind in fields:
@@ -120,7 +141,7 @@ def _encode_message(m: AnyMessage) -> list[object]:
 # ---------------------------------------------------------------- decoding
 
 
-def decode(data: bytes, *, max_bytes: int) -> list[AnyMessage]:
+def decode(data: bytes, *, max_bytes: int) -> list[PeerMessage]:
     """The messages of one batch; CodecError (and nothing else) if ``data`` is not one."""
     if len(data) > max_bytes:
         raise CodecError(f"batch of {len(data)} bytes exceeds {max_bytes}")
@@ -145,13 +166,16 @@ def decode(data: bytes, *, max_bytes: int) -> list[AnyMessage]:
         raise CodecError("not canonically encoded")
     for m in msgs:
         try:
-            validate(m)
+            if isinstance(m, (SnapshotChunk, SnapshotAck)):
+                validate_file_message(m)
+            else:
+                validate(m)
         except MalformedMessage as exc:
             raise CodecError(f"{type(m).__name__}: {exc}") from None
     return msgs
 
 
-def _decode_message(raw: object) -> AnyMessage:
+def _decode_message(raw: object) -> PeerMessage:
     if type(raw) is not list or len(raw) < 4:
         raise CodecError("a message is [type, term, src, dst, ...]")
     code = raw[0]

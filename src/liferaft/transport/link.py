@@ -6,6 +6,15 @@ queue keeps the newest messages and drops the oldest (Raft retransmits what matt
 sender dials TCP, then TLS checking that the server's certificate names this peer, then
 the WebSocket upgrade, all under one handshake timeout; on any failure it waits a
 jittered exponential backoff and dials again, and the queue waits meanwhile.
+
+The node's snapshot-file messages (``files.py``) share the queue and are dropped like any
+other: a lost SnapshotChunk or SnapshotAck is not retried here; the file's sender times
+out waiting for an ack and restarts the transfer. With PeerTransport's defaults (queues of
+4096 messages and 64 MiB, WebSocket messages of up to 64 MiB, batches taken up to half
+that) a queue holds dozens of full 1 MiB chunks and a batch holding chunks is sent whole
+or split, never refused. Only a ``max_message_bytes`` below one chunk's encoding (1 MiB
+plus well under 1 KiB) would make the link drop full chunks as too large
+(``peer_message_too_large``).
 """
 
 from __future__ import annotations
@@ -18,13 +27,13 @@ import trio
 import trio_websocket
 
 from liferaft.core.messages import (
-    AnyMessage,
     AppendEntries,
     InstallSnapshot,
     ReadIndexRequest,
     ReadIndexResponse,
 )
 from liferaft.transport.codec import encode
+from liferaft.transport.files import PeerMessage, SnapshotChunk
 from liferaft.transport.stats import LogFn, TransportStats
 
 PATH = "/raft"
@@ -34,12 +43,14 @@ RECEIVE_BUFFER = 64 * 1024  # trio-websocket reads 4 KiB at a time by default
 _FIXED_SIZE = 48  # estimated wire bytes of a message apart from its payloads
 
 
-def estimate_size(m: AnyMessage) -> int:
+def estimate_size(m: PeerMessage) -> int:
     """A cheap upper-bound-ish estimate of ``m``'s encoded size, for queue accounting."""
     if type(m) is AppendEntries:
         return _FIXED_SIZE + sum(len(e.data) + 24 for e in m.entries)
     if type(m) is InstallSnapshot:
         return _FIXED_SIZE + 64 + len(m.data) + 16 * len(m.meta.membership.members)
+    if type(m) is SnapshotChunk:  # transfer, offset, size, the data's head, the checksum
+        return _FIXED_SIZE + 64 + len(m.data)
     if type(m) is ReadIndexRequest or type(m) is ReadIndexResponse:
         return _FIXED_SIZE + len(m.ctx)
     return _FIXED_SIZE
@@ -79,7 +90,7 @@ class PeerLink:
         self._keepalive = keepalive
         self._queue_max_messages = queue_max_messages
         self._queue_max_bytes = queue_max_bytes
-        self._queue: deque[tuple[AnyMessage, int]] = deque()
+        self._queue: deque[tuple[PeerMessage, int]] = deque()
         self._queued_bytes = 0
         self._wake = trio.Event()
         self._stopped = False
@@ -97,7 +108,7 @@ class PeerLink:
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
-    def put(self, m: AnyMessage) -> None:
+    def put(self, m: PeerMessage) -> None:
         """Queue ``m``, dropping the oldest messages if the queue is over a bound."""
         size = estimate_size(m)
         self._queue.append((m, size))
@@ -126,7 +137,7 @@ class PeerLink:
         self._queue.clear()
         self._queued_bytes = 0
 
-    def _take(self) -> list[AnyMessage]:
+    def _take(self) -> list[PeerMessage]:
         """Everything queued, or as much as fits a WebSocket message by estimate."""
         q = self._queue
         budget = self._max_message_bytes // 2
@@ -144,7 +155,7 @@ class PeerLink:
             self._queued_bytes -= size
         return batch
 
-    def _payloads(self, batch: list[AnyMessage]) -> list[bytes]:
+    def _payloads(self, batch: list[PeerMessage]) -> list[bytes]:
         """``batch`` encoded, split in halves until each part fits a WebSocket message."""
         payload = encode(batch)
         if len(payload) <= self._max_message_bytes:

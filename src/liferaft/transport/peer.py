@@ -8,6 +8,11 @@ for that peer as one WebSocket message, which is what makes replication cheap (o
 WebSocket message costs ~150 µs whatever it carries). What arrives is decoded, checked and
 delivered on ``inbound`` as ``(peer_id, [message, ...])``, one item per batch.
 
+Besides the Raft core's messages (``AnyMessage``) the links carry the node's snapshot-file
+messages (``files.py``: SnapshotChunk, SnapshotAck), in the same queues and batches and in
+order with them; ``inbound`` delivers both kinds (``PeerMessage``), and it is the node's
+job to hand only core messages to the core.
+
 Usage::
 
     transport = PeerTransport("n1", server_ctx=..., client_ctx=..., peers={"n2": ("h", 7002)})
@@ -26,7 +31,8 @@ from functools import partial
 
 import trio
 
-from liferaft.core.messages import AnyMessage
+from liferaft.core.messages import MalformedMessage
+from liferaft.transport.files import FILE_MESSAGE_TYPES, PeerMessage, validate_file_message
 from liferaft.transport.link import PeerLink
 from liferaft.transport.server import PeerServer
 from liferaft.transport.stats import LogFn, TransportStats, default_log
@@ -71,7 +77,7 @@ class PeerTransport:
         self._log = log if log is not None else default_log
         self._links: dict[str, PeerLink] = {}
         self._nursery: trio.Nursery | None = None
-        self._inbound_send, self.inbound = trio.open_memory_channel[tuple[str, list[AnyMessage]]](
+        self._inbound_send, self.inbound = trio.open_memory_channel[tuple[str, list[PeerMessage]]](
             inbound_max_batches
         )
         self._server = PeerServer(
@@ -130,11 +136,20 @@ class PeerTransport:
 
     # ---------------------------------------------------------------- sending
 
-    def send(self, msgs: Iterable[AnyMessage]) -> None:
+    def send(self, msgs: Iterable[PeerMessage]) -> None:
         """Queue each message for its ``dst``; never blocks. Over a queue's bounds the
-        oldest messages are dropped; messages for a node that is not a peer are dropped."""
+        oldest messages are dropped; messages for a node that is not a peer are dropped.
+
+        A SnapshotChunk or SnapshotAck that ``validate_file_message`` refuses raises
+        MalformedMessage (a ValueError) here, the messages before it staying queued: sent,
+        it would make the receiver close the link, losing the whole batch with it."""
         links = self._links
         for m in msgs:
+            if isinstance(m, FILE_MESSAGE_TYPES):
+                try:
+                    validate_file_message(m)
+                except MalformedMessage as exc:
+                    raise MalformedMessage(f"refusing to send {type(m).__name__}: {exc}") from None
             link = links.get(m.dst)
             if link is None:
                 self.stats.dropped_unknown += 1

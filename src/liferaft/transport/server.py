@@ -17,9 +17,9 @@ from collections.abc import Callable, Collection
 import trio
 import trio_websocket
 
-from liferaft.core.messages import AnyMessage
 from liferaft.security.tls import dns_names, peer_node_id
 from liferaft.transport.codec import CodecError, decode
+from liferaft.transport.files import PeerMessage
 from liferaft.transport.link import PATH, RECEIVE_BUFFER
 from liferaft.transport.stats import LogFn, TransportStats
 
@@ -41,7 +41,7 @@ class PeerServer:
         *,
         server_ctx: ssl.SSLContext,
         members: Callable[[], Collection[str]],
-        deliver: trio.MemorySendChannel[tuple[str, list[AnyMessage]]],
+        deliver: trio.MemorySendChannel[tuple[str, list[PeerMessage]]],
         stats: TransportStats,
         log: LogFn,
         max_message_bytes: int,

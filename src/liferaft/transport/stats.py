@@ -27,7 +27,7 @@ class TransportStats:
     sent_batches: Counter[str] = field(default_factory=Counter)  # peer -> WebSocket messages
     received_bytes: Counter[str] = field(default_factory=Counter)
     received_batches: Counter[str] = field(default_factory=Counter)
-    dropped: Counter[str] = field(default_factory=Counter)  # peer -> Raft messages dropped
+    dropped: Counter[str] = field(default_factory=Counter)  # peer -> peer messages dropped
     dropped_unknown: int = 0  # messages addressed to a node that is not a peer
     connects: int = 0  # outgoing links established
     accepts: int = 0  # incoming links authenticated and upgraded

@@ -1,0 +1,199 @@
+"""``StateService``: the node's key-value state (``liferaft.kv.StateDB``) off the event loop.
+
+Writes (apply, the durability barrier, installing a snapshot file) run one at a time on
+a worker thread, shielded from cancellation like the Raft log's writes
+(``liferaft.storage.writer``): a batch asked for is applied whole. Reads run on up to
+``READ_THREADS`` threads at once, each on its own read connection, so a long range or a
+watch's backlog never blocks the event loop, and SQLite (which releases the GIL while it
+steps) works on the second core.
+
+Installing a snapshot replaces the database file under every reader: it waits until
+the reads in progress are done and holds new ones until the new file is open.
+
+Files in ``<data_dir>``: ``state.db`` (and its WAL), and under ``snapshots/``:
+``install-<transfer>.db`` (a snapshot received from the leader, checked, waiting to
+replace ``state.db``), ``incoming-<transfer>.part`` (one being received),
+``send-<peer>-<transfer>.db`` (a copy being streamed to a follower). See
+docs/storage.md for what survives which crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from liferaft.kv.state import DB_NAME, Applied, EntryLike, StateCorrupt, StateDB, read_applied
+
+T = TypeVar("T")
+
+READ_THREADS = 4
+SNAPSHOT_DIR = "snapshots"
+
+
+class StateBehind(Exception):
+    """The state database is older than the log's snapshot and no snapshot file can
+    bring it forward: the node cannot start without losing committed writes."""
+
+
+def install_path(data_dir: Path, transfer: int) -> Path:
+    return data_dir / SNAPSHOT_DIR / f"install-{transfer:d}.db"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _promote(data_dir: Path, transfer: int) -> None:
+    """Make ``install-<transfer>.db`` the state database (the old one is closed). The
+    rename is atomic; the old WAL goes first, so it can never be replayed onto the new
+    file. A crash in between leaves the old file (consistent, just older) and the
+    install file, and the next start promotes it again."""
+    src = install_path(data_dir, transfer)
+    dest = data_dir / DB_NAME
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / (DB_NAME + suffix)).unlink()
+    os.replace(src, dest)
+    fsync_dir(data_dir)
+
+
+def _clean(data_dir: Path, keep: Path | None = None) -> None:
+    """Drop leftover snapshot files (half-received, sent, superseded)."""
+    snapdir = data_dir / SNAPSHOT_DIR
+    for p in snapdir.iterdir():
+        if p != keep and p.suffix in (".db", ".part"):
+            p.unlink()
+
+
+def open_state(
+    data_dir: Path, *, snapshot_index: int, transfer: int | None, history_revisions: int
+) -> StateDB:
+    """Open ``state.db``, first finishing a snapshot install a crash interrupted: the log
+    (``raft.db``) says which snapshot it stands on; if the state is older than that, the
+    snapshot file it came with must replace it."""
+    (data_dir / SNAPSHOT_DIR).mkdir(mode=0o700, exist_ok=True)
+    db = StateDB.open(data_dir / DB_NAME, history_revisions=history_revisions)
+    if db.applied < snapshot_index:
+        db.close()
+        src = install_path(data_dir, transfer) if transfer is not None else None
+        if src is None or not src.exists():
+            raise StateBehind(
+                f"{data_dir / DB_NAME} has applied up to {db.applied}, but the log starts "
+                f"after the snapshot at {snapshot_index} and no snapshot file is left to "
+                "install: this data dir cannot be recovered; remove it and rejoin"
+            )
+        if read_applied(src) < snapshot_index:
+            raise StateBehind(f"{src} is older than the log's snapshot at {snapshot_index}")
+        _promote(data_dir, transfer)  # type: ignore[arg-type]  # not None: src exists
+        db = StateDB.open(data_dir / DB_NAME, history_revisions=history_revisions)
+    _clean(data_dir)
+    return db
+
+
+class StateService:
+    def __init__(self, data_dir: Path, db: StateDB, history_revisions: int) -> None:
+        """Use ``StateService.open``."""
+        self.data_dir = data_dir
+        self.db = db
+        self._history = history_revisions
+        self._writer = trio.CapacityLimiter(1)
+        self._readers = trio.CapacityLimiter(READ_THREADS)
+        self._reading = 0
+        self._installing = False
+        self._idle = trio.Event()
+        self._installed = trio.Event()
+
+    @classmethod
+    async def open(
+        cls,
+        data_dir: Path,
+        *,
+        snapshot_index: int,
+        transfer: int | None,
+        history_revisions: int,
+    ) -> StateService:
+        db = await trio.to_thread.run_sync(
+            lambda: open_state(
+                data_dir,
+                snapshot_index=snapshot_index,
+                transfer=transfer,
+                history_revisions=history_revisions,
+            ),
+            abandon_on_cancel=False,
+        )
+        return cls(data_dir, db, history_revisions)
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.data_dir / SNAPSHOT_DIR
+
+    async def _write(self, fn: Callable[[], T]) -> T:
+        with trio.CancelScope(shield=True):
+            result = await trio.to_thread.run_sync(
+                fn, limiter=self._writer, abandon_on_cancel=False
+            )
+        return result
+
+    async def apply(self, entries: list[EntryLike]) -> Applied:
+        db = self.db
+        return await self._write(lambda: db.apply(entries))
+
+    async def sync(self) -> int:
+        """Everything applied so far made durable; returns that applied index."""
+        db = self.db
+        return await self._write(db.sync)
+
+    async def read(self, fn: Callable[[StateDB], T]) -> T:
+        """Run ``fn(db)`` on a reader thread (not during an install)."""
+        while self._installing:
+            await self._installed.wait()
+        self._reading += 1
+        try:
+            db = self.db
+            return await trio.to_thread.run_sync(
+                lambda: fn(db), limiter=self._readers, abandon_on_cancel=False
+            )
+        finally:
+            self._reading -= 1
+            if self._reading == 0:
+                self._idle.set()
+
+    async def backup(self, dest: Path) -> int:
+        """A consistent copy at ``dest``; returns its applied index."""
+        return await self.read(lambda db: db.backup(dest))
+
+    async def install(self, transfer: int) -> None:
+        """Replace the state with the received snapshot file ``install-<transfer>.db``."""
+        self._installing = True
+        self._installed = trio.Event()
+        try:
+            while self._reading:
+                self._idle = trio.Event()
+                await self._idle.wait()
+
+            def swap() -> StateDB:
+                self.db.close()
+                _promote(self.data_dir, transfer)
+                db = StateDB.open(self.data_dir / DB_NAME, history_revisions=self._history)
+                _clean(self.data_dir)
+                return db
+
+            self.db = await self._write(swap)
+        finally:
+            self._installing = False
+            self._installed.set()
+
+    async def close(self) -> None:
+        await self._write(self.db.close)
+
+
+__all__ = ["StateBehind", "StateCorrupt", "StateService", "fsync_dir", "install_path"]

@@ -1,0 +1,299 @@
+"""Streaming a state-database snapshot to a follower, outside the Raft core.
+
+The core decides *that* a follower needs a snapshot: it emits ``InstallSnapshot`` (and
+repeats it while the follower does not answer). The core's snapshot is small: its
+``data`` is only the member address book; the state itself is the database file. So the
+leader's shell swallows those messages and, once per follower at a time:
+
+1. copies ``state.db`` consistently (``VACUUM INTO``, on a thread; the copy's applied
+   index ``A`` is at or after the core's snapshot index, and compaction is held at ``A``
+   while the transfer runs, so the leader's log still continues where the copy ends);
+2. streams the copy from disk in ``SnapshotChunk``s, a few in flight, each acknowledged;
+3. after the follower acknowledged the last chunk (its checksum held), sends the core's
+   ``InstallSnapshot`` itself, naming the transfer in ``data``.
+
+The follower's ``SnapshotReceiver`` writes chunks to ``incoming-<id>.part`` (on a thread),
+checks size and checksum, fsyncs and renames it to ``install-<id>.db``. Its node steps an
+``InstallSnapshot`` into the core only if it names a file received whole, so the core
+restores only from a file that is on disk; the applier then swaps the file in
+(``StateService.install``). A lost chunk, a broken link or a stalled follower ends the
+transfer (the files are deleted); the core's next ``InstallSnapshot`` starts a new one
+from the beginning. Nothing holds the whole snapshot in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import trio
+
+from liferaft.core import InstallSnapshot
+from liferaft.node.state import StateService, fsync_dir, install_path
+from liferaft.observability.logs import event
+from liferaft.safecbor import CBORError, dumps, loads
+from liferaft.transport.files import SnapshotAck, SnapshotChunk, file_hasher
+from liferaft.transport.peer import PeerTransport
+
+log = logging.getLogger("liferaft.node")
+
+CHUNK_BYTES = 512 * 1024
+WINDOW = 4  # chunks in flight per transfer
+STALL_SECONDS = 15.0  # no acknowledgement for this long: the transfer failed
+RETRY_SECONDS = 1.0  # at least this long between two transfers to one follower
+
+
+def describe(transfer: int, applied: int, members: dict[str, tuple[str, str]]) -> bytes:
+    """The ``data`` of an InstallSnapshot the shell sends: which file, how far it goes."""
+    return dumps({"transfer": transfer, "applied": applied, "members": members})
+
+
+def parse(data: bytes) -> dict[str, Any]:
+    """The map a snapshot's ``data`` holds (``{}`` if none); ValueError if malformed."""
+    if not data:
+        return {}
+    try:
+        obj = loads(data, max_depth=4)
+    except CBORError as exc:
+        raise ValueError(f"snapshot data: {exc}") from None
+    if type(obj) is not dict:
+        raise ValueError("snapshot data is not a map")
+    transfer = obj.get("transfer")
+    if transfer is not None and (type(transfer) is not int or transfer < 0):
+        raise ValueError("snapshot data: bad transfer id")
+    return obj
+
+
+@dataclass
+class _Outgoing:
+    transfer: int
+    applied: int = -1  # the copy's applied index, once made
+    acks: trio.MemorySendChannel[SnapshotAck] | None = None
+
+
+class SnapshotSender:
+    """The leader's side: at most one transfer per follower."""
+
+    def __init__(
+        self,
+        node_id: str,
+        transport: PeerTransport,
+        state: StateService,
+        finish: Callable[[InstallSnapshot, int, int], InstallSnapshot | None],
+        rng: random.Random,
+    ) -> None:
+        """``finish(msg, transfer, applied)`` gives the InstallSnapshot to send at the
+        end (None: this node is no longer the leader that asked)."""
+        self.id = node_id
+        self._transport = transport
+        self._state = state
+        self._finish = finish
+        self._rng = rng
+        self._running: dict[str, _Outgoing] = {}
+        self._last_start: dict[str, float] = {}
+        self.sent = 0  # transfers completed, for tests and metrics
+
+    def hold(self) -> int | None:
+        """The log may not be compacted past this index while transfers run."""
+        held = [o.applied for o in self._running.values()]
+        return min(held) if held else None
+
+    def wanted(self, msg: InstallSnapshot, nursery: trio.Nursery) -> None:
+        """The core wants ``msg.dst`` to get a snapshot: start a transfer unless one runs."""
+        peer = msg.dst
+        now = trio.current_time()
+        if peer in self._running or now - self._last_start.get(peer, -1e9) < RETRY_SECONDS:
+            return
+        self._last_start[peer] = now
+        out = _Outgoing(self._rng.getrandbits(62))
+        out.applied = 0  # hold compaction from now on; raised once the copy is made
+        self._running[peer] = out
+        nursery.start_soon(self._run, msg, out)
+
+    def on_ack(self, ack: SnapshotAck) -> None:
+        out = self._running.get(ack.src)
+        if out is not None and out.transfer == ack.transfer and out.acks is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                out.acks.send_nowait(ack)
+
+    async def _run(self, msg: InstallSnapshot, out: _Outgoing) -> None:
+        peer = msg.dst
+        path = self._state.snapshot_dir / f"send-{peer}-{out.transfer:d}.db"
+        try:
+            out.applied = await self._state.backup(path)
+            ok = await self._stream(msg, out, path)
+            if ok:
+                final = self._finish(msg, out.transfer, out.applied)
+                if final is not None:
+                    self._transport.send([final])
+                    self.sent += 1
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+            del self._running[peer]
+
+    async def _stream(self, msg: InstallSnapshot, out: _Outgoing, path: Path) -> bool:
+        send_acks, acks = trio.open_memory_channel[SnapshotAck](4 * WINDOW)
+        out.acks = send_acks
+        f: BinaryIO = await trio.to_thread.run_sync(lambda: open(path, "rb"))  # noqa: SIM115
+        size = os.fstat(f.fileno()).st_size
+        hasher = file_hasher()
+        event(log, "snapshot_send_started", peer=msg.dst, applied=out.applied, bytes=size)
+        with f, send_acks, acks:
+            offset = acked = 0
+            while True:
+                while offset < size and offset - acked < WINDOW * CHUNK_BYTES:
+                    data = await trio.to_thread.run_sync(f.read, CHUNK_BYTES)
+                    hasher.update(data)
+                    done = offset + len(data) >= size
+                    self._transport.send(
+                        [
+                            SnapshotChunk(
+                                term=msg.term,
+                                src=self.id,
+                                dst=msg.dst,
+                                transfer=out.transfer,
+                                offset=offset,
+                                data=data,
+                                done=done,
+                                size=size,
+                                checksum=hasher.digest() if done else b"",
+                            )
+                        ]
+                    )
+                    offset += len(data)
+                    if done:
+                        break
+                ack = None
+                with trio.move_on_after(STALL_SECONDS):
+                    ack = await acks.receive()
+                if ack is None or not ack.ok:
+                    event(
+                        log,
+                        "snapshot_send_failed",
+                        peer=msg.dst,
+                        reason="stalled" if ack is None else "refused",
+                        offset=acked,
+                    )
+                    return False
+                acked = max(acked, ack.next_offset)
+                if acked >= size and offset >= size:
+                    event(log, "snapshot_sent", peer=msg.dst, applied=out.applied, bytes=size)
+                    return True
+
+
+@dataclass
+class _Incoming:
+    transfer: int
+    leader: str
+    term: int
+    size: int
+    path: Path
+    file: BinaryIO
+    received: int = 0
+    hasher: Any = None
+
+
+class SnapshotReceiver:
+    """The follower's side: one transfer at a time; a new one replaces an unfinished one."""
+
+    def __init__(self, node_id: str, transport: PeerTransport, state: StateService) -> None:
+        self.id = node_id
+        self._transport = transport
+        self._state = state
+        self._send, self._recv = trio.open_memory_channel[SnapshotChunk](4 * WINDOW)
+        self._current: _Incoming | None = None
+        self.complete: set[int] = set()  # transfers received whole, on disk
+
+    def on_chunk(self, chunk: SnapshotChunk) -> None:
+        try:
+            self._send.send_nowait(chunk)
+        except trio.WouldBlock:  # a sender that ignores the window: refuse
+            self._ack(chunk, 0, ok=False)
+
+    def _ack(self, chunk: SnapshotChunk, next_offset: int, *, ok: bool) -> None:
+        self._transport.send(
+            [
+                SnapshotAck(
+                    term=chunk.term,
+                    src=self.id,
+                    dst=chunk.src,
+                    transfer=chunk.transfer,
+                    next_offset=next_offset,
+                    ok=ok,
+                )
+            ]
+        )
+
+    async def run(self) -> None:
+        try:
+            async for chunk in self._recv:
+                await self._handle(chunk)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._drop()
+
+    async def _drop(self) -> None:
+        cur, self._current = self._current, None
+        if cur is not None:
+
+            def drop() -> None:
+                cur.file.close()
+                cur.path.unlink(missing_ok=True)
+
+            await trio.to_thread.run_sync(drop)
+
+    async def _handle(self, chunk: SnapshotChunk) -> None:
+        cur = self._current
+        if chunk.offset == 0 and (cur is None or cur.transfer != chunk.transfer):
+            await self._drop()
+            path = self._state.snapshot_dir / f"incoming-{chunk.transfer:d}.part"
+            f: BinaryIO = await trio.to_thread.run_sync(lambda: open(path, "wb"))  # noqa: SIM115
+            cur = self._current = _Incoming(
+                chunk.transfer, chunk.src, chunk.term, chunk.size, path, f, 0, file_hasher()
+            )
+            event(log, "snapshot_receive_started", leader=chunk.src, bytes=chunk.size)
+        if (
+            cur is None
+            or cur.transfer != chunk.transfer
+            or cur.leader != chunk.src
+            or chunk.offset != cur.received
+            or chunk.size != cur.size
+        ):
+            self._ack(chunk, 0 if cur is None else cur.received, ok=False)
+            if cur is not None and cur.transfer == chunk.transfer:
+                await self._drop()
+            return
+        f = cur.file
+        await trio.to_thread.run_sync(f.write, chunk.data)
+        cur.hasher.update(chunk.data)
+        cur.received += len(chunk.data)
+        if not chunk.done:
+            self._ack(chunk, cur.received, ok=True)
+            return
+        if cur.received != cur.size or cur.hasher.digest() != chunk.checksum:
+            event(log, "snapshot_receive_failed", leader=chunk.src, reason="checksum or size")
+            await self._drop()
+            self._ack(chunk, 0, ok=False)
+            return
+        dest = install_path(self._state.data_dir, cur.transfer)
+
+        def finish() -> None:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(cur.path, dest)
+            fsync_dir(dest.parent)
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(finish)
+        self._current = None
+        self.complete.add(cur.transfer)
+        event(log, "snapshot_received", leader=chunk.src, bytes=cur.size)
+        self._ack(chunk, cur.received, ok=True)
