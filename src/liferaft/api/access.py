@@ -1,8 +1,9 @@
 """Who may do what: the role each op needs and the keys a request touches.
 
 Roles (SPEC.md §1): ``read`` = get, range, watch, status; ``write`` = read + put,
-delete, txn; ``admin`` = everything. A token's ``prefixes`` (absent: all keys) must
-cover every key and prefix a request touches, txn compares and nested ops included.
+delete, txn; ``admin`` = everything (membership, leader transfer, compaction). A token's
+``prefixes`` (absent: all keys) must cover every key and prefix a request touches, txn
+compares and nested ops included.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ OP_ROLE: dict[str, Role] = {
     "member_promote": Role.ADMIN,
     "member_remove": Role.ADMIN,
     "transfer_leader": Role.ADMIN,
+    "compact": Role.ADMIN,
 }
 
 

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from liferaft.crashpoint import crashpoint
 from liferaft.kv import schema
-from liferaft.kv.commands import INVALID_REQUEST, CommandError, decode_command
+from liferaft.kv.commands import INVALID_REQUEST, MAX_UINT, CommandError, decode_command
 from liferaft.kv.schema import StateCorrupt
 from liferaft.kv.sessions import (
     MAX_SESSIONS,
@@ -199,13 +200,19 @@ class StateDB:
         path = Path(path)
         if not path.exists():  # private: it holds the users' values
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-        conn = _connect(path, WRITER_CACHE_KIB)
+        try:
+            conn = _connect(path, WRITER_CACHE_KIB)  # its first PRAGMA reads the header
+        except sqlite3.DatabaseError as exc:
+            raise StateCorrupt(f"{path}: {exc}") from exc
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StateCorrupt(f"{path}: journal_mode is {mode}, not wal")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA journal_size_limit = 67108864")
+            # No checkpoint inside an apply's COMMIT (it would fsync on the apply path):
+            # the node calls ``checkpoint`` from a reader thread instead.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             schema.ensure(conn)
             return cls(
                 path,
@@ -387,6 +394,19 @@ class StateDB:
 
     # ------------------------------------------------------------ durability
 
+    def wal_bytes(self) -> int:
+        try:
+            return self.path.with_name(self.path.name + "-wal").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def checkpoint(self) -> int:
+        """Copy the WAL into the database without blocking the writer (PASSIVE), so the
+        WAL stays small; returns the WAL frames left uncopied. Any thread."""
+        with contextlib.closing(_connect(self.path, READER_CACHE_KIB)) as conn:
+            _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return max(0, int(frames) - int(copied))
+
     def sync(self) -> int:
         """Make everything applied so far durable (fsync the database and its WAL);
         returns the applied index that is now safe from a power loss. Call it on the
@@ -445,7 +465,9 @@ class StateDB:
                     (self._log_time_ms, "log_time_ms"),
                 ],
             )
+            crashpoint("apply_before_commit")
             w.execute("COMMIT")
+            crashpoint("apply_after_commit")
             self._publish()
         except BaseException:
             if w.in_transaction:
@@ -583,12 +605,7 @@ class StateDB:
 
     def _put(self, key: str, value: bytes, rev: int) -> None:
         w = self._w
-        row = w.execute("SELECT create_rev, version FROM kv WHERE key = ?", (key,)).fetchone()
-        create, version = (row[0], row[1] + 1) if row is not None else (rev, 1)
-        w.execute(
-            "INSERT OR REPLACE INTO kv (key, mod_rev, create_rev, version) VALUES (?, ?, ?, ?)",
-            (key, rev, create, version),
-        )
+        create, version = w.execute(_UPSERT_KV, (key, rev, rev)).fetchone()
         w.execute(
             "INSERT OR REPLACE INTO events (key, rev, create_rev, version, value) "
             "VALUES (?, ?, ?, ?, ?)",
@@ -668,6 +685,13 @@ class StateDB:
 
 # ---------------------------------------------------------------- queries
 
+# A put's key row: new (version 1, created now) or updated (version + 1), in one step.
+_UPSERT_KV = (
+    "INSERT INTO kv (key, mod_rev, create_rev, version) VALUES (?, ?, ?, 1) "
+    "ON CONFLICT (key) DO UPDATE SET mod_rev = excluded.mod_rev, version = version + 1 "
+    "RETURNING create_rev, version"
+)
+
 
 def _get(conn: sqlite3.Connection, key: str, at: int) -> KV | None:
     row = conn.execute(
@@ -692,8 +716,8 @@ def _range(
             f"JOIN events e ON e.key = kv.key AND e.rev = kv.mod_rev WHERE {where} "
             "ORDER BY kv.key"
         )
-        if limit:
-            sql += f" LIMIT {limit + 1:d}"
+        if limit:  # one more row, to tell ``more``; SQLite's LIMIT stops at MAX_UINT
+            sql += f" LIMIT {min(limit + 1, MAX_UINT):d}"
         for key, value, create, mod, version in conn.execute(sql, params):
             if limit and len(out) == limit:
                 return out, True

@@ -52,6 +52,7 @@ from liferaft.core import (
     SnapshotMeta,
     Status,
 )
+from liferaft.crashpoint import crashpoint
 from liferaft.kv.watch import Event
 from liferaft.node import transfer
 from liferaft.node.state import StateService
@@ -71,6 +72,7 @@ T = TypeVar("T")
 
 MAX_INPUTS_PER_ROUND = 4096  # inputs folded into one Ready at most
 MAX_APPLY_BATCH = 8192  # committed entries applied in one state transaction at most
+CHECKPOINT_WAL_BYTES = 8 * 1024 * 1024  # checkpoint state.db's WAL once it is this big
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,7 @@ class Node:
         self._snapshot_index = 0  # where the stored log starts
         self._snapshot_meta: SnapshotMeta | None = None
         self._compact_send, self._compact_recv = trio.open_memory_channel[None](1)
+        self._checkpoint_send, self._checkpoint_recv = trio.open_memory_channel[None](1)
         self.sender: SnapshotSender | None = None
         self.receiver: SnapshotReceiver | None = None
         self._nursery: trio.Nursery | None = None
@@ -219,6 +222,7 @@ class Node:
                 nursery.start_soon(self.receiver.run)
                 nursery.start_soon(self._applier)
                 nursery.start_soon(self._compactor)
+                nursery.start_soon(self._checkpointer)
                 nursery.start_soon(self._core_loop)
                 nursery.start_soon(self._ticker)
                 nursery.start_soon(self._sync_metrics)
@@ -549,6 +553,9 @@ class Node:
         self._applied_to(state.db.applied)
 
     def _applied_to(self, index: int) -> None:
+        if self.kv.db.wal_bytes() >= CHECKPOINT_WAL_BYTES:
+            with contextlib.suppress(trio.WouldBlock):
+                self._checkpoint_send.send_nowait(None)
         self.applied = index
         self.metrics.applied_index.set(index)
         self.waiters.on_applied_index(index)
@@ -559,6 +566,7 @@ class Node:
     async def _install(self, snap: Snapshot) -> None:
         """The core restored a snapshot (already in raft.db): swap its file in."""
         about = transfer.parse(snap.data)
+        crashpoint("snapshot_before_swap")
         await self.kv.install(about["transfer"])
         self._learn_snapshot_addresses(about)
         self._snapshot_index = max(self._snapshot_index, snap.meta.index)
@@ -567,6 +575,12 @@ class Node:
             self.on_restore()
         event(log, "snapshot_installed", index=snap.meta.index, applied=self.kv.db.applied)
         self._applied_to(self.kv.db.applied)
+
+    async def _checkpointer(self) -> None:
+        """Copy state.db's WAL into the database on a reader thread, beside the applier
+        (a checkpoint inside an apply's COMMIT would fsync on the apply path)."""
+        async for _ in self._checkpoint_recv:
+            await self.kv.read(lambda db: db.checkpoint())
 
     async def _compactor(self) -> None:
         """Drop the log up to what the state database holds durably (and no further than

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 import trio
 
 from liferaft.core import InstallSnapshot
+from liferaft.crashpoint import crashpoint
 from liferaft.node.state import StateService, fsync_dir, install_path
 from liferaft.observability.logs import event
 from liferaft.safecbor import CBORError, dumps, loads
@@ -127,6 +128,7 @@ class SnapshotSender:
         path = self._state.snapshot_dir / f"send-{peer}-{out.transfer:d}.db"
         try:
             out.applied = await self._state.backup(path)
+            crashpoint("snapshot_copy")
             ok = await self._stream(msg, out, path)
             if ok:
                 final = self._finish(msg, out.transfer, out.applied)
@@ -272,6 +274,7 @@ class SnapshotReceiver:
             return
         f = cur.file
         await trio.to_thread.run_sync(f.write, chunk.data)
+        crashpoint("snapshot_chunk")
         cur.hasher.update(chunk.data)
         cur.received += len(chunk.data)
         if not chunk.done:

@@ -1,0 +1,99 @@
+"""Snapshots as files: a follower behind the leader's log gets a copy of the state
+database streamed in chunks, swaps it in, and ends up with the same state; an install
+a crash interrupted is finished at the next start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from liferaft.client import open_client
+from liferaft.kv.commands import encode_command
+from liferaft.kv.state import StateDB
+from liferaft.node.state import StateBehind, install_path, open_state
+from liferaft.testing.localcluster import LocalCluster, wait_until
+
+HANG = 90  # a guard against hangs, not a performance claim
+
+
+def _put(i: int, key: str, value: bytes) -> object:
+    class E:
+        index, kind = i, 0
+        data = encode_command({"op": "put", "key": key, "value": value, "time_ms": 1})
+
+    return E()
+
+
+async def test_a_follower_behind_the_log_catches_up_from_a_streamed_state_file(
+    tmp_path: Path, certs: Path
+) -> None:
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"], snapshot_entries=50)
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            lead = await c.wait_leader()
+            victim = next(i for i in c.ids if i != lead)
+            c.crash(victim)
+            async with open_client(
+                [c.endpoints()[c.ids.index(lead)]], token=c.token(), cacert=certs / "ca.pem"
+            ) as client:
+                for i in range(400):  # several compactions: the log no longer has 1..
+                    await client.put(f"k{i:03d}", b"v%d" % i)
+                leader = c.nodes[lead]
+                await wait_until(lambda: leader._snapshot_index > 100)
+                node = await c.start_node(victim)
+                # More writes while the follower catches up.
+                for i in range(400, 450):
+                    await client.put(f"k{i:03d}", b"v%d" % i)
+                await wait_until(lambda: node.applied >= leader.applied)
+                assert leader.sender is not None and leader.sender.sent >= 1
+                assert node.kv.db.digest() == leader.kv.db.digest()
+                kvs, more, _ = node.kv.db.range("k")
+                assert len(kvs) == 450 and not more
+                # Only the installed state file is left: sent copies and parts are gone.
+                left = sorted(p.name for p in (node.kv.data_dir / "snapshots").iterdir())
+                assert left == []
+                sent = sorted(p.name for p in (leader.kv.data_dir / "snapshots").iterdir())
+                assert sent == []
+        nursery.cancel_scope.cancel()
+
+
+def test_a_start_finishes_an_install_that_a_crash_interrupted(tmp_path: Path) -> None:
+    data = tmp_path / "n1"
+    (data / "snapshots").mkdir(parents=True)
+    old = StateDB.open(data / "state.db")
+    old.apply([_put(1, "a", b"old")])  # type: ignore[list-item]
+    old.close()
+    new = StateDB.open(tmp_path / "leader.db")
+    new.apply([_put(i, f"k{i}", b"new") for i in range(1, 11)])  # type: ignore[misc]
+    new.backup(install_path(data, 7))
+    new.close()
+    # raft.db says the log starts after a snapshot at 8, from transfer 7: promote it.
+    db = open_state(data, snapshot_index=8, transfer=7, history_revisions=100)
+    assert db.applied == 10 and db.get("a")[0] is None and db.get("k3")[0] is not None
+    db.close()
+    assert not install_path(data, 7).exists()
+
+
+def test_a_state_behind_the_log_without_its_file_refuses_to_start(tmp_path: Path) -> None:
+    data = tmp_path / "n1"
+    data.mkdir()
+    StateDB.open(data / "state.db").close()
+    with pytest.raises(StateBehind, match="no snapshot file"):
+        open_state(data, snapshot_index=5, transfer=3, history_revisions=100)
+
+
+def test_a_start_drops_an_install_file_the_log_does_not_need(tmp_path: Path) -> None:
+    data = tmp_path / "n1"
+    (data / "snapshots").mkdir(parents=True)
+    db = StateDB.open(data / "state.db")
+    db.apply([_put(i, "a", b"%d" % i) for i in range(1, 6)])  # type: ignore[misc]
+    db.backup(install_path(data, 9))
+    db.close()
+    (data / "snapshots" / "incoming-4.part").write_bytes(b"half")
+    db = open_state(data, snapshot_index=3, transfer=None, history_revisions=100)
+    assert db.applied == 5
+    db.close()
+    assert list((data / "snapshots").iterdir()) == []
