@@ -391,7 +391,8 @@ class Node:
             about = transfer.parse(m.data)
         except ValueError:
             return False
-        return about.get("transfer") in self.receiver.complete
+        transfer_id = about.get("transfer")
+        return isinstance(transfer_id, int) and self.receiver.has(transfer_id)
 
     def _finish_transfer(
         self, msg: InstallSnapshot, transfer_id: int, applied: int

@@ -66,12 +66,15 @@ def _promote(data_dir: Path, transfer: int) -> None:
     fsync_dir(data_dir)
 
 
-def _clean(data_dir: Path, keep: Path | None = None) -> None:
-    """Drop leftover snapshot files (half-received, sent, superseded)."""
+def _clean(data_dir: Path, *, at_start: bool) -> None:
+    """Drop leftover snapshot files: at start every one (half-received, being sent,
+    superseded); after an install only other received files (a transfer in progress
+    keeps its ``.part``)."""
     snapdir = data_dir / SNAPSHOT_DIR
     for p in snapdir.iterdir():
-        if p != keep and p.suffix in (".db", ".part"):
-            p.unlink()
+        leftover = at_start and p.suffix in (".part", ".db")
+        if leftover or p.name.startswith("install-"):
+            p.unlink(missing_ok=True)
 
 
 def open_state(
@@ -95,7 +98,7 @@ def open_state(
             raise StateBehind(f"{src} is older than the log's snapshot at {snapshot_index}")
         _promote(data_dir, transfer)  # type: ignore[arg-type]  # not None: src exists
         db = StateDB.open(data_dir / DB_NAME, history_revisions=history_revisions)
-    _clean(data_dir)
+    _clean(data_dir, at_start=True)
     return db
 
 
@@ -184,7 +187,7 @@ class StateService:
                 self.db.close()
                 _promote(self.data_dir, transfer)
                 db = StateDB.open(self.data_dir / DB_NAME, history_revisions=self._history)
-                _clean(self.data_dir)
+                _clean(self.data_dir, at_start=False)
                 return db
 
             self.db = await self._write(swap)

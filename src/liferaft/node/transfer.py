@@ -241,12 +241,17 @@ class SnapshotReceiver:
             with trio.CancelScope(shield=True):
                 await self._drop()
 
+    def has(self, transfer: int) -> bool:
+        """Whether the file of ``transfer`` was received whole and is still here."""
+        return transfer in self.complete and install_path(self._state.data_dir, transfer).exists()
+
     async def _drop(self) -> None:
         cur, self._current = self._current, None
         if cur is not None:
 
             def drop() -> None:
-                cur.file.close()
+                with contextlib.suppress(OSError):
+                    cur.file.close()
                 cur.path.unlink(missing_ok=True)
 
             await trio.to_thread.run_sync(drop)
@@ -273,7 +278,13 @@ class SnapshotReceiver:
                 await self._drop()
             return
         f = cur.file
-        await trio.to_thread.run_sync(f.write, chunk.data)
+        try:
+            await trio.to_thread.run_sync(f.write, chunk.data)
+        except OSError as exc:  # disk full: give this transfer up, the node goes on
+            event(log, "snapshot_receive_failed", leader=chunk.src, reason=repr(exc)[:200])
+            await self._drop()
+            self._ack(chunk, 0, ok=False)
+            return
         crashpoint("snapshot_chunk")
         cur.hasher.update(chunk.data)
         cur.received += len(chunk.data)
@@ -294,9 +305,14 @@ class SnapshotReceiver:
             os.replace(cur.path, dest)
             fsync_dir(dest.parent)
 
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(finish)
         self._current = None
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(finish)
+        except OSError as exc:  # e.g. the file was cleaned away by an install meanwhile
+            event(log, "snapshot_receive_failed", leader=chunk.src, reason=repr(exc)[:200])
+            self._ack(chunk, 0, ok=False)
+            return
         self.complete.add(cur.transfer)
         event(log, "snapshot_received", leader=chunk.src, bytes=cur.size)
         self._ack(chunk, cur.received, ok=True)
