@@ -394,6 +394,16 @@ class Node:
         transfer_id = about.get("transfer")
         return isinstance(transfer_id, int) and self.receiver.has(transfer_id)
 
+    def _step_snapshot(self, raft: Raft, m: InstallSnapshot) -> None:
+        """Step a snapshot whose file is here; if the core does not restore from it (it
+        holds those entries already), the file is not needed and goes at once."""
+        before = raft.log.snapshot_index
+        raft.step(m)
+        if raft.log.snapshot_index == before or raft.log.snapshot_index != m.meta.index:
+            transfer_id = transfer.parse(m.data).get("transfer")
+            if self.receiver is not None and isinstance(transfer_id, int):
+                self.receiver.discard(transfer_id)
+
     def _finish_transfer(
         self, msg: InstallSnapshot, transfer_id: int, applied: int
     ) -> InstallSnapshot | None:
@@ -442,7 +452,10 @@ class Node:
                 self.waiters.proposals[index] = (raft.term, item.out)
         elif isinstance(item, _Messages):
             for m in item.msgs:
-                raft.step(m)
+                if isinstance(m, InstallSnapshot):
+                    self._step_snapshot(raft, m)
+                else:
+                    raft.step(m)
         else:
             try:
                 item.out.set(item.fn(raft))

@@ -29,6 +29,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -46,7 +47,8 @@ log = logging.getLogger("liferaft.node")
 
 CHUNK_BYTES = 512 * 1024
 WINDOW = 4  # chunks in flight per transfer
-STALL_SECONDS = 15.0  # no acknowledgement for this long: the transfer failed
+STALL_SECONDS = 5.0  # no acknowledgement for this long: the transfer failed
+LINK_CHECK_SECONDS = 0.25  # while waiting for an acknowledgement, look at the link this often
 RETRY_SECONDS = 1.0  # at least this long between two transfers to one follower
 
 
@@ -172,22 +174,28 @@ class SnapshotSender:
                     offset += len(data)
                     if done:
                         break
-                ack = None
-                with trio.move_on_after(STALL_SECONDS):
-                    ack = await acks.receive()
+                ack, why = await self._next_ack(acks, msg.dst)
                 if ack is None or not ack.ok:
-                    event(
-                        log,
-                        "snapshot_send_failed",
-                        peer=msg.dst,
-                        reason="stalled" if ack is None else "refused",
-                        offset=acked,
-                    )
+                    event(log, "snapshot_send_failed", peer=msg.dst, reason=why, offset=acked)
                     return False
                 acked = max(acked, ack.next_offset)
                 if acked >= size and offset >= size:
                     event(log, "snapshot_sent", peer=msg.dst, applied=out.applied, bytes=size)
                     return True
+
+    async def _next_ack(
+        self, acks: trio.MemoryReceiveChannel[SnapshotAck], peer: str
+    ) -> tuple[SnapshotAck | None, str]:
+        """The next acknowledgement, or None (and why) once the link to ``peer`` is down
+        (chunks sent on it may be lost) or nothing came for STALL_SECONDS."""
+        deadline = trio.current_time() + STALL_SECONDS
+        while trio.current_time() < deadline:
+            with trio.move_on_after(LINK_CHECK_SECONDS):
+                ack = await acks.receive()
+                return ack, "" if ack.ok else "refused"
+            if not self._transport.connected(peer):
+                return None, "link down"
+        return None, "stalled"
 
 
 @dataclass
@@ -209,7 +217,8 @@ class SnapshotReceiver:
         self.id = node_id
         self._transport = transport
         self._state = state
-        self._send, self._recv = trio.open_memory_channel[SnapshotChunk](4 * WINDOW)
+        # Chunks to write, and ids of received files to delete (off the event loop).
+        self._send, self._recv = trio.open_memory_channel[SnapshotChunk | int](4 * WINDOW)
         self._current: _Incoming | None = None
         self.complete: set[int] = set()  # transfers received whole, on disk
 
@@ -235,11 +244,22 @@ class SnapshotReceiver:
 
     async def run(self) -> None:
         try:
-            async for chunk in self._recv:
-                await self._handle(chunk)
+            async for item in self._recv:
+                if isinstance(item, int):
+                    path = install_path(self._state.data_dir, item)
+                    await trio.to_thread.run_sync(partial(path.unlink, missing_ok=True))
+                else:
+                    await self._handle(item)
         finally:
             with trio.CancelScope(shield=True):
                 await self._drop()
+
+    def discard(self, transfer: int) -> None:
+        """The node will not install ``transfer``'s file: delete it (a full state copy)."""
+        if transfer in self.complete:
+            self.complete.discard(transfer)
+            with contextlib.suppress(trio.WouldBlock):  # else: deleted at the next start
+                self._send.send_nowait(transfer)
 
     def has(self, transfer: int) -> bool:
         """Whether the file of ``transfer`` was received whole and is still here."""
