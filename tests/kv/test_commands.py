@@ -79,6 +79,12 @@ VALID: list[dict[str, Any]] = [
     {"id": 20, "op": "transfer_leader", "to": "n2"},
     {"id": 2**64 - 1, "op": "put", "key": "k" * MAX_KEY_BYTES, "value": b"x"},
     {"op": "put", "key": "é" * (MAX_KEY_BYTES // 2), "value": b"x"},  # id is optional
+    {"id": 21, "op": "get", "key": "a", "revision": 5},
+    {"id": 22, "op": "get", "key": "a", "revision": 0, "serializable": True},
+    {"id": 23, "op": "range", "prefix": "a/", "limit": 2, "after": "a/1", "revision": 2**63 - 1},
+    {"id": 24, "op": "range", "prefix": "", "after": "é", "serializable": False},
+    {"id": 25, "op": "compact", "revision": 7},
+    {"id": 26, "op": "compact", "revision": 0, "session": SESSION, "seq": 3},
 ]
 
 
@@ -239,6 +245,72 @@ def test_watch_and_admin_fields() -> None:
     invalid({"op": "transfer_leader", "to": ""}, "'to' must not be empty")
 
 
+# ---------------------------------------------------------------- reads at a revision, compact
+
+
+@pytest.mark.parametrize("bad", [-1, 2**63, "1", 1.0, True, None, b"1"])
+def test_read_revision_must_be_a_uint(bad: object) -> None:
+    invalid({"op": "get", "key": "a", "revision": bad}, "'revision' must be an unsigned integer")
+    invalid(
+        {"op": "range", "prefix": "", "revision": bad}, "'revision' must be an unsigned integer"
+    )
+
+
+def test_range_after_is_a_key() -> None:
+    invalid({"op": "range", "prefix": "", "after": b"a"}, "'after' must be text")
+    invalid({"op": "range", "prefix": "", "after": None}, "'after' must be text")
+    invalid({"op": "range", "prefix": "", "after": 3}, "'after' must be text")
+    invalid({"op": "range", "prefix": "", "after": ""}, "'after' must not be empty")
+    invalid({"op": "range", "prefix": "", "after": "\ud800"}, "'after' must be valid UTF-8")
+    invalid({"op": "range", "prefix": "", "after": "k" * 4097}, "'after'", code="too_large")
+    validate_request({"op": "range", "prefix": "", "after": "k" * MAX_KEY_BYTES})
+    # Paging is for ranges: a get has no ``after``.
+    invalid({"op": "get", "key": "a", "after": "a"}, "unknown field 'after'")
+
+
+@pytest.mark.parametrize("bad", [-1, 2**63, "1", 1.0, True, None])
+def test_compact_revision_must_be_a_uint(bad: object) -> None:
+    invalid({"op": "compact", "revision": bad}, "'revision' must be an unsigned integer")
+
+
+def test_compact_fields() -> None:
+    invalid({"op": "compact"}, "compact: missing field 'revision'")
+    invalid({"op": "compact", "revision": 1, "key": "a"}, "unknown field 'key'")
+    invalid({"op": "compact", "revision": 1, "session": SESSION}, "'session' and 'seq' go together")
+    invalid({"op": "compact", "revision": 1, "serializable": True}, "unknown field 'serializable'")
+
+
+def test_compact_is_a_write_command() -> None:
+    cmd = command_from_request({"id": 1, "op": "compact", "revision": 3}, time_ms=9)
+    assert cmd == {"op": "compact", "revision": 3, "time_ms": 9}
+    assert decode_command(encode_command(cmd)) == cmd
+    with pytest.raises(CommandError, match="missing field 'revision'"):
+        decode_command(encode_command({"op": "compact", "time_ms": 9}))
+
+
+@pytest.mark.parametrize(
+    ("sub", "field"),
+    [
+        ({"op": "get", "key": "a", "revision": 1}, "revision"),
+        ({"op": "get", "key": "a", "serializable": False}, "serializable"),
+        ({"op": "range", "prefix": "", "revision": 1}, "revision"),
+        ({"op": "range", "prefix": "", "after": "a"}, "after"),
+        ({"op": "range", "prefix": "", "serializable": True}, "serializable"),
+        ({"op": "range", "prefix": "", "limit": 1, "after": "a", "revision": 0}, "after"),
+    ],
+)
+def test_read_options_are_refused_inside_a_txn(sub: dict[str, Any], field: str) -> None:
+    """A txn reads at its own revision: ``revision``, ``after`` and ``serializable``
+    belong to top-level reads only."""
+    invalid({"op": "txn", "success": [sub]}, f"unknown field 'success[0].{field}'")
+    put = {"op": "put", "key": "a", "value": b""}
+    invalid({"op": "txn", "failure": [put, sub]}, f"unknown field 'failure[1].{field}'")
+
+
+def test_compact_is_not_a_txn_op() -> None:
+    invalid({"op": "txn", "success": [{"op": "compact", "revision": 1}]}, "'success[0].op'")
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -318,6 +390,9 @@ _names = st.sampled_from(
         "session",
         "seq",
         "start_revision",
+        "revision",
+        "after",
+        "serializable",
         "member_id",
         "x",
     ]
@@ -328,7 +403,9 @@ _leaves = (
     | st.integers(-3, 2**65)
     | st.binary(max_size=17)
     | st.text(max_size=5)
-    | st.sampled_from(["put", "get", "delete", "range", "txn", "watch", "version", "value", "=="])
+    | st.sampled_from(
+        ["put", "get", "delete", "range", "txn", "compact", "watch", "version", "value", "=="]
+    )
 )
 _anything = st.recursive(
     _leaves,

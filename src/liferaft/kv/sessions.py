@@ -139,9 +139,10 @@ class SessionTable:
             (session, seq, cbor2.dumps(result, canonical=True)),
         )
         # Results at or below the window's floor are never returned (lookup checks the
-        # floor first); prune them every ``window`` seqs, so a write costs O(1) on
-        # average. The points depend on seq alone, so every replica prunes alike.
-        if seq % self.window == 0:
+        # floor first); prune them each time max_seq enters a new block of ``window``
+        # seqs, so a write costs O(1) on average whatever steps the client's seqs take.
+        # The points depend on the seqs alone, so every replica prunes alike.
+        if known is not None and max_seq // self.window > known // self.window:
             conn.execute(
                 "DELETE FROM session_results WHERE id = ? AND seq <= ?",
                 (session, max_seq - self.window),
