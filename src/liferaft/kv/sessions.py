@@ -11,16 +11,21 @@ command), never a clock:
 - at most ``MAX_SESSIONS`` sessions are kept; a new one evicts the least recently used.
 
 The table lives in ``state.db`` (tables ``sessions`` and ``session_results``) and is
-changed inside the state machine's apply transaction, so it is exactly as durable as
+written inside the state machine's apply transaction, so it is exactly as durable as
 the writes it deduplicates. ``used`` is the log index of a session's last command: it
 orders sessions by last use, and since log time never decreases along the log, the
-least recently used session is also the one idle longest. The count and that oldest
-session's time are mirrored in memory, so the per-command expiry check costs no query.
+least recently used session is also the one idle longest.
+
+The sessions themselves (at most ``max_sessions`` small rows) are also held in memory,
+in order of last use, and written back once per apply batch (``flush``): a write in a
+session then costs no query for its session and one row for its result, instead of
+three statements. Results are read from the database only for a retry.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections import OrderedDict
 from typing import Any
 
 import cbor2
@@ -41,7 +46,7 @@ class SeqTooOld(Exception):
 
 
 class SessionTable:
-    """The session table inside an open write transaction on ``conn``; one writer."""
+    """The session table of one writer connection; ``flush`` before COMMIT."""
 
     def __init__(
         self,
@@ -58,49 +63,54 @@ class SessionTable:
         self.reload()
 
     def reload(self) -> None:
-        """Re-read the in-memory mirror (after open, or a rolled-back transaction)."""
-        self.count = int(self._conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
-        self._looked_up: tuple[bytes, int | None] | None = None
-        self._load_oldest()
+        """Re-read the table as committed (after open, or a rolled-back transaction),
+        forgetting changes not flushed."""
+        # id -> [last_ms, max_seq, used], least recently used first.
+        self._sessions: OrderedDict[bytes, list[int]] = OrderedDict(
+            (bytes(sid), [last_ms, max_seq, used])
+            for sid, last_ms, max_seq, used in self._conn.execute(
+                "SELECT id, last_ms, max_seq, used FROM sessions ORDER BY used"
+            )
+        )
+        self._dirty: set[bytes] = set()  # changed or new since the last flush
+        self._results: dict[tuple[bytes, int], bytes] = {}  # not yet written
 
     def __len__(self) -> int:
-        return self.count
-
-    def _load_oldest(self) -> None:
-        row = self._conn.execute(
-            "SELECT id, last_ms FROM sessions ORDER BY used LIMIT 1"
-        ).fetchone()
-        self._oldest_id: bytes | None = None if row is None else bytes(row[0])
-        self._oldest_ms: int | None = None if row is None else int(row[1])
+        return len(self._sessions)
 
     def _drop_oldest(self) -> None:
-        sid = self._oldest_id
+        """Rare (expiry, eviction), so written at once: a session created again with the
+        same id later in the batch must not see the old one's results."""
+        sid, _ = self._sessions.popitem(last=False)
+        self._dirty.discard(sid)
         self._conn.execute("DELETE FROM session_results WHERE id = ?", (sid,))
         self._conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
-        self.count -= 1
-        self._load_oldest()
+        for key in [k for k in self._results if k[0] == sid]:
+            del self._results[key]
 
     def expire(self, log_time: int) -> None:
         """Drop every session idle for ``ttl_ms`` of log time or longer."""
-        while self._oldest_ms is not None and log_time - self._oldest_ms >= self.ttl_ms:
+        sessions = self._sessions
+        while sessions and log_time - next(iter(sessions.values()))[0] >= self.ttl_ms:
             self._drop_oldest()
 
     def lookup(self, session: bytes, seq: int) -> Result | None:
         """The first result of ``seq`` if it was applied, None if it is new; raises
         SeqTooOld when it is older than the window. Changes nothing."""
-        row = self._conn.execute("SELECT max_seq FROM sessions WHERE id = ?", (session,)).fetchone()
-        max_seq = None if row is None else int(row[0])
-        self._looked_up = (session, max_seq)  # saves record() the same query
-        if max_seq is None or seq > max_seq:
+        s = self._sessions.get(session)
+        if s is None or seq > s[1]:
             return None  # never applied: nothing above max_seq has a result
-        if seq <= max_seq - self.window:
+        if seq <= s[1] - self.window:
             raise SeqTooOld(seq)
-        found = self._conn.execute(
-            "SELECT result FROM session_results WHERE id = ? AND seq = ?", (session, seq)
-        ).fetchone()
-        if found is None:
-            return None
-        result = safecbor.loads(found[0], max_depth=RESULT_MAX_DEPTH)
+        blob = self._results.get((session, seq))
+        if blob is None:
+            found = self._conn.execute(
+                "SELECT result FROM session_results WHERE id = ? AND seq = ?", (session, seq)
+            ).fetchone()
+            if found is None:
+                return None
+            blob = found[0]
+        result = safecbor.loads(blob, max_depth=RESULT_MAX_DEPTH)
         if type(result) is not dict:
             raise ValueError(f"stored result of a session is {type(result).__name__}")
         return result
@@ -108,42 +118,46 @@ class SessionTable:
     def record(self, session: bytes, seq: int, result: Result, log_time: int, used: int) -> None:
         """Remember the result of a newly applied ``seq`` (``lookup`` returned None);
         ``used`` is the command's log index."""
-        conn = self._conn
-        looked_up, self._looked_up = self._looked_up, None
-        if looked_up is not None and looked_up[0] == session:
-            known = looked_up[1]
-        else:
-            row = conn.execute("SELECT max_seq FROM sessions WHERE id = ?", (session,)).fetchone()
-            known = None if row is None else int(row[0])
-        if known is None:
-            while self.count >= self.max_sessions:
+        sessions = self._sessions
+        s = sessions.get(session)
+        if s is None:
+            while len(sessions) >= self.max_sessions:
                 self._drop_oldest()
-            conn.execute(
-                "INSERT INTO sessions (id, last_ms, max_seq, used) VALUES (?, ?, ?, ?)",
-                (session, log_time, seq, used),
-            )
-            self.count += 1
-            if self._oldest_id is None:
-                self._oldest_id, self._oldest_ms = session, log_time
-            max_seq = seq
+            sessions[session] = [log_time, seq, used]
+            known = None
         else:
-            max_seq = max(known, seq)
-            conn.execute(
-                "UPDATE sessions SET last_ms = ?, max_seq = ?, used = ? WHERE id = ?",
-                (log_time, max_seq, used, session),
-            )
-            if session == self._oldest_id:
-                self._load_oldest()
-        conn.execute(
-            "INSERT OR REPLACE INTO session_results (id, seq, result) VALUES (?, ?, ?)",
-            (session, seq, cbor2.dumps(result, canonical=True)),
-        )
+            known = s[1]
+            s[0], s[1], s[2] = log_time, max(known, seq), used
+            sessions.move_to_end(session)
+        self._dirty.add(session)
+        self._results[(session, seq)] = cbor2.dumps(result, canonical=True)
         # Results at or below the window's floor are never returned (lookup checks the
         # floor first); prune them each time max_seq enters a new block of ``window``
         # seqs, so a write costs O(1) on average whatever steps the client's seqs take.
         # The points depend on the seqs alone, so every replica prunes alike.
+        max_seq = sessions[session][1]
         if known is not None and max_seq // self.window > known // self.window:
-            conn.execute(
-                "DELETE FROM session_results WHERE id = ? AND seq <= ?",
-                (session, max_seq - self.window),
+            floor = max_seq - self.window
+            self._conn.execute(
+                "DELETE FROM session_results WHERE id = ? AND seq <= ?", (session, floor)
             )
+            for key in [k for k in self._results if k[0] == session and k[1] <= floor]:
+                del self._results[key]
+
+    def flush(self) -> None:
+        """Write the changes since the last flush (inside the open transaction)."""
+        conn = self._conn
+        if self._dirty:
+            # ``used`` is unique: rows may swap order within a batch, so the upserts go
+            # in order of use (a row's new ``used`` never collides with a later one's).
+            conn.executemany(
+                "INSERT OR REPLACE INTO sessions (id, last_ms, max_seq, used) VALUES (?, ?, ?, ?)",
+                [(sid, *self._sessions[sid]) for sid in self._sessions if sid in self._dirty],
+            )
+            self._dirty.clear()
+        if self._results:
+            conn.executemany(
+                "INSERT OR REPLACE INTO session_results (id, seq, result) VALUES (?, ?, ?)",
+                [(sid, seq, blob) for (sid, seq), blob in self._results.items()],
+            )
+            self._results.clear()

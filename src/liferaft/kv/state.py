@@ -394,12 +394,6 @@ class StateDB:
 
     # ------------------------------------------------------------ durability
 
-    def wal_bytes(self) -> int:
-        try:
-            return self.path.with_name(self.path.name + "-wal").stat().st_size
-        except FileNotFoundError:
-            return 0
-
     def checkpoint(self) -> int:
         """Copy the WAL into the database without blocking the writer (PASSIVE), so the
         WAL stays small; returns the WAL frames left uncopied. Any thread."""
@@ -454,6 +448,7 @@ class StateDB:
                 out = Applied([None] * len(entries))
                 w.execute("BEGIN IMMEDIATE")
                 self._apply_run(todo, out, offset, guarded=True)
+            self._sessions.flush()
             self._compact_some(len(todo))
             w.executemany(
                 "UPDATE meta SET value = ? WHERE name = ?",
@@ -504,6 +499,7 @@ class StateDB:
             if e.kind == NORMAL:
                 if guarded:
                     before = self._mirror()
+                    self._sessions.flush()  # so a rollback to the savepoint can reload
                     w.execute("SAVEPOINT cmd")
                     try:
                         result, events = self._command(e)

@@ -72,7 +72,7 @@ T = TypeVar("T")
 
 MAX_INPUTS_PER_ROUND = 4096  # inputs folded into one Ready at most
 MAX_APPLY_BATCH = 8192  # committed entries applied in one state transaction at most
-CHECKPOINT_WAL_BYTES = 8 * 1024 * 1024  # checkpoint state.db's WAL once it is this big
+CHECKPOINT_ENTRIES = 4096  # checkpoint state.db's WAL after this many applied entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +161,7 @@ class Node:
         self._snapshot_meta: SnapshotMeta | None = None
         self._compact_send, self._compact_recv = trio.open_memory_channel[None](1)
         self._checkpoint_send, self._checkpoint_recv = trio.open_memory_channel[None](1)
+        self._checkpointed = 0  # the applied index when the last checkpoint was asked for
         self.sender: SnapshotSender | None = None
         self.receiver: SnapshotReceiver | None = None
         self._nursery: trio.Nursery | None = None
@@ -567,9 +568,10 @@ class Node:
         self._applied_to(state.db.applied)
 
     def _applied_to(self, index: int) -> None:
-        if self.kv.db.wal_bytes() >= CHECKPOINT_WAL_BYTES:
+        if index - self._checkpointed >= CHECKPOINT_ENTRIES:
             with contextlib.suppress(trio.WouldBlock):
                 self._checkpoint_send.send_nowait(None)
+                self._checkpointed = index
         self.applied = index
         self.metrics.applied_index.set(index)
         self.waiters.on_applied_index(index)
