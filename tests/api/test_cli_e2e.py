@@ -79,3 +79,24 @@ async def test_exit_codes(tmp_path: Path, certs: Path) -> None:
         assert code == 4  # nobody answers
         code, _, _ = await cli(c, "put", "only-a-key")
         assert code == 2  # usage
+
+
+async def test_get_at_a_revision_pages_with_after_and_compact(tmp_path: Path, certs: Path) -> None:
+    async with cluster(tmp_path, certs) as c:
+        for value in ("one", "two"):
+            code, _, err = await cli(c, "put", "k", value)
+            assert code == 0, err
+        code, out, err = await cli(c, "get", "k", "--rev", "1", "-o", "json")
+        assert code == 0, err
+        assert "one" in out and "two" not in out
+        for key in ("p/a", "p/b", "p/c"):
+            assert (await cli(c, "put", key, "x"))[0] == 0
+        code, out, err = await cli(c, "get", "p/", "--prefix", "--after", "p/a", "-o", "json")
+        assert code == 0, err
+        assert [kv["key"] for kv in json.loads(out)["kvs"]] == ["p/b", "p/c"]
+        code, out, err = await cli(c, "compact", "2")
+        assert code == 0, err
+        code, _, err = await cli(c, "get", "k", "--rev", "1")
+        assert code == 1 and "compacted" in err
+        code, _, _ = await cli(c, "compact", "3", token=c.token("read,write"))
+        assert code == 3  # compaction needs the admin role

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 import trio.lowlevel
 from test_protocol import HANG, cluster, connect, leader_index
 
+from liferaft.client import Compacted, open_client
 from liferaft.testing.localcluster import LocalCluster, wait_until
 
 
@@ -125,3 +127,28 @@ async def test_a_watch_started_during_writes_misses_no_event_and_repeats_none(
                     break
                 await watcher._pump()
             assert got == want
+
+
+async def test_the_client_library_reads_history_pages_and_compacts(
+    tmp_path: Path, certs: Path
+) -> None:
+    async with (
+        cluster(tmp_path, certs) as c,
+        open_client(c.endpoints(), token=c.token(), cacert=certs / "ca.pem") as client,
+    ):
+        if True:
+            first = await client.put("lib/a", "1")
+            await client.put("lib/a", "2")
+            await client.put("lib/b", "x")
+            old = await client.get("lib/a", revision=first)
+            assert old is not None and old.value == b"1"
+            page, more = await client.range("lib/", limit=1)
+            assert [kv.key for kv in page] == ["lib/a"] and more
+            rest, more = await client.range("lib/", after="lib/a")
+            assert [kv.key for kv in rest] == ["lib/b"] and not more
+            then, _ = await client.range("lib/", revision=first)
+            assert [(kv.key, kv.value) for kv in then] == [("lib/a", b"1")]
+            await client.compact(first + 1)
+            with pytest.raises(Compacted) as caught:
+                await client.get("lib/a", revision=first)
+            assert caught.value.compact_revision == first + 1

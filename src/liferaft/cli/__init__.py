@@ -6,7 +6,17 @@ from __future__ import annotations
 import click
 
 from liferaft.cli.certs import certs, token
-from liferaft.cli.client_cmds import delete, get, member, put, status, transfer_leader, txn, watch
+from liferaft.cli.client_cmds import (
+    compact,
+    delete,
+    get,
+    member,
+    put,
+    status,
+    transfer_leader,
+    txn,
+    watch,
+)
 from liferaft.cli.node import node
 from liferaft.cli.sim import sim
 
@@ -26,6 +36,7 @@ cli.add_command(get)
 cli.add_command(delete)
 cli.add_command(txn)
 cli.add_command(watch)
+cli.add_command(compact)
 cli.add_command(status)
 cli.add_command(member)
 cli.add_command(transfer_leader)

@@ -306,16 +306,35 @@ def put(key: str, value: str | None, value_file: IO[bytes] | None, **common: Any
     is_flag=True,
     help="Let the node answer from its own state (faster, possibly stale).",
 )
+@click.option(
+    "--rev",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Read the store as it was right after revision N (0: now).",
+)
+@click.option("--after", help="With --prefix: start after this key (paging).")
 @client_options
-def get(key: str, prefix: bool, limit: int, serializable: bool, **common: Any) -> None:
+def get(
+    key: str,
+    prefix: bool,
+    limit: int,
+    serializable: bool,
+    rev: int,
+    after: str | None,
+    **common: Any,
+) -> None:
     """Print KEY and its value (or every key under the prefix KEY). Prints nothing when
     the key does not exist."""
     s = settings(**common)
+    if after is not None and not prefix:
+        raise click.UsageError("--after pages a --prefix read")
 
     async def read(c: Client) -> tuple[list[KeyValue], bool]:
         if prefix:
-            return await c.range(key, limit=limit, serializable=serializable)
-        kv = await c.get(key, serializable=serializable)
+            return await c.range(
+                key, limit=limit, serializable=serializable, after=after, revision=rev
+            )
+        kv = await c.get(key, serializable=serializable, revision=rev)
         return ([] if kv is None else [kv]), False
 
     kvs, more = run_client(s, read)
@@ -629,6 +648,20 @@ def member_remove(member_id: str, **common: Any) -> None:
     if not s.json:
         click.echo(f"Member {member_id} removed.")
     _print_members(members, None, s)
+
+
+@click.command()
+@click.argument("revision", type=click.IntRange(min=1))
+@client_options
+def compact(revision: int, **common: Any) -> None:
+    """Drop the history before REVISION on every node (admin role): reads at older
+    revisions and watches from REVISION or before get 'compacted'."""
+    s = settings(**common)
+    current = run_client(s, lambda c: c.compact(revision))
+    if s.json:
+        print_json({"compact_revision": revision, "revision": current})
+    else:
+        click.echo(f"Compacted before revision {revision} (store at revision {current}).")
 
 
 @click.command("transfer-leader")

@@ -55,6 +55,7 @@ from liferaft.client.models import (
     check_key,
     check_limit,
     check_prefix,
+    check_revision,
     compare_to_wire,
     kv_from_wire,
     ops_to_wire,
@@ -299,25 +300,42 @@ class Client:
         resp = await self._write("put", key=check_key(key), value=to_bytes(value))
         return _uint(resp, "revision")
 
-    async def get(self, key: str, *, serializable: bool = False) -> KeyValue | None:
+    async def get(
+        self, key: str, *, serializable: bool = False, revision: int = 0
+    ) -> KeyValue | None:
         """The key-value of ``key``, or None. ``serializable=True`` lets any node answer
-        from its own state (faster, possibly stale); the default is linearizable."""
+        from its own state (faster, possibly stale); the default is linearizable.
+        ``revision`` reads the store as it was right after that revision (0: now);
+        raises Compacted when that history is gone."""
         fields: dict[str, Any] = {"op": "get", "key": check_key(key)}
         if serializable:
             fields["serializable"] = True
+        if check_revision(revision):
+            fields["revision"] = revision
         kv = (await self._request(fields)).get("kv")
         return None if kv is None else kv_from_wire(kv)
 
     async def range(
-        self, prefix: str, *, limit: int = 0, serializable: bool = False
+        self,
+        prefix: str,
+        *,
+        limit: int = 0,
+        serializable: bool = False,
+        after: str | None = None,
+        revision: int = 0,
     ) -> tuple[list[KeyValue], bool]:
         """The keys under ``prefix`` in key order, at most ``limit`` of them (0: all), and
-        whether there are more. ``prefix=""`` is every key."""
+        whether there are more. ``prefix=""`` is every key. Page with ``after`` (the
+        last key of the previous page) and, for one consistent view, ``revision``."""
         fields: dict[str, Any] = {"op": "range", "prefix": check_prefix(prefix)}
         if check_limit(limit):
             fields["limit"] = limit
         if serializable:
             fields["serializable"] = True
+        if after is not None:
+            fields["after"] = check_key(after, "after")
+        if check_revision(revision):
+            fields["revision"] = revision
         resp = await self._request(fields)
         kvs = resp.get("kvs")
         if not isinstance(kvs, list):
@@ -430,6 +448,14 @@ class Client:
         if not isinstance(leader, str):
             raise InternalError("transfer_leader response without leader_id")
         return leader
+
+    async def compact(self, revision: int) -> int:
+        """Drop the history before ``revision`` on every node (admin); the store's
+        revision. Reads before it, and watches from it or before, get Compacted."""
+        if not check_revision(revision):
+            raise InvalidRequest("compact needs a revision >= 1")
+        resp = await self._write("compact", revision=revision)
+        return _uint(resp, "revision")
 
     async def refresh(self, token: str) -> None:
         """Replace the token: on the open connection (before the old one expires) and for

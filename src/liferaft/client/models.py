@@ -158,6 +158,12 @@ def check_limit(limit: object) -> int:
     return limit
 
 
+def check_revision(revision: object) -> int:
+    if type(revision) is not int or revision < 0:
+        raise InvalidRequest("revision must be an int >= 0 (0 = now)")
+    return revision
+
+
 def compare_to_wire(c: Mapping[str, Any]) -> dict[str, Any]:
     """A compare checked and normalised for the wire (``str`` values become bytes)."""
     if not isinstance(c, Mapping):

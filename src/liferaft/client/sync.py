@@ -135,15 +135,32 @@ class SyncClient:
         """See :meth:`Client.put`."""
         return self._run(self.client.put, key, value)
 
-    def get(self, key: str, *, serializable: bool = False) -> KeyValue | None:
+    def get(self, key: str, *, serializable: bool = False, revision: int = 0) -> KeyValue | None:
         """See :meth:`Client.get`."""
-        return self._run(self.client.get, key, serializable=serializable)
+        return self._run(self.client.get, key, serializable=serializable, revision=revision)
 
     def range(
-        self, prefix: str, *, limit: int = 0, serializable: bool = False
+        self,
+        prefix: str,
+        *,
+        limit: int = 0,
+        serializable: bool = False,
+        after: str | None = None,
+        revision: int = 0,
     ) -> tuple[list[KeyValue], bool]:
         """See :meth:`Client.range`."""
-        return self._run(self.client.range, prefix, limit=limit, serializable=serializable)
+        return self._run(
+            self.client.range,
+            prefix,
+            limit=limit,
+            serializable=serializable,
+            after=after,
+            revision=revision,
+        )
+
+    def compact(self, revision: int) -> int:
+        """See :meth:`Client.compact`."""
+        return self._run(self.client.compact, revision)
 
     def delete(self, key: str | None = None, *, prefix: str | None = None) -> int:
         """See :meth:`Client.delete`."""
