@@ -41,7 +41,16 @@ from typing import Any, Protocol
 
 from liferaft.crashpoint import crashpoint
 from liferaft.kv import schema
-from liferaft.kv.commands import INVALID_REQUEST, MAX_UINT, CommandError, decode_command
+from liferaft.kv.commands import INVALID_REQUEST, CommandError, decode_command
+from liferaft.kv.queries import (
+    KV,
+    event_map,
+    get_at,
+    key_bounds,
+    prefix_end,
+    range_at,
+    read_applied,
+)
 from liferaft.kv.schema import StateCorrupt
 from liferaft.kv.sessions import (
     MAX_SESSIONS,
@@ -63,9 +72,9 @@ __all__ = [
     "StateCorrupt",
     "StateDB",
     "prefix_end",
+    "read_applied",
 ]
 
-KV = dict[str, Any]  # {"key", "value", "create_revision", "mod_revision", "version"}
 Result = dict[str, Any]
 
 DB_NAME = "state.db"
@@ -105,49 +114,6 @@ class Applied:
 
 def error(code: str, message: str) -> Result:
     return {"error": {"code": code, "message": message}}
-
-
-def prefix_end(prefix: str) -> str | None:
-    """The least string after every string that starts with ``prefix`` (None: there is
-    none, every string from ``prefix`` on qualifies). SQLite compares TEXT as UTF-8
-    bytes, which orders like code points, so ``prefix <= key < prefix_end(prefix)``."""
-    chars = list(prefix)
-    while chars:
-        c = ord(chars.pop()) + 1
-        if 0xD800 <= c <= 0xDFFF:
-            c = 0xE000  # surrogates are not characters of any valid key
-        if c <= 0x10FFFF:
-            return "".join(chars) + chr(c)
-    return None
-
-
-def _kv(key: str, value: bytes | None, create: int, mod: int, version: int) -> KV:
-    return {
-        "key": key,
-        "value": value,
-        "create_revision": create,
-        "mod_revision": mod,
-        "version": version,
-    }
-
-
-def _event(key: str, rev: int, create: int, version: int, value: bytes | None) -> Event:
-    if value is None:
-        return {"type": "delete", "kv": _kv(key, None, 0, rev, 0), "revision": rev}
-    return {"type": "put", "kv": _kv(key, value, create, rev, version), "revision": rev}
-
-
-def _bounds(prefix: str, after: str | None, column: str = "key") -> tuple[str, list[str]]:
-    """The WHERE clause (and its parameters) for keys under ``prefix`` after ``after``."""
-    clauses, params = [f"{column} >= ?"], [prefix]
-    end = prefix_end(prefix)
-    if end is not None:
-        clauses.append(f"{column} < ?")
-        params.append(end)
-    if after is not None:
-        clauses.append(f"{column} > ?")
-        params.append(after)
-    return " AND ".join(clauses), params
 
 
 def _connect(path: Path, cache_kib: int) -> sqlite3.Connection:
@@ -299,7 +265,7 @@ class StateDB:
         Raises Compacted below the compaction point, ValueError for a future one."""
         with self.reader() as conn:
             current, at = self._at(conn, revision)
-            return _get(conn, key, at or current), current
+            return get_at(conn, key, at or current), current
 
     def range(
         self, prefix: str, *, limit: int = 0, after: str | None = None, revision: int = 0
@@ -308,7 +274,7 @@ class StateDB:
         by key, at most ``limit`` (0: all); whether there are more; the store revision."""
         with self.reader() as conn:
             current, at = self._at(conn, revision)
-            kvs, more = _range(conn, prefix, limit, after, at)
+            kvs, more = range_at(conn, prefix, limit, after, at)
             return kvs, more, current
 
     def events(
@@ -339,14 +305,14 @@ class StateDB:
                     (key, start, last),
                 )
             else:
-                where, params = ("", []) if not prefix else _bounds(prefix, None)
+                where, params = ("", []) if not prefix else key_bounds(prefix, None)
                 rows = conn.execute(
                     f"SELECT {cols} FROM events INDEXED BY events_by_rev "
                     f"WHERE rev >= ? AND rev <= ? {'AND ' + where if where else ''} "
                     "ORDER BY rev, key",
                     (start, last, *params),
                 )
-            return [_event(*r) for r in rows], last
+            return [event_map(*r) for r in rows], last
 
     def key_count(self) -> int:
         with self.reader() as conn:
@@ -595,8 +561,8 @@ class StateDB:
         if op == "delete":
             return {"deleted": self._delete(sub, rev)}
         if op == "get":
-            return {"kv": _get(self._w, sub["key"], rev)}
-        kvs, more = _range(self._w, sub["prefix"], sub.get("limit", 0), None, 0)
+            return {"kv": get_at(self._w, sub["key"], rev)}
+        kvs, more = range_at(self._w, sub["prefix"], sub.get("limit", 0), None, 0)
         return {"kvs": kvs, "more": more}
 
     def _put(self, key: str, value: bytes, rev: int) -> None:
@@ -607,7 +573,7 @@ class StateDB:
             "VALUES (?, ?, ?, ?, ?)",
             (key, rev, create, version, value),
         )
-        self._pending[key] = _event(key, rev, create, version, value)
+        self._pending[key] = event_map(key, rev, create, version, value)
 
     def _delete(self, req: dict[str, Any], rev: int) -> int:
         w = self._w
@@ -618,7 +584,7 @@ class StateDB:
                 else []
             )
         else:
-            where, params = _bounds(req["prefix"], None)
+            where, params = key_bounds(req["prefix"], None)
             keys = [r[0] for r in w.execute(f"SELECT key FROM kv WHERE {where}", params)]
         if keys:
             w.executemany("DELETE FROM kv WHERE key = ?", [(k,) for k in keys])
@@ -628,7 +594,7 @@ class StateDB:
                 [(k, rev) for k in keys],
             )
             for k in keys:
-                self._pending[k] = _event(k, rev, 0, 0, None)
+                self._pending[k] = event_map(k, rev, 0, 0, None)
         return len(keys)
 
     def _compare(self, c: dict[str, Any]) -> bool:
@@ -679,72 +645,9 @@ class StateDB:
         self._compacted_to = upto
 
 
-# ---------------------------------------------------------------- queries
-
 # A put's key row: new (version 1, created now) or updated (version + 1), in one step.
 _UPSERT_KV = (
     "INSERT INTO kv (key, mod_rev, create_rev, version) VALUES (?, ?, ?, 1) "
     "ON CONFLICT (key) DO UPDATE SET mod_rev = excluded.mod_rev, version = version + 1 "
     "RETURNING create_rev, version"
 )
-
-
-def _get(conn: sqlite3.Connection, key: str, at: int) -> KV | None:
-    row = conn.execute(
-        "SELECT create_rev, rev, version, value FROM events WHERE key = ? AND rev <= ? "
-        "ORDER BY rev DESC LIMIT 1",
-        (key, at),
-    ).fetchone()
-    if row is None or row[3] is None:
-        return None
-    return _kv(key, row[3], row[0], row[1], row[2])
-
-
-def _range(
-    conn: sqlite3.Connection, prefix: str, limit: int, after: str | None, at: int
-) -> tuple[list[KV], bool]:
-    """Key-values under ``prefix`` after ``after``; ``at`` 0 reads the current state."""
-    out: list[KV] = []
-    if at == 0:
-        where, params = _bounds(prefix, after, "kv.key")
-        sql = (
-            "SELECT kv.key, e.value, kv.create_rev, kv.mod_rev, kv.version FROM kv "
-            f"JOIN events e ON e.key = kv.key AND e.rev = kv.mod_rev WHERE {where} "
-            "ORDER BY kv.key"
-        )
-        if limit:  # one more row, to tell ``more``; SQLite's LIMIT stops at MAX_UINT
-            sql += f" LIMIT {min(limit + 1, MAX_UINT):d}"
-        for key, value, create, mod, version in conn.execute(sql, params):
-            if limit and len(out) == limit:
-                return out, True
-            out.append(_kv(key, value, create, mod, version))
-        return out, False
-    where, params = _bounds(prefix, after)
-    rows = conn.execute(
-        "SELECT key, MAX(rev), create_rev, version, value FROM events "
-        f"WHERE {where} AND rev <= ? GROUP BY key ORDER BY key",
-        (*params, at),
-    )
-    for key, mod, create, version, value in rows:
-        if value is None:
-            continue
-        if limit and len(out) == limit:
-            return out, True
-        out.append(_kv(key, value, create, mod, version))
-    return out, False
-
-
-def read_applied(path: Path) -> int:
-    """The applied index recorded in the state database file at ``path``; StateCorrupt
-    if it is not one."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-            app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
-            if app_id != schema.APPLICATION_ID:
-                raise StateCorrupt(f"{path} is not a liferaft state database")
-            row = conn.execute("SELECT value FROM meta WHERE name = 'applied'").fetchone()
-    except sqlite3.Error as exc:
-        raise StateCorrupt(f"{path}: {exc}") from exc
-    if row is None:
-        raise StateCorrupt(f"{path} records no applied index")
-    return int(row[0])

@@ -1,30 +1,15 @@
-"""The replicated state machine's interface, and a placeholder implementation.
+"""``DigestStateMachine``: a state machine that folds every applied entry into a running
+hash, so two nodes with the same digest at the same index applied the same history.
 
-``DigestStateMachine`` folds every applied entry into a running hash: two nodes with the
-same digest at the same index applied the same history. The simulator checks state
-machine safety with it, and the node runs it until the key-value store replaces it.
+The simulator (``liferaft.testing.sim``) checks state machine safety with it; real nodes
+run the key-value store (``liferaft.kv.StateDB``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol
 
 from liferaft.core import Entry
-
-
-class StateMachine(Protocol):
-    index: int  # the last applied index
-
-    def apply(self, entry: Entry) -> object:
-        """Apply one committed entry; the result goes back to whoever proposed it."""
-        ...
-
-    def snapshot(self) -> bytes:
-        """The state as of ``index``, for compaction and for followers far behind."""
-        ...
-
-    def restore(self, data: bytes) -> None: ...
 
 
 class DigestStateMachine:
