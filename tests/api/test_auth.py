@@ -152,3 +152,86 @@ async def test_audit_records_name_who_did_what_to_which_key_but_never_the_value(
     assert any(x["op"] == "connect" and "unauthenticated" in x["result"] for x in lines)
     assert all("remote" in x and x["msg"] == "audit" for x in lines)
     assert "s3cret-value" not in json.dumps(lines)
+
+
+def _expiring(certs: Path, *, in_s: float, **kw: object) -> str:
+    """A token the node accepts now (its 5 s leeway) that expires ``in_s`` from now."""
+    key = (certs / "jwt-private.pem").read_bytes()
+    return mint(key, sub="watcher", ttl_s=1, now=time.time() + in_s - 6, **kw)  # type: ignore[arg-type]
+
+
+async def _watch_events(r: object, wid: int) -> list[dict[str, object]]:
+    return [m for m in r.events if m["watch_id"] == wid]  # type: ignore[attr-defined]
+
+
+async def test_an_expired_token_ends_its_watches_with_a_final_message_and_an_audit_record(
+    tmp_path: Path, certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="liferaft.audit")
+    async with cluster(tmp_path, certs) as c:
+        lead = c.ids.index(await c.wait_leader())
+        async with (
+            connect(c, _expiring(certs, in_s=1.5, roles=["read"]), lead) as r,
+            connect(c, c.token("read,write"), lead) as w,
+        ):
+            wid = (await r.call(op="watch", prefix="x/"))["watch_id"]
+            await w.call(op="put", key="x/before", value=b"1")
+            while not r.events:
+                await r._pump()
+            assert r.events[0]["events"][0]["kv"]["key"] == "x/before"
+            while not any(m.get("canceled") for m in r.events):  # the expiry ends it
+                await r._pump()
+            final = r.events[-1]
+            assert final["watch_id"] == wid and final["error"]["code"] == "unauthenticated"
+            # Nothing written after the expiry reaches the expired connection.
+            await w.call(op="put", key="x/after", value=b"2")
+            assert (await r.call(op="get", key="x/after"))["error"]["code"] == "unauthenticated"
+            delivered = [e["kv"]["key"] for m in r.events for e in m["events"]]
+            assert delivered == ["x/before"]
+    formatter = JsonFormatter()
+    audit = [
+        json.loads(formatter.format(rec)) for rec in caplog.records if rec.name == "liferaft.audit"
+    ]
+    ended = [x for x in audit if x["op"] == "watch" and x["result"] == "unauthenticated"]
+    assert len(ended) == 1 and ended[0]["subject"] == "watcher" and ended[0]["key"] == "x/"
+
+
+async def test_a_refresh_before_expiry_keeps_watches_running(tmp_path: Path, certs: Path) -> None:
+    async with cluster(tmp_path, certs) as c:
+        lead = c.ids.index(await c.wait_leader())
+        short = _expiring(certs, in_s=1.0, roles=["read"])
+        async with connect(c, short, lead) as r, connect(c, c.token("read,write"), lead) as w:
+            wid = (await r.call(op="watch", prefix="y/"))["watch_id"]
+            assert (await r.call(op="refresh", token=c.token("read")))["ok"]
+            deadline = time.time() + 1.5  # past the first token's expiry and leeway
+            while time.time() < deadline:  # noqa: ASYNC110 - waiting for wall time to pass
+                await trio.sleep(0.05)
+            await w.call(op="put", key="y/1", value=b"")
+            while not r.events:
+                await r._pump()
+            assert r.events[0]["watch_id"] == wid and not r.events[0].get("canceled")
+            assert r.events[0]["events"][0]["kv"]["key"] == "y/1"
+
+
+async def test_a_refresh_that_narrows_the_prefixes_ends_only_the_watches_it_no_longer_covers(
+    tmp_path: Path, certs: Path
+) -> None:
+    async with cluster(tmp_path, certs) as c:
+        lead = c.ids.index(await c.wait_leader())
+        wide = c.token("read", prefixes=["a/", "b/"])
+        async with connect(c, wide, lead) as r, connect(c, c.token("read,write"), lead) as w:
+            wa = (await r.call(op="watch", prefix="a/"))["watch_id"]
+            wb = (await r.call(op="watch", prefix="b/"))["watch_id"]
+            assert (await r.call(op="refresh", token=c.token("read", prefixes=["a/"])))["ok"]
+            while not r.events:
+                await r._pump()
+            ended = r.events[0]
+            assert ended["watch_id"] == wb and ended["canceled"] is True
+            assert ended["error"]["code"] == "permission_denied"
+            await w.call(op="put", key="b/1", value=b"")
+            await w.call(op="put", key="a/1", value=b"")
+            while len(r.events) < 2:
+                await r._pump()
+            assert r.events[1]["watch_id"] == wa
+            assert [e["kv"]["key"] for e in r.events[1]["events"]] == ["a/1"]
+            assert all(m["watch_id"] != wb for m in r.events[1:])

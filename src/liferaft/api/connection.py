@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +65,8 @@ class Connection:
         self._out: list[dict[str, Any]] = []
         self._wake = trio.Event()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
-        self._watches: dict[int, trio.CancelScope] = {}
+        self._watches: dict[int, _Watch] = {}
+        self._claims_changed = trio.Event()  # wakes the expiry guard after a refresh
         self._next_watch = 1
         self._scope = trio.CancelScope()
         self._overflow: Closing | None = None
@@ -76,6 +78,7 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._sender)
+                nursery.start_soon(self._expiry_guard)
                 try:
                     await self._receive(nursery)
                 except Closing as c:
@@ -177,7 +180,45 @@ class Connection:
         except TokenError as exc:
             self.server.metrics.auth_failures.labels(exc.reason).inc()
             raise ApiError("unauthenticated", f"token refused: {exc.reason}") from None
+        self._claims_changed.set()
+        # The new token may allow less: a watch it no longer covers ends now.
+        for wid, w in list(self._watches.items()):
+            try:
+                access.check(self.claims, w.request)
+            except ApiError as exc:
+                self._end_watch(wid, exc.code, f"the refreshed token does not allow it: {exc}")
         return {}
+
+    async def _expiry_guard(self) -> None:
+        """End every watch once the token expires (plus the leeway): a stream must not
+        outlive the token that opened it. A refresh moves the deadline."""
+        while True:
+            self._claims_changed = trio.Event()
+            left = self.claims.exp + self.server.leeway_s - time.time()
+            with trio.move_on_after(max(0.0, left)):
+                await self._claims_changed.wait()
+                continue  # refreshed: look at the new expiry
+            if self.claims.exp + self.server.leeway_s <= time.time():
+                for wid in list(self._watches):
+                    self._end_watch(wid, "unauthenticated", "the token expired; watch again")
+                await self._claims_changed.wait()  # nothing to guard until a refresh
+
+    def _end_watch(self, wid: int, code: str, message: str) -> None:
+        """Stop watch ``wid`` with a last message saying why, and audit it."""
+        w = self._watches.pop(wid, None)
+        if w is None:
+            return
+        w.scope.cancel()
+        self._queue(
+            {
+                "watch_id": wid,
+                "events": [],
+                "revision": w.last,
+                "canceled": True,
+                "error": {"code": code, "message": message},
+            }
+        )
+        self._audit(w.request, "watch", code)
 
     # ---------------------------------------------------------------- watches
 
@@ -191,11 +232,14 @@ class Connection:
             raise handlers.compacted(Compacted(state.db.compact_revision))
         wid = self._next_watch
         self._next_watch += 1
-        scope = trio.CancelScope()
-        self._watches[wid] = scope
         sub = self.server.watch_hub.subscribe()
         now = state.db.revision  # committed: its events are in the database
-        nursery.start_soon(self._stream, wid, key, prefix, start, now, sub, scope)
+        watch = self._watches[wid] = _Watch(
+            {k: req[k] for k in ("op", "key", "prefix") if k in req},
+            trio.CancelScope(),
+            now if not start else start - 1,
+        )
+        nursery.start_soon(self._stream, wid, key, prefix, start, now, sub, watch)
         # The revision the watch starts after: a client that must resubscribe resumes
         # from it without a gap (an extension of SPEC.md §4's result).
         return {"watch_id": wid, "revision": now}
@@ -208,10 +252,10 @@ class Connection:
         start: int,
         now: int,
         sub: Subscription,
-        scope: trio.CancelScope,
+        watch: _Watch,
     ) -> None:
         state = self.server.node.kv
-        with scope, sub:
+        with watch.scope, sub:
             await trio.lowlevel.checkpoint()  # let the watch_id answer go first
             last = now if not start else start - 1  # the newest revision covered
             while last < now:  # the history, a page at a time, from the database
@@ -219,14 +263,16 @@ class Connection:
                 try:
                     events, last = await state.read(page)
                 except Compacted as exc:  # compacted while we read: the client resumes
+                    self._watches.pop(wid, None)
                     self._queue({"watch_id": wid, "events": [], "revision": last, **_ended(exc)})
                     return
+                watch.last = last
                 if events:
                     self._queue({"watch_id": wid, "events": events, "revision": last})
             async for batch in sub.events:
                 chosen = [e for e in batch if e["revision"] > last and _matches(e, key, prefix)]
                 if batch:
-                    last = max(last, batch[-1]["revision"])
+                    last = watch.last = max(last, batch[-1]["revision"])
                 if chosen:
                     self._queue({"watch_id": wid, "events": chosen, "revision": last})
             # The hub cut us off: we fell too far behind to deliver every event.
@@ -235,10 +281,10 @@ class Connection:
 
     def _unwatch(self, req: dict[str, Any]) -> dict[str, Any]:
         wid = req.get("watch_id")
-        scope = self._watches.pop(wid, None) if type(wid) is int else None
-        if scope is None:
+        watch = self._watches.pop(wid, None) if type(wid) is int else None
+        if watch is None:
             raise invalid(f"no watch {wid!r} on this connection")
-        scope.cancel()
+        watch.scope.cancel()
         return {}
 
     # ---------------------------------------------------------------- sending
@@ -273,6 +319,13 @@ class Connection:
             key=key if isinstance(key, str) else None,
             result=code,
         )
+
+
+@dataclass
+class _Watch:
+    request: dict[str, Any]  # op, key or prefix: what the token must keep covering
+    scope: trio.CancelScope
+    last: int  # the newest revision delivered (or skipped as not matching)
 
 
 def _ended(exc: Compacted) -> dict[str, Any]:
