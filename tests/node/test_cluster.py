@@ -58,6 +58,15 @@ def leaders(c: LocalCluster) -> list[str]:
     return [i for i, n in c.nodes.items() if n.raft is not None and n.raft.role is Role.LEADER]
 
 
+def one_leader_per_term(c: LocalCluster) -> bool:
+    """Election safety, which holds at every instant (unlike "exactly one leader now",
+    which a late heartbeat on a loaded machine can break for a moment)."""
+    terms = [
+        n.raft.term for n in c.nodes.values() if n.raft is not None and n.raft.role is Role.LEADER
+    ]
+    return len(terms) == len(set(terms))
+
+
 @pytest.mark.parametrize("size", [3, 5])
 async def test_a_cluster_elects_exactly_one_leader_and_replicates_to_all(
     tmp_path: Path, certs: Path, size: int
@@ -67,8 +76,11 @@ async def test_a_cluster_elects_exactly_one_leader_and_replicates_to_all(
         for i in range(30):
             await write(c, b"entry %d" % i)
         await wait_until(lambda: converged(c))
-        assert len(leaders(c)) == 1
         assert all(n.applied >= 31 for n in c.nodes.values())  # 30 writes + the no-op
+        assert one_leader_per_term(c)
+        # A follower that missed a heartbeat may be campaigning right now: wait for the
+        # cluster to settle on one leader rather than expect it at this instant.
+        await wait_until(lambda: len(leaders(c)) == 1)
 
 
 async def test_losing_the_leader_leads_to_a_new_election_and_healing_converges(
@@ -77,13 +89,26 @@ async def test_losing_the_leader_leads_to_a_new_election_and_healing_converges(
     async with running(tmp_path, certs, 3) as c:
         old = await c.wait_leader()
         await write(c, b"before")
+        stale = c.nodes[old].raft
+        assert stale is not None
+        old_term = stale.term
         c.faults.isolate(old, c.ids)
         await wait_until(lambda: c.leader() not in (None, old))
         await write(c, b"during")
         c.faults.heal()
         await write(c, b"after")
         await wait_until(lambda: converged(c))
-        assert c.nodes[old].raft is not None and c.nodes[old].raft.role is Role.FOLLOWER
+        raft = c.nodes[old].raft
+        assert raft is not None
+        assert raft.term > old_term  # it took the new leader's entries: its old term is over
+
+        def rejoined() -> bool:
+            # A follower again; or, if a missed heartbeat on a loaded machine started yet
+            # another election, possibly the elected leader of a newer term.
+            r = c.nodes[old].raft
+            return r is not None and (r.role is Role.FOLLOWER or c.leader() == old)
+
+        await wait_until(rejoined)
 
 
 async def test_writes_commit_through_message_loss_and_delay(tmp_path: Path, certs: Path) -> None:
@@ -134,11 +159,13 @@ async def test_a_whole_cluster_restart_keeps_every_committed_entry(
         some = next(iter(c.nodes.values()))
         applied = some.applied
         assert some.raft is not None
-        committed = [(e.index, e.term, e.data) for e in some.raft.log.entries]
-        for i in list(c.nodes):
-            c.crash(i)
-        for i in c.ids:
-            await c.start_node(i)
+        # Only what is applied is surely committed: a leader elected after a missed
+        # heartbeat may already have appended its no-op past it.
+        committed = [(e.index, e.term, e.data) for e in some.raft.log.entries if e.index <= applied]
+        for node_id in list(c.nodes):
+            c.crash(node_id)
+        for node_id in c.ids:
+            await c.start_node(node_id)
         await write(c, b"after")
         await wait_until(lambda: converged(c))
         for node in c.nodes.values():
