@@ -1,5 +1,6 @@
 # liferaft — developer tasks. GNU make.
-# `make test` is what CI runs (.ci/run); it installs into .venv on first use.
+# `make test` is what CI runs (.ci/run); it installs into .venv on first use, and
+# promtool with apt when run as root (`make tools`).
 
 PY ?= python3
 VENV = .venv
@@ -13,11 +14,12 @@ empty :=
 space := $(empty) $(empty)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint fmt typecheck demo certs cluster clean
+.PHONY: help install tools test test-slow lint fmt typecheck demo certs cluster clean
 
 help:
 	@echo "liferaft make targets:"
 	@echo "  install    create $(VENV) and install liferaft with the test extras (editable)"
+	@echo "  tools      programs some tests need besides Python: promtool (apt, when run as root)"
 	@echo "  test       lint, format check, mypy, import contracts, then pytest (what CI runs)"
 	@echo "             extra pytest arguments: make test PYTEST_ARGS='-k election -x'"
 	@echo "  test-slow  the slow soak/chaos tests only (pytest -m slow)"
@@ -37,7 +39,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
+# promtool (Prometheus' own checker) validates /metrics in tests/observability; that test
+# skips without it. As root on Debian (CI), install it from the `prometheus` package
+# (~19 MB download); otherwise say how, and let `make test` go on without it.
+tools:
+	@if command -v promtool >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "tools: installing promtool (Debian package prometheus)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null && \
+	  command -v promtool >/dev/null 2>&1 || \
+	  { echo "tools: could not install promtool with apt-get" >&2; exit 1; }; \
+	else \
+	  echo "tools: promtool not found; its test will skip. To install it:"; \
+	  echo "tools:   sudo apt-get install --no-install-recommends prometheus  (Debian/Ubuntu)"; \
+	  echo "tools:   or put promtool from a Prometheus release on PATH"; \
+	fi
+
+test: install tools
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy

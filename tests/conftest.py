@@ -1,8 +1,10 @@
 """Shared fixtures (a cluster PKI) and the simulator options: ``--seed N`` replays one
-seed, ``--sim-runs N`` changes how many seeds each random test runs."""
+seed, ``--sim-runs N`` changes how many seeds each random test runs; the per-test timeout
+of the slow tests."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--sim-base", type=int, default=0, help="first seed of the random simulator tests"
     )
+
+
+# pytest-timeout's limit for a test marked slow, in place of pyproject's `timeout` (300 s).
+# The longest, test_soak[7] (2,000 seeds of 7 voters), takes ~21 minutes on an idle core
+# (~0.64 s a seed); this leaves room for a shared machine.
+SLOW_TEST_TIMEOUT = 3600.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give slow tests SLOW_TEST_TIMEOUT, unless ``--timeout`` or PYTEST_TIMEOUT was given
+    (a timeout marker would override those) or the test has its own timeout marker."""
+    if config.getoption("timeout", None) is not None or os.environ.get("PYTEST_TIMEOUT"):
+        return
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,12 @@ follow the file, and every mistake is one ConfigError naming the file and the ke
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -218,10 +221,49 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
     expect_error(tmp_path, None, "is a directory")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads anything")
+# Root reads a file whatever its mode, through CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH.
+# So as root (CI) the loader runs in a child that is still uid 0, and so still the owner
+# of the venv, the source and tmp_path, but has lost both capabilities for good (from its
+# bounding and inheritable sets): its open() of a mode-000 file gets the kernel's own
+# EACCES, and the real load() turns it into the ConfigError.
+DROP_DAC = [
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+]
+LOAD_IN_CHILD = """
+import json, os, sys
+from liferaft.config import ConfigError, load
+try:
+    load(sys.argv[1])
+except ConfigError as e:
+    print(json.dumps({"euid": os.geteuid(), "path": str(e.path), "key": e.key, "error": str(e)}))
+else:
+    sys.exit("load() read the mode-000 file: the child still bypasses file modes")
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
 def test_unreadable_file(node1: Path) -> None:
     node1.chmod(0o000)
-    expect_error(node1, None, "not readable")
+    if os.geteuid() != 0:
+        expect_error(node1, None, "not readable (permission denied)")
+        return
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "as root, this test needs setpriv (util-linux) to drop CAP_DAC_*"
+    child = subprocess.run(
+        [setpriv, *DROP_DAC, sys.executable, "-c", LOAD_IN_CHILD, str(node1)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 0 and child.stdout, child.stdout + child.stderr
+    assert json.loads(child.stdout) == {
+        "euid": 0,
+        "path": str(node1),
+        "key": None,
+        "error": f"{node1}: not readable (permission denied)",
+    }
 
 
 def test_toml_syntax_error_names_line_and_column(node1: Path) -> None:

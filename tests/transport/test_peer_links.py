@@ -47,11 +47,27 @@ def make(
     )
 
 
+Events = list[tuple[str, dict[str, object]]]
+
+
+def recorder(events: Events) -> Callable[[str, dict[str, object]], None]:
+    """A transport's ``log`` hook that keeps every event it logs."""
+    return lambda event, fields: events.append((event, fields))
+
+
 async def start_cluster(
-    nursery: trio.Nursery, pki: PKI, ids: list[str], **kw: object
+    nursery: trio.Nursery,
+    pki: PKI,
+    ids: list[str],
+    logs: dict[str, Events] | None = None,
+    **kw: object,
 ) -> dict[str, PeerTransport]:
-    """Start one transport per id on port 0, then tell each the others' ports."""
-    ts = {i: make(pki, i, **kw) for i in ids}
+    """Start one transport per id on port 0, then tell each the others' ports. With
+    ``logs``, each transport's log events are appended to ``logs[id]``."""
+    ts = {
+        i: make(pki, i, **kw) if logs is None else make(pki, i, log=recorder(logs[i]), **kw)
+        for i in ids
+    }
     for t in ts.values():
         await nursery.start(t.run, (LOCAL, 0))
     for t in ts.values():
@@ -240,13 +256,69 @@ async def test_send_refuses_a_malformed_file_message_before_it_reaches_the_wire(
     assert n1.queued("n2") == 1
 
 
-async def test_quiet_links_send_keepalives_instead_of_going_idle(pki: PKI) -> None:
-    with trio.fail_after(HANG_GUARD):
-        async with trio.open_nursery() as nursery:
-            ts = await start_cluster(nursery, pki, ["n1", "n2"], idle_timeout=0.3)
-            await wait_for(lambda: ts["n2"].stats.received_batches["n1"] >= 3)
-            await still_works(ts["n1"], ts["n2"], 7)
-            nursery.cancel_scope.cancel()
+async def test_quiet_links_send_keepalives_instead_of_going_idle(
+    pki: PKI, mock_clock: trio.testing.MockClock
+) -> None:
+    # Time passes only by jumps of the mock clock: each jump is longer than the keepalive
+    # interval (idle / 3) and shorter than the idle timeout, and the next one waits until
+    # the keepalives it set off have arrived. Six jumps are three idle timeouts without a
+    # message from the core, so links that stay up throughout are kept up by keepalives
+    # alone. The clock also runs at real speed, for the hang guards and polls; an idle
+    # timeout of an hour is never reached that way, so a slow machine changes nothing.
+    mock_clock.rate = 1.0
+    idle, jumps = 3600.0, 6
+    ids = ["n1", "n2"]
+    logs: dict[str, Events] = {i: [] for i in ids}
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(HANG_GUARD):
+            ts = await start_cluster(nursery, pki, ids, logs=logs, idle_timeout=idle)
+            n1, n2 = ts["n1"], ts["n2"]
+            await wait_for(lambda: n1.connected("n2") and n2.connected("n1"))
+            await wait_for(lambda: n1.stats.accepts == n2.stats.accepts == 1)
+
+        def batches() -> tuple[int, int]:  # what each side received from the other
+            return n2.stats.received_batches["n1"], n1.stats.received_batches["n2"]
+
+        def trouble() -> bool:
+            return any(t.stats.closes or t.connects > 1 for t in ts.values())
+
+        for jump in range(jumps):
+
+            def keepalive_each_way_or_trouble(had: tuple[int, int] = batches()) -> bool:
+                return all(n > h for n, h in zip(batches(), had, strict=True)) or trouble()
+
+            mock_clock.jump(idle / 2)
+            with trio.fail_after(HANG_GUARD):
+                await wait_for(keepalive_each_way_or_trouble)
+            assert_one_quiet_link_each_way(ts, logs, f"after jump {jump + 1}")
+        with trio.fail_after(HANG_GUARD):
+            await still_works(n1, n2, 7)
+            await still_works(n2, n1, 8)
+        assert batches() == (jumps + 1, jumps + 1)  # a keepalive per jump, then one message
+        assert_one_quiet_link_each_way(ts, logs, "at the end")
+        nursery.cancel_scope.cancel()
+
+
+def assert_one_quiet_link_each_way(
+    ts: dict[str, PeerTransport], logs: dict[str, Events], when: str
+) -> None:
+    """Each transport made one connection and accepted one, and neither side closed one:
+    no idle close, no replacement, no redial, nothing refused."""
+    for i, t in ts.items():
+        where = f"{i} {when}"
+        assert t.stats.closes["idle"] == 0, where
+        assert sum(t.stats.closes.values()) == 0, (where, t.stats.closes)
+        assert (t.connects, t.stats.accepts) == (1, 1), where
+        assert link_events(logs[i]) == [("peer_connected", "in"), ("peer_connected", "out")], (
+            where,
+            logs[i],
+        )
+
+
+def link_events(events: Events) -> list[tuple[str, object]]:
+    """What a transport logged about its links (connects, disconnects, idle closes,
+    failed dials, refusals), as sorted ``(event, direction)`` pairs."""
+    return sorted((e, f.get("direction")) for e, f in events if e != "peer_listening")
 
 
 # ---------------------------------------------------------------- who may connect
