@@ -4,8 +4,8 @@ tests see exactly what goes over the wire."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,9 @@ import trio
 import trio_websocket
 
 from liferaft.api.watch import WatchHub
+from liferaft.core import AnyMessage
+from liferaft.core.messages import AppendEntries
+from liferaft.node.node import Node
 from liferaft.testing.localcluster import LocalCluster, wait_until
 
 HANG = 60  # a guard against hangs, not a performance claim
@@ -41,6 +44,7 @@ class Raw:
         self.next_id = 1
         self.pending: dict[int, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
+        self.arrived: list[int] = []  # response ids in the order they came
         self.messages = 0
 
     async def send(self, *reqs: dict[str, Any], array: bool = False) -> list[int]:
@@ -62,6 +66,7 @@ class Raw:
                 self.events.append(item)
             else:
                 self.pending[item["id"]] = item
+                self.arrived.append(item["id"])
 
     async def response(self, rid: int) -> dict[str, Any]:
         while rid not in self.pending:
@@ -89,6 +94,32 @@ async def connect(c: LocalCluster, token: str, node: int = 0) -> AsyncIterator[R
 
 async def leader_index(c: LocalCluster) -> int:
     return c.ids.index(await c.wait_leader())
+
+
+@contextmanager
+def appends_blocked(c: LocalCluster, src: str, dst: str) -> Iterator[None]:
+    """Drop the log appends ``src`` sends ``dst``, one way, and nothing else: ``dst`` keeps
+    getting heartbeats (so it follows ``src`` and does not campaign) and read-index
+    answers, but no new entries. Wraps ``src``'s fault-layer filter: the fault layer's
+    ``blocked`` pairs would cut every message, read-index answers included."""
+    node = c.nodes[src]
+    inner = node._send_filter
+
+    def drop_appends(msgs: list[AnyMessage]) -> list[AnyMessage]:
+        out = inner(msgs) if inner is not None else msgs
+        return [m for m in out if not (isinstance(m, AppendEntries) and m.dst == dst)]
+
+    node._send_filter = drop_appends
+    try:
+        yield
+    finally:
+        node._send_filter = inner
+
+
+def waiting_to_apply(node: Node) -> bool:
+    """A linearizable read on ``node`` got its read index and waits for the state machine
+    to reach it."""
+    return any(index > node.applied for index, _ in node.waiters.applied)
 
 
 async def test_put_get_range_delete_and_revisions(tmp_path: Path, certs: Path) -> None:
@@ -132,23 +163,37 @@ async def test_txn_compares_and_applies_atomically(tmp_path: Path, certs: Path) 
 async def test_pipelined_requests_complete_out_of_order_and_batch(
     tmp_path: Path, certs: Path
 ) -> None:
-    async with cluster(tmp_path, certs) as c, connect(c, c.token(), await leader_index(c)) as r:
-        await r.call(op="put", key="k", value=b"v")
-        # A write must wait for a quorum; a serializable read answers at once.
-        ids = await r.send(
-            {"op": "put", "key": "k", "value": b"w"},
-            {"op": "get", "key": "k", "serializable": True},
-        )
-        order: list[int] = []
-        while len(order) < 2:
-            await r._pump()
-            order = [i for i in ids if i in r.pending]
-        assert all(r.pending[i]["ok"] for i in ids)
-        many = await r.send(*({"op": "get", "key": "k", "serializable": True} for _ in range(50)))
-        before = r.messages
-        for i in many:
-            await r.response(i)
-        assert r.messages - before < 50  # responses ready together share a message
+    async with cluster(tmp_path, certs) as c:
+        lead = await leader_index(c)
+        follower = (lead + 1) % 3
+        lid, fid = c.ids[lead], c.ids[follower]
+        async with connect(c, c.token(), lead) as w, connect(c, c.token(), follower) as r:
+            await w.call(op="put", key="k", value=b"v")
+            await wait_until(lambda: c.nodes[fid].applied >= c.nodes[lid].applied)
+            with appends_blocked(c, lid, fid):
+                await w.call(op="put", key="k", value=b"w")  # committed without the follower
+                # One message: a linearizable read first, then two requests that need
+                # nothing from the cluster. The read cannot be answered while the follower
+                # lacks the put (it waits to apply it), so the later ones overtake it.
+                slow, *fast = await r.send(
+                    {"op": "get", "key": "k"},
+                    {"op": "get", "key": "k", "serializable": True},
+                    {"op": "status"},
+                )
+                await wait_until(lambda: waiting_to_apply(c.nodes[fid]))
+                stale, status = [await r.response(i) for i in fast]
+                assert stale["kv"]["value"] == b"v" and status["ok"]
+                assert sorted(r.arrived) == fast  # both answered (in either order), not the read
+            got = await r.response(slow)  # the follower gets the put and answers the read
+            assert got["ok"] and got["kv"]["value"] == b"w"
+            assert r.arrived[-1] == slow and slow < min(fast)  # sent first, answered last
+            many = await r.send(
+                *({"op": "get", "key": "k", "serializable": True} for _ in range(50))
+            )
+            before = r.messages
+            for i in many:
+                await r.response(i)
+            assert r.messages - before < 50  # responses ready together share a message
 
 
 async def test_errors_are_answered_by_id_and_the_connection_survives(
@@ -189,14 +234,31 @@ async def test_a_follower_redirects_writes_and_serves_linearizable_reads(
     async with cluster(tmp_path, certs) as c:
         lead = await leader_index(c)
         follower = (lead + 1) % 3
-        async with connect(c, c.token(), lead) as r:
-            await r.call(op="put", key="seen", value=b"yes")
-        async with connect(c, c.token(), follower) as r:
-            w = await r.call(op="put", key="k", value=b"v")
-            assert w["error"]["code"] == "not_leader"
-            assert w["error"]["leader_endpoint"] == c.endpoints()[lead]
-            got = await r.call(op="get", key="seen")  # ReadIndex through the leader
-            assert got["ok"] and got["kv"]["value"] == b"yes"
+        lid, fid = c.ids[lead], c.ids[follower]
+        async with connect(c, c.token(), lead) as w, connect(c, c.token(), follower) as r:
+            await w.call(op="put", key="seen", value=b"old")
+            redirected = await r.call(op="put", key="k", value=b"v")
+            assert redirected["error"]["code"] == "not_leader"
+            assert redirected["error"]["leader_endpoint"] == c.endpoints()[lead]
+            await wait_until(lambda: c.nodes[fid].applied >= c.nodes[lid].applied)
+            with appends_blocked(c, lid, fid):
+                new = await w.call(op="put", key="seen", value=b"new")
+                written = c.nodes[lid].applied  # the put's entry is applied on the leader
+                # The follower really is behind: its own state still has the old value.
+                stale = await r.call(op="get", key="seen", serializable=True)
+                assert stale["kv"]["value"] == b"old"
+                (rid,) = await r.send({"op": "get", "key": "seen"})
+                # The read got a read index from the leader and waits to apply it...
+                await wait_until(lambda: waiting_to_apply(c.nodes[fid]))
+                assert c.nodes[fid].applied < written
+                still = await r.call(op="get", key="seen", serializable=True)
+                assert still["kv"]["value"] == b"old" and rid not in r.arrived
+            # ...and answers with the new value once the follower has the entry: it waits,
+            # neither stale nor refused (docs/client-protocol.md, "Reads").
+            got = await r.response(rid)
+            assert got["ok"] and got["kv"]["value"] == b"new"
+            assert got["kv"]["mod_revision"] == new["revision"]
+            assert c.nodes[fid].applied >= written
 
 
 async def test_watch_streams_changes_from_a_revision(tmp_path: Path, certs: Path) -> None:
@@ -299,9 +361,61 @@ async def test_bad_frames_close_only_that_connection(tmp_path: Path, certs: Path
         await wait_until(lambda: c.leader() is not None)
 
 
-def test_a_snapshot_install_ends_every_watch() -> None:
-    """Events between the old state and an installed snapshot were never published, so
-    the hub ends each subscription rather than let a watch silently skip them."""
+async def test_a_snapshot_install_ends_every_watch(tmp_path: Path, certs: Path) -> None:
+    """A follower that installs a snapshot never published the events in between, so a
+    watch open on it must end rather than silently skip them: the node closes the
+    watcher's connection (1013, as for a watcher that fell behind), and watching again
+    from the last revision seen replays what the watch missed."""
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"], snapshot_entries=20)
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            lead = await leader_index(c)
+            follower = (lead + 1) % 3
+            lid, fid = c.ids[lead], c.ids[follower]
+            leader, node = c.nodes[lid], c.nodes[fid]
+            sender, leader_log = leader.sender, leader.raft
+            assert sender is not None and leader_log is not None and node.raft is not None
+            async with connect(c, c.token(), lead) as w:
+                await w.call(op="put", key="w/0", value=b"0")
+                await wait_until(lambda: node.applied >= leader.applied)
+                async with connect(c, c.token(), follower) as r:
+                    watch = await r.call(op="watch", prefix="w/")
+                    wid, seen = watch["watch_id"], watch["revision"]
+                    behind = node.raft.log.last_index
+                    sent = sender.sent
+                    with appends_blocked(c, lid, fid):
+                        for i in range(1, 50):
+                            await w.call(op="put", key=f"w/{i}", value=b"%d" % i)
+                        # The leader compacted its log past everything the follower has:
+                        # only a snapshot can bring the follower up to date now.
+                        await wait_until(lambda: leader_log.log.snapshot_index > behind)
+                        assert node.applied <= behind
+                        assert (await r.call(op="status"))["ok"]  # the watcher is connected
+                    with pytest.raises(trio_websocket.ConnectionClosed) as info:
+                        while True:
+                            await r._pump()
+                    assert node._snapshot_meta is not None
+                    assert node._snapshot_meta.index > behind  # installed before the close
+                    assert info.value.reason is not None and info.value.reason.code == 1013
+                    assert [m for m in r.events if m["watch_id"] == wid] == []
+                    await wait_until(lambda: sender.sent > sent)  # a state file came
+                # Watching again from the last revision seen misses nothing.
+                async with connect(c, c.token(), follower) as r:
+                    again = await r.call(op="watch", prefix="w/", start_revision=seen + 1)
+
+                    def keys() -> list[str]:
+                        return [e["kv"]["key"] for m in r.events for e in m["events"]]
+
+                    while len(keys()) < 49:
+                        await r._pump()
+                    assert again["ok"] and keys() == [f"w/{i}" for i in range(1, 50)]
+        nursery.cancel_scope.cancel()
+
+
+def test_the_watch_hub_reset_ends_every_subscription_after_what_is_queued() -> None:
+    """The hub's half of the above: reset() closes every subscription, and what was
+    published before it is still delivered first."""
     hub = WatchHub()
     with hub.subscription() as events:
         hub.publish([{"revision": 1}])

@@ -203,6 +203,7 @@ class FakeServer:
         self._ctx = client_server_context(certs / f"{node_id}.pem", certs / f"{node_id}-key.pem")
         self.port = 0
         self.messages: list[object] = []  # every WebSocket message received, decoded
+        self.arrivals: list[float] = []  # trio.current_time() of each request received
         self.faults: deque[Fault] = deque()
         self.redirect_to: str | None = None  # set: every write answers not_leader -> here
         self.reverse = False  # answer each request of a message alone, in reverse order
@@ -271,6 +272,7 @@ class FakeServer:
                 assert isinstance(data, bytes), "the client sends binary messages only"
                 msg = cbor2.loads(data)
                 self.messages.append(msg)
+                self.arrivals += [trio.current_time()] * (len(msg) if isinstance(msg, list) else 1)
                 responses = []
                 for req in msg if isinstance(msg, list) else [msg]:
                     if req["op"] in WRITES:

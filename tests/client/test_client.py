@@ -4,13 +4,18 @@ redirects, typed errors, the handshake's 401."""
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
+import itertools
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from fakeserver import TOKEN, FakeCluster, make_certs, refusing_port
+from trio.testing import MockClock
 
 from liferaft.client import (
     Client,
@@ -36,7 +41,10 @@ from liferaft.client import (
     op_range,
     open_client,
 )
+from liferaft.client.client import BACKOFF_BASE, BACKOFF_CAP
 from liferaft.client.wire import decode_message, pack, parse_endpoint
+
+HANG = 60  # seconds: a guard against hangs, not a performance claim
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +315,9 @@ async def test_retry_after_dropped_connection_keeps_session_and_seq(
     assert len(attempts) == 2
     assert attempts[0]["session"] == attempts[1]["session"]
     assert attempts[0]["seq"] == attempts[1]["seq"]
-    assert len(cluster.store.applied) == 1  # exactly once
+    # The fake applies a (session, seq) once, so this only shows the client resent the
+    # same pair; that the real cluster applies it once: test_client_cluster.py.
+    assert len(cluster.store.applied) == 1
     assert rev == 1 and n2.accepted == 1  # the retry went to the next endpoint
 
 
@@ -324,16 +334,90 @@ async def test_not_leader_redirect_keeps_session_and_seq(cluster: FakeCluster, c
     assert [r["op"] for r in n1.requests] == ["put"]  # later writes go to n2 directly
 
 
-async def test_unavailable_is_retried_with_backoff(cluster: FakeCluster, certs: Path) -> None:
+class Jitter(random.Random):
+    """The client's source of jitter (seeded): records each draw, and tells the clock
+    driver that the client is about to sleep (it draws right before it sleeps)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.draws: list[float] = []
+        self.drawn = trio.Event()
+
+    def uniform(self, a: float, b: float) -> float:
+        x = super().uniform(a, b)
+        self.draws.append(x)
+        self.drawn.set()
+        return x
+
+
+async def advance_through_backoffs(clock: MockClock, jitter: Jitter) -> None:
+    """Move the frozen clock only while the client sleeps its back-off: after each draw,
+    to the next deadline, which is the client's wake-up (its attempt's timeout is gone,
+    its call's deadline is later). Network waits never see time pass."""
+    while True:
+        await jitter.drawn.wait()
+        jitter.drawn = trio.Event()
+        clock.jump(trio.lowlevel.current_statistics().seconds_to_next_deadline)
+
+
+@contextmanager
+def real_time_limit(seconds: float) -> Iterator[None]:
+    """A hang guard for a test on a frozen MockClock, where trio.fail_after would never
+    fire: cancel the block after ``seconds`` of real time."""
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+        timer = threading.Timer(seconds, token.run_sync_soon, (scope.cancel,))
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+    if scope.cancelled_caught:
+        pytest.fail(f"still running after {seconds:g} s of real time")
+
+
+def backoff_bounds(failures: int) -> tuple[float, float]:
+    """The client's back-off after ``failures`` earlier failures of a call: "equal
+    jitter" in [cap/2, cap], the cap doubling from BACKOFF_BASE up to BACKOFF_CAP."""
+    cap = min(BACKOFF_CAP, BACKOFF_BASE * 2**failures)
+    return cap / 2, cap
+
+
+async def test_unavailable_is_retried_with_backoff(
+    cluster: FakeCluster, certs: Path, mock_clock: MockClock
+) -> None:
+    """On a frozen clock that moves only to the client's own wake-ups, the time between
+    two attempts (as the server sees them) is exactly the back-off the client slept."""
     n1 = cluster["n1"]
-    async with opener(cluster, certs, "n1") as c:
-        n1.inject("unavailable", op="put", times=3)
-        n1.inject("unavailable", op="get", times=1)
-        assert await c.put("k", b"v") == 1
-        assert (await c.get("k")) is not None
-    puts = [r for r in n1.requests if r["op"] == "put"]
+    jitter = Jitter(seed=5)
+    with real_time_limit(HANG):
+        async with opener(cluster, certs, "n1") as c, trio.open_nursery() as nursery:
+            c._rng = jitter  # open_client takes no rng; Client(rng=...) is the seam
+            nursery.start_soon(advance_through_backoffs, mock_clock, jitter)
+            n1.inject("unavailable", op="put", times=3)
+            n1.inject("unavailable", op="get", times=1)
+            start = trio.current_time()
+            assert await c.put("k", b"v") == 1
+            put_done = trio.current_time()
+            assert (await c.get("k")) is not None
+            nursery.cancel_scope.cancel()
+    timed = list(zip(n1.arrivals, n1.requests, strict=True))
+    puts = [r for _, r in timed if r["op"] == "put"]
     assert len(puts) == 4 and len({(r["session"], r["seq"]) for r in puts}) == 1
     assert len(cluster.store.applied) == 1
+    put_times = [t for t, r in timed if r["op"] == "put"]
+    get_times = [t for t, r in timed if r["op"] == "get"]
+    put_gaps = [b - a for a, b in itertools.pairwise(put_times)]
+    get_gaps = [b - a for a, b in itertools.pairwise(get_times)]
+    # Each gap is the back-off after that many failures, and exactly the jitter drawn:
+    # 25-50 ms, then 50-100 ms, then 100-200 ms; a new call starts again at 25-50 ms.
+    for gaps in (put_gaps, get_gaps):
+        for failures, gap in enumerate(gaps):
+            low, high = backoff_bounds(failures)
+            assert low <= gap <= high, (failures, gap)
+    expected = [backoff_bounds(f)[0] + u for f, u in zip([0, 1, 2, 0], jitter.draws, strict=True)]
+    assert [*put_gaps, *get_gaps] == pytest.approx(expected, abs=1e-9)
+    assert put_times[0] == start and put_done == put_times[-1]  # no time but the back-offs
 
 
 async def test_timeout_is_retried(cluster: FakeCluster, certs: Path) -> None:
