@@ -21,7 +21,7 @@ import trio_websocket
 
 from liferaft.api import access, handlers
 from liferaft.api.errors import ApiError, invalid
-from liferaft.api.watch import Subscription
+from liferaft.api.watch import RESET, Subscription
 from liferaft.kv.commands import WRITE_OPS, RequestError, validate_request
 from liferaft.kv.state import StateDB
 from liferaft.kv.watch import Compacted
@@ -257,27 +257,41 @@ class Connection:
         state = self.server.node.kv
         with watch.scope, sub:
             await trio.lowlevel.checkpoint()  # let the watch_id answer go first
-            last = now if not start else start - 1  # the newest revision covered
-            while last < now:  # the history, a page at a time, from the database
-                page = partial(StateDB.events, start=last + 1, end=now, key=key, prefix=prefix)
-                try:
-                    events, last = await state.read(page)
-                except Compacted as exc:  # compacted while we read: the client resumes
-                    self._watches.pop(wid, None)
-                    self._queue({"watch_id": wid, "events": [], "revision": last, **_ended(exc)})
-                    return
-                watch.last = last
-                if events:
-                    self._queue({"watch_id": wid, "events": events, "revision": last})
+            watch.last = now if not start else start - 1  # the newest revision covered
+            if not await self._catch_up(wid, key, prefix, now, watch):
+                return
             async for batch in sub.events:
+                if batch is RESET:  # a snapshot replaced the state: read what it brought
+                    if not await self._catch_up(wid, key, prefix, state.db.revision, watch):
+                        return
+                    continue
+                last = watch.last
                 chosen = [e for e in batch if e["revision"] > last and _matches(e, key, prefix)]
                 if batch:
-                    last = watch.last = max(last, batch[-1]["revision"])
+                    watch.last = max(last, batch[-1]["revision"])
                 if chosen:
-                    self._queue({"watch_id": wid, "events": chosen, "revision": last})
+                    self._queue({"watch_id": wid, "events": chosen, "revision": watch.last})
             # The hub cut us off: we fell too far behind to deliver every event.
             self._overflow = Closing(TRY_LATER, "a watch fell behind; watch again from a revision")
             self._scope.cancel()
+
+    async def _catch_up(
+        self, wid: int, key: str | None, prefix: str | None, upto: int, watch: _Watch
+    ) -> bool:
+        """Deliver the history after ``watch.last`` up to ``upto`` from the database, a
+        page at a time; False if it was compacted meanwhile (the watch then ends)."""
+        state = self.server.node.kv
+        while watch.last < upto:
+            page = partial(StateDB.events, start=watch.last + 1, end=upto, key=key, prefix=prefix)
+            try:
+                events, watch.last = await state.read(page)
+            except Compacted as exc:  # compacted before we read it: the client resumes
+                self._watches.pop(wid, None)
+                self._queue({"watch_id": wid, "events": [], "revision": watch.last, **_ended(exc)})
+                return False
+            if events:
+                self._queue({"watch_id": wid, "events": events, "revision": watch.last})
+        return True
 
     def _unwatch(self, req: dict[str, Any]) -> dict[str, Any]:
         wid = req.get("watch_id")

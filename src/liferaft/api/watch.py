@@ -3,6 +3,8 @@
 The applier publishes each applied batch of events once; every subscription gets it on
 its own bounded channel. A subscriber that falls that far behind is cut off (its watch
 ends and the client sees the connection close) rather than buffering without bound.
+After a snapshot install the hub sends ``RESET``: the state jumped, and each watch reads
+the revisions it did not see from the new database.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any
 import trio
 
 QUEUE = 1024  # event batches a subscription may lag behind
+
+# Published by ``reset``; compared by identity, never delivered as events.
+RESET: list[dict[str, Any]] = []
 
 
 class WatchHub:
@@ -29,11 +34,10 @@ class WatchHub:
                 send.close()  # the slow watcher's stream ends
 
     def reset(self) -> None:
-        """The state machine was replaced by a snapshot: events in between were never
-        published, so every watch ends (its client watches again from a revision)."""
-        for send in list(self._subs):
-            self._subs.discard(send)
-            send.close()
+        """The state machine was replaced by a snapshot: the events in between were never
+        published. Every subscriber gets ``RESET`` and reads them from the new database
+        (a subscriber too far behind to take it is cut off, as by ``publish``)."""
+        self.publish(RESET)
 
     def subscribe(self) -> Subscription:
         """Start receiving every batch published from now on."""
