@@ -2,7 +2,8 @@
 
 Each test is named after the sentence it checks. The simulator's checker runs under all
 of them, so besides the explicit assertions every step is also checked for election
-safety, log matching, leader completeness and state machine safety.
+safety, log matching, leader completeness, state machine safety, one vote per term and
+a disk that never goes back (and refuses a broken log).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from liferaft.core import (
     ConfChangeType,
     Entry,
     HardState,
+    HeartbeatResponse,
     InstallSnapshot,
     ProposalRefused,
     RaftConfig,
@@ -292,9 +294,25 @@ def test_read_index_waits_until_a_new_leader_commits_an_entry_of_its_term() -> N
     c.drain("n1")
     # Deliver only until n2 is leader, then ask before its no-op can commit.
     c.run_until(lambda: c.raft("n2").role is Role.LEADER, 5 * ELECTION)
+    n2 = c.raft("n2")
+    assert n2.log.term(written + 1) == n2.term and n2.commit == written  # no-op uncommitted
+    # Hold back every acknowledgement of appends to n2, so its no-op cannot commit,
+    # while heartbeats still flow: a quorum keeps confirming its leadership.
+    confirmations: list[str] = []
+
+    def hold_append_acks(m: AnyMessage) -> bool:
+        if m.dst == "n2" and isinstance(m, HeartbeatResponse):
+            confirmations.append(m.src)
+        return not (m.dst == "n2" and isinstance(m, AppendResponse))
+
+    c.network.tap = hold_append_acks
     c.read("n2", b"r")
-    assert b"r" not in c.reads or c.raft("n2").commit > written
-    c.stabilize()
+    c.run(3 * ELECTION // 2)  # many heartbeat rounds, and a check-quorum check passed
+    assert {"n1", "n3"} <= set(confirmations) and n2.role is Role.LEADER
+    assert n2.commit == written and b"r" not in c.reads  # the read waits for the commit
+    c.network.tap = None  # the no-op commits; then, and only then, the read is answered
+    c.run_until(lambda: b"r" in c.reads, 5 * ELECTION)
+    assert n2.commit > written
     index = c.reads[b"r"]
     assert index is not None and index >= written + 1  # covers the new term's no-op
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from liferaft.core import (
     ConfChange,
     ConfChangeType,
+    Entry,
     NotLeader,
     ProposalRefused,
     RaftConfig,
@@ -256,7 +257,10 @@ class _Run:
 
         Like a real client, the write is retried on the new leader if the one it went
         to loses its leadership (it may have been cut off just before the heal, and
-        check-quorum then deposes it); each retry is a fresh entry.
+        check-quorum then deposes it, or its own removal commits and it steps down in
+        the same term); each retry is a fresh entry with its own payload.
+        The write succeeds when every voter has applied *that* entry (its term and
+        payload) at the index the leader gave it, not merely some entry at that index.
         """
         c = self.cluster
         c.network.heal()
@@ -270,31 +274,62 @@ class _Run:
         except TimeoutError:
             raise LivenessViolation(f"no leader within {bound} ticks of healing") from None
         start = c.now
-        while c.now - start < bound:
-            leader = self._stable_leader()
-            index = None
-            if leader is not None:
-                # refused during a leadership transfer, which finishes or times out
-                with contextlib.suppress(ProposalRefused, NotLeader):
-                    index = c.propose(leader, b"final")
-            if leader is None or index is None:
-                c.tick()
-                continue
-            term = c.raft(leader).term
-            voters = c.raft(leader).membership.voters
+        # (voter, index) -> (term, payload) of each entry applied from now on. No
+        # compaction happens any more, so every voter applies the write's entry itself
+        # (no snapshot can cover it) and the hook sees it.
+        applied: dict[tuple[str, int], tuple[int, bytes]] = {}
 
-            def done(i: int = index, vs: frozenset[str] = voters) -> bool:
-                return all(c.applied(v) >= i for v in vs)
+        def watch(nid: str, e: Entry) -> None:
+            applied[nid, e.index] = (e.term, e.data)
 
-            def lost(leader: str = leader, term: int = term) -> bool:
-                node = c.nodes[leader]
-                return node.raft is None or node.raft.term != term
+        c.on_apply = watch
+        try:
+            attempt = 0
+            last: tuple[int, int, bytes, frozenset[str]] | None = None
+            while c.now - start < bound:
+                leader = self._stable_leader()
+                index = None
+                if leader is not None:
+                    attempt += 1
+                    payload = b"final" if attempt == 1 else b"final-%d" % attempt
+                    # refused during a leadership transfer, which finishes or times out
+                    with contextlib.suppress(ProposalRefused, NotLeader):
+                        index = c.propose(leader, payload)
+                if leader is None or index is None:
+                    c.tick()
+                    continue
+                term = c.raft(leader).term
+                voters = c.raft(leader).membership.voters
+                last = (index, term, payload, voters)
 
-            while not (done() or lost()) and c.now - start < bound:
-                c.tick()
-            if done():
-                return to_leader, c.now - start
-        raise LivenessViolation(f"no write was applied by all voters within {bound} ticks")
+                def done(
+                    i: int = index,
+                    w: tuple[int, bytes] = (term, payload),
+                    vs: frozenset[str] = voters,
+                ) -> bool:
+                    return all(applied.get((v, i)) == w for v in vs)
+
+                def lost(leader: str = leader, term: int = term) -> bool:
+                    # A leader that stepped down (a new term, or its own removal
+                    # committed, in the same term) may never replicate the write.
+                    r = c.nodes[leader].raft
+                    return r is None or r.term != term or r.role is not Role.LEADER
+
+                while not (done() or lost()) and c.now - start < bound:
+                    c.tick()
+                if done():
+                    return to_leader, c.now - start
+        finally:
+            c.on_apply = None
+        what = "no write was accepted"
+        if last is not None:
+            index, term, payload, voters = last
+            got = ", ".join(f"{v} {applied.get((v, index), 'nothing')}" for v in sorted(voters))
+            what = (
+                f"the last write, {payload!r} at index {index} term {term}, was applied as "
+                f"(term, payload): {got}"
+            )
+        raise LivenessViolation(f"no write was applied by all voters within {bound} ticks; {what}")
 
     def _stable_leader(self) -> str | None:
         """A leader that every voter of its membership follows."""

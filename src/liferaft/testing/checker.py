@@ -10,6 +10,12 @@ Each check is incremental, so it can run after every step of thousands of cluste
   known to be committed (a stale leader may still *write* a different entry at a
   committed index it never held; that one is doomed and never commits).
 - Leader completeness: a node that becomes leader holds every entry committed so far.
+- One vote per term: a node never grants its vote in a term to two candidates, whether
+  seen in the granted (non-pre-vote) VoteResponses it sends or in the hard states its
+  disk persists, across crashes and restarts; a vote is durable before it is sent, and
+  once on disk it is never forgotten within its term.
+- The disk never goes back: the term and commit of each node's persisted hard state are
+  monotonic over the whole run.
 - State machine safety: after applying index ``i`` every node's state digest is the same.
 - Linearizable reads: a read index released for a read is at least the highest index any
   node had applied when the read was asked (a client may have seen that write).
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from liferaft.core import Entry, Raft, Snapshot
+from liferaft.core import Entry, HardState, Raft, Snapshot, VoteResponse
 
 
 class SimulationFailure(AssertionError):
@@ -28,6 +34,12 @@ class SimulationFailure(AssertionError):
 
 class SafetyViolation(SimulationFailure):
     """A Raft safety property failed; the message says which and where."""
+
+
+class DiskRefused(SafetyViolation):
+    """The simulated disk was asked for a write real storage refuses (a log with a gap,
+    a truncation at or below the snapshot, a hard state that storage would not load
+    back): the core broke the Ready contract."""
 
 
 @dataclass
@@ -39,6 +51,8 @@ class Checker:
     max_applied: int = 0
     reads: dict[bytes, int] = field(default_factory=dict)  # ctx -> index it must reach
     reads_checked: int = 0
+    votes: dict[tuple[str, int], str] = field(default_factory=dict)  # (node, term) -> vote
+    disk_states: dict[str, HardState] = field(default_factory=dict)  # node -> last on disk
 
     def fail(self, what: str) -> None:
         raise SafetyViolation(what)
@@ -54,6 +68,45 @@ class Checker:
                     f"leader completeness: {node} leads term {term} without committed "
                     f"entry {index} (term {t}); it has term {log.term(index)}"
                 )
+
+    def on_vote(self, node: str, term: int, candidate: str) -> None:
+        """``node`` voted for ``candidate`` in ``term`` (a grant it sent, or its disk)."""
+        prev = self.votes.setdefault((node, term), candidate)
+        if prev != candidate:
+            self.fail(f"double vote: {node} voted for {prev} and for {candidate} in term {term}")
+
+    def on_vote_sent(self, node: str, m: VoteResponse, disk: HardState) -> None:
+        """``node`` sends ``m``, a granted real vote, while ``disk`` is its durable hard
+        state: the vote must already be on disk (or its term be over there)."""
+        if disk.term < m.term or (disk.term == m.term and disk.vote != m.dst):
+            self.fail(
+                f"vote not durable: {node} grants {m.dst} its vote in term {m.term} while "
+                f"its disk holds term {disk.term}, vote {disk.vote}"
+            )
+        self.on_vote(node, m.term, m.dst)
+
+    def on_hard_state(self, node: str, hs: HardState) -> None:
+        """``node``'s disk now holds ``hs``: term and commit never go back, a vote is
+        never forgotten or changed within its term, and counts as a vote granted."""
+        prev = self.disk_states.get(node)
+        if prev is not None:
+            if hs.term < prev.term:
+                self.fail(f"disk went back: {node} persisted term {hs.term} after {prev.term}")
+            if hs.commit < prev.commit:
+                self.fail(
+                    f"disk went back: {node} persisted commit {hs.commit} after {prev.commit}"
+                )
+            if hs.term == prev.term and prev.vote is not None and hs.vote is None:
+                self.fail(
+                    f"vote forgotten: {node} persisted no vote in term {hs.term} after "
+                    f"voting for {prev.vote}"
+                )
+            if hs.term == prev.term and hs.vote == prev.vote:
+                self.disk_states[node] = hs
+                return  # the same vote, already recorded
+        self.disk_states[node] = hs
+        if hs.vote is not None:
+            self.on_vote(node, hs.term, hs.vote)
 
     def on_persist(self, node: str, entry: Entry, prev_term: int) -> None:
         key = (entry.index, entry.term)

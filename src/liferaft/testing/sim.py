@@ -3,15 +3,17 @@
 The simulator plays the shell's part exactly as DESIGN.md §1 prescribes (persist, send,
 apply, advance) and can crash a node at the two interesting instants of a Ready: after
 the leader's messages went out but before anything was persisted, and after persisting
-but before the acknowledgements went out. A restarted node keeps only its ``Disk``.
-Every step is followed by the ``Checker``'s safety checks.
+but before the acknowledgements went out. A restarted node keeps only its ``Disk``,
+which refuses (``DiskRefused``) the writes real storage refuses. Every step is followed
+by the ``Checker``'s safety checks.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from liferaft.core import (
@@ -25,15 +27,39 @@ from liferaft.core import (
     Restored,
     Role,
     Snapshot,
+    VoteResponse,
     validate,
 )
 from liferaft.node.statemachine import DigestStateMachine
-from liferaft.testing.checker import Checker
+from liferaft.testing.checker import Checker, DiskRefused
 from liferaft.testing.network import Faults, Network
 
 
+def check_batch(entries: Sequence[Entry], base: int, last: int) -> None:
+    """Refuse what real storage refuses (``liferaft.storage.sqlite``'s ``_check_batch``):
+    a batch must be contiguous and start inside, or right after, the stored log
+    ``base+1..last`` that follows the snapshot at ``base``. Starting beyond ``last + 1``
+    would leave a gap; starting at or below ``base`` would truncate below the snapshot
+    (the "negative truncation" that a list slice would silently turn into cutting the
+    tail)."""
+    first = entries[0].index
+    if not base < first <= last + 1:
+        raise DiskRefused(
+            f"disk refused: entries start at {first}: the stored log is {base + 1}..{last} "
+            f"(after snapshot index {base})"
+        )
+    if len(entries) == 1:
+        return
+    for prev, e in itertools.pairwise(entries):
+        if e.index != prev.index + 1:
+            raise DiskRefused(
+                f"disk refused: entries not contiguous: {e.index} follows {prev.index}"
+            )
+
+
 class Disk:
-    """What a node has made durable; the only thing that survives its crash."""
+    """What a node has made durable; the only thing that survives its crash. It refuses
+    (``DiskRefused``) the writes real storage refuses, before writing anything."""
 
     def __init__(
         self,
@@ -44,10 +70,16 @@ class Disk:
         self.hard_state = hard_state or HardState()
         self.snapshot = snapshot
         self.entries: list[Entry] = list(entries)
+        if self.entries:
+            check_batch(self.entries, self.offset, self.offset)
 
     @property
     def offset(self) -> int:
         return self.snapshot.meta.index if self.snapshot else 0
+
+    @property
+    def last_index(self) -> int:
+        return self.offset + len(self.entries)
 
     def term_at(self, index: int) -> int:
         if self.snapshot and index == self.snapshot.meta.index:
@@ -59,7 +91,35 @@ class Disk:
 
     def write(self, rd: Ready) -> tuple[list[tuple[Entry, int]], list[Entry]]:
         """Persist a Ready atomically; returns each new entry with the term before it,
-        and the entries it removed (a conflicting suffix, or the log a snapshot replaced)."""
+        and the entries it removed (a conflicting suffix, or the log a snapshot replaced).
+
+        Refuses (``DiskRefused``, before writing anything) a batch that breaks the log
+        (``check_batch``), and a result real storage would refuse to load at the next
+        start: a hard state commit beyond the last log index, or a hard state term
+        behind the last entry's."""
+        if rd.entries:
+            if rd.snapshot is not None:
+                base = last = rd.snapshot.meta.index
+            else:
+                base, last = self.offset, self.last_index
+            check_batch(rd.entries, base, last)
+            last, last_term = rd.entries[-1].index, rd.entries[-1].term
+        elif rd.snapshot is not None:
+            last, last_term = rd.snapshot.meta.index, rd.snapshot.meta.term
+        elif rd.hard_state is None:
+            return [], []  # nothing to persist
+        else:
+            last = self.offset + len(self.entries)
+            last_term = self.entries[-1].term if self.entries else self.term_at(last)
+        hs = rd.hard_state if rd.hard_state is not None else self.hard_state
+        if hs.commit > last:
+            raise DiskRefused(
+                f"disk refused: hard state commit {hs.commit} beyond last index {last}"
+            )
+        if hs.term < last_term:
+            raise DiskRefused(
+                f"disk refused: hard state term {hs.term} behind last log term {last_term}"
+            )
         removed: list[Entry] = []
         if rd.snapshot is not None:
             self.snapshot = rd.snapshot
@@ -77,7 +137,11 @@ class Disk:
         return written, removed
 
     def save_snapshot(self, snap: Snapshot) -> None:
+        """After a compaction: keep ``snap`` and drop the entries it covers. Like real
+        storage, a snapshot older than the stored one is superseded and ignored."""
         drop = snap.meta.index - self.offset
+        if drop < 0:
+            return
         self.entries = self.entries[drop:]
         self.snapshot = snap
 
@@ -128,6 +192,8 @@ class Cluster:
         self.now = 0
         self.trace: deque[str] = deque(maxlen=200)  # printed when a check fails
         self.on_note: Callable[[str], None] | None = None
+        # A hook that sees every committed entry a node applies (the liveness check's).
+        self.on_apply: Callable[[str, Entry], None] | None = None
         self.crashes = 0
         self.installs = 0  # snapshots installed from a leader
         self.reads: dict[bytes, int | None] = {}  # ctx -> released index, None if failed
@@ -137,6 +203,7 @@ class Cluster:
             disk = (disks or {}).get(nid) or Disk()
             initial = membership if nid in membership.members else Membership(frozenset())
             self.nodes[nid] = SimNode(nid, disk, initial)
+            self.checker.on_hard_state(nid, disk.hard_state)
             self.start(nid)
 
     # ---------------------------------------------------------------- lifecycle
@@ -253,12 +320,17 @@ class Cluster:
         return bool(self.crash_in_ready) and self.rng.random() < self.crash_in_ready
 
     def _handle_ready(self, node: SimNode, raft: Raft, rd: Ready) -> None:
+        # Every granted real vote is checked as it leaves (inlined: this is the hot path).
         for m in rd.messages:
+            if type(m) is VoteResponse and m.granted and not m.pre_vote:
+                self.checker.on_vote_sent(node.id, m, node.disk.hard_state)
             self.network.send(self.now, m)
         if self._crash_now():
             self.crash(node.id)  # before anything of this Ready is durable
             return
         written, removed = node.disk.write(rd)
+        if rd.hard_state is not None:
+            self.checker.on_hard_state(node.id, node.disk.hard_state)
         self.checker.on_remove(node.id, removed, rd.snapshot)
         for e, prev_term in written:
             self.checker.on_persist(node.id, e, prev_term)
@@ -266,6 +338,8 @@ class Cluster:
             self.crash(node.id)  # durable, but no acknowledgement went out
             return
         for m in rd.persisted_messages:
+            if type(m) is VoteResponse and m.granted and not m.pre_vote:
+                self.checker.on_vote_sent(node.id, m, node.disk.hard_state)
             self.network.send(self.now, m)
         if rd.snapshot is not None:
             node.sm.restore(rd.snapshot.data)
@@ -276,6 +350,8 @@ class Cluster:
             self.checker.on_commit(node.id, e)
             node.sm.apply(e)
             self.checker.on_apply(node.id, e.index, node.sm.digest)
+            if self.on_apply is not None:
+                self.on_apply(node.id, e)
         for rs in rd.read_states:
             self.checker.on_read_released(node.id, rs.ctx, rs.index)
             self.reads[rs.ctx] = rs.index
