@@ -1,10 +1,12 @@
 """The ``liferaft`` command: run a node, make certificates and tokens, simulate.
-The client commands of SPEC.md §3 join it with the client API."""
+The client commands of SPEC.md §3 join it with the client API, and ``bench`` loads a
+cluster."""
 
 from __future__ import annotations
 
 import click
 
+from liferaft.cli.bench import bench
 from liferaft.cli.certs import certs, token
 from liferaft.cli.client_cmds import (
     compact,
@@ -40,6 +42,7 @@ cli.add_command(compact)
 cli.add_command(status)
 cli.add_command(member)
 cli.add_command(transfer_leader)
+cli.add_command(bench)
 
 
 def main() -> None:

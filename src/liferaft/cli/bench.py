@@ -1,0 +1,610 @@
+"""``liferaft bench``: the load generator of SPEC.md §3.
+
+Why a command and not only the scripts in ``bench/``: a figure in docs/performance.md
+should be one command line away for anyone with the package installed, against a
+throw-away local cluster or a running one, and should say how it was measured. So the
+shape of the load is explicit (serial, closed loop, or open loop at an offered rate), the
+latency of an open-loop request counts from when it was *due*, not when it was sent (a
+slow cluster shows in the tail instead of quietly lowering the load), errors are counted
+by code instead of stopping the run, and the report says how many elections happened and
+how much CPU each node used. Every loop is bounded in time and in count.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from liferaft.cli.client_cmds import (
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    exit_code_for,
+    failure,
+    settings,
+)
+from liferaft.client import Client, LiferaftError
+from liferaft.client.wire import MAX_BATCH
+from liferaft.security.tokens import mint
+
+IDS = ["n1", "n2", "n3"]
+KEYSPACE = 100_000  # puts cycle over bench/000000 .. bench/099999
+PRELOAD = 100  # keys written before the timed part when --reads > 0
+LEADER_WAIT_S = 30.0  # for a local cluster: process start-up and the first election
+STOP_WAIT_S = 10.0  # SIGTERM, then SIGKILL after this long
+EDGES_MS = [10 ** (i / 5) for i in range(-10, 21)]  # 0.01 ms .. 10 s, 5 buckets a decade
+
+
+@dataclass(frozen=True)
+class Shape:
+    mode: str  # serial | closed | open
+    connections: int
+    writers: int
+    batch: int
+    rate: float | None
+    seconds: float
+    max_ops: int
+    value_size: int
+    reads: float
+    cluster: str  # "a local 3-node cluster" or the endpoints
+
+
+@dataclass
+class Load:
+    """What the load loops share: the bounds, the keys written, the measurements."""
+
+    shape: Shape
+    deadline: float
+    value: bytes
+    rng: random.Random = field(default_factory=random.Random)
+    issued: int = 0
+    next_key: int = 0
+    puts: int = 0
+    gets: int = 0
+    late: int = 0  # open loop: issued behind schedule because the in-flight cap was full
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    written: list[str] = field(default_factory=list)
+
+    def take(self) -> bool:
+        """Claim one more operation, if time and count allow."""
+        if self.issued >= self.shape.max_ops or trio.current_time() >= self.deadline:
+            return False
+        self.issued += 1
+        return True
+
+    async def op(self, client: Client, due: float) -> None:
+        """One get (of a key written before) or put; latency counted from ``due``."""
+        key = None
+        if not (self.written and self.rng.random() < self.shape.reads):
+            key = f"bench/{self.next_key % KEYSPACE:06d}"
+            self.next_key += 1
+        try:
+            if key is None:
+                await client.get(self.rng.choice(self.written))
+            else:
+                await client.put(key, self.value)
+        except LiferaftError as exc:
+            self.errors[exc.code] += 1
+            return
+        self.latencies.append(trio.current_time() - due)
+        if key is None:
+            self.gets += 1
+        else:
+            self.puts += 1
+            if len(self.written) < KEYSPACE:
+                self.written.append(key)
+
+
+async def closed_loop(clients: list[Client], load: Load) -> None:
+    async def worker(client: Client) -> None:
+        while load.take():
+            await load.op(client, trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for client in clients:
+            for _ in range(load.shape.writers):
+                nursery.start_soon(worker, client)
+
+
+async def open_loop(clients: list[Client], load: Load, rate: float) -> None:
+    """Issue request k at start + k/rate whatever the completions, spread round-robin
+    over the connections, at most connections x writers in flight."""
+    slots = trio.Semaphore(len(clients) * load.shape.writers)
+
+    async def one(client: Client, due: float) -> None:
+        try:
+            await load.op(client, due)
+        finally:
+            slots.release()
+
+    start = trio.current_time()
+    behind = False  # the cap held a request back and the schedule has not caught up yet
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_at(load.deadline):
+            while True:
+                due = start + load.issued / rate
+                if due >= load.deadline or load.issued >= load.shape.max_ops:
+                    break
+                if due > trio.current_time():
+                    behind = False
+                    await trio.sleep_until(due)
+                try:
+                    slots.acquire_nowait()
+                except trio.WouldBlock:
+                    behind = True
+                    await slots.acquire()
+                load.late += behind
+                load.issued += 1
+                nursery.start_soon(one, clients[load.issued % len(clients)], due)
+
+
+async def progress(load: Load, start: float) -> None:
+    """Once a second on stderr: operations so far and the rate over the last second."""
+    last = 0
+    try:
+        while True:
+            await trio.sleep(1)
+            done = len(load.latencies)
+            errors = sum(load.errors.values())
+            click.echo(
+                f"\r\x1b[K{trio.current_time() - start:5.1f} s  {done:,} ops  "
+                f"{done - last:,}/s now  {errors:,} errors",
+                err=True,
+                nl=False,
+            )
+            last = done
+    finally:
+        click.echo("\r\x1b[K", err=True, nl=False)
+
+
+# ---------------------------------------------------------------- the cluster
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process from /proc (Linux), None where there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is fields[0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def local_cluster(base: Path) -> Iterator[tuple[list[str], str, Path, dict[str, int]]]:
+    """Three ``liferaft node`` processes with fresh certificates under ``base``: yields
+    the endpoints, a token, the CA file and the node pids; stops the nodes on exit."""
+    from liferaft.testing.processes import process_cluster  # the node runtime: only here
+
+    pc = process_cluster(base, IDS)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for i in IDS:
+            with (base / f"{i}.log").open("wb") as log:
+                procs[i] = subprocess.Popen(pc.command(i), stdout=log, stderr=log)
+        token = mint(
+            (pc.certs / "jwt-private.pem").read_bytes(),
+            sub="bench",
+            roles=["read", "write"],
+            ttl_s=24 * 3600,
+            now=time.time(),
+        )
+        yield pc.endpoints, token, pc.certs / "ca.pem", {i: p.pid for i, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        stop_by = time.monotonic() + STOP_WAIT_S
+        for p in procs.values():
+            try:
+                p.wait(timeout=max(0.0, stop_by - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+async def leader_status(
+    endpoints: list[str], token: str, cacert: Path | None, wait: float
+) -> dict[str, Any]:
+    """The status of a node that knows the leader; Unavailable-style failure after ``wait``."""
+    last: LiferaftError | None = None
+    with trio.move_on_after(wait):
+        while True:
+            try:
+                async with await Client.connect(
+                    endpoints, token=token, cacert=cacert, timeout=min(wait, 5.0)
+                ) as c:
+                    st = await c.status()
+                    if st.get("leader_id"):
+                        return st
+            except LiferaftError as exc:
+                if exit_code_for(exc) != EXIT_UNAVAILABLE:
+                    raise  # a bad token or CA does not get better by waiting
+                last = exc
+            await trio.sleep(0.2)
+    why = f" ({last})" if last is not None else ""
+    raise failure(f"no leader within {wait:g} s{why}", EXIT_UNAVAILABLE)
+
+
+# ---------------------------------------------------------------- the run
+
+
+async def run(
+    shape: Shape,
+    endpoints: list[str],
+    token: str,
+    cacert: Path | None,
+    call_timeout: float,
+    pids: dict[str, int],
+    show_progress: bool,
+) -> dict[str, Any]:
+    st = await leader_status(endpoints, token, cacert, LEADER_WAIT_S if pids else call_timeout)
+    if pids:  # start at the leader so that writes need no redirect
+        lead = endpoints[IDS.index(str(st["leader_id"]))]
+        endpoints = [lead, *(e for e in endpoints if e != lead)]
+    clients: list[Client] = []
+    try:
+        for _ in range(shape.connections):
+            clients.append(
+                await Client.connect(
+                    endpoints,
+                    token=token,
+                    cacert=cacert,
+                    timeout=call_timeout,
+                    max_batch=shape.batch,
+                )
+            )
+        load = Load(shape, math.inf, os.urandom(shape.value_size))
+        if shape.reads > 0:  # reads need keys that exist; a refused write stops here
+            load.next_key = 1
+            await clients[0].put("bench/000000", load.value)
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(PRELOAD, shape.max_ops) - 1):
+                    nursery.start_soon(load.op, clients[0], 0.0)
+            written = ["bench/000000", *load.written]
+            load = Load(shape, math.inf, load.value, written=written)
+        term_before = int((await clients[0].status())["term"])
+        cpu_before = {i: cpu_seconds(pid) for i, pid in pids.items()}
+        own_cpu = time.process_time()
+        start = trio.current_time()
+        load.deadline = start + shape.seconds
+        with trio.move_on_at(load.deadline + call_timeout + 1):  # stragglers get one timeout
+            async with trio.open_nursery() as nursery:
+                if show_progress:
+                    nursery.start_soon(progress, load, start)
+                if shape.rate is not None:
+                    await open_loop(clients, load, shape.rate)
+                else:
+                    await closed_loop(clients, load)
+                nursery.cancel_scope.cancel()
+        elapsed = trio.current_time() - start
+        own_cpu = time.process_time() - own_cpu
+        cpu: dict[str, float] = {}
+        for i, pid in pids.items():
+            now, before = cpu_seconds(pid), cpu_before[i]
+            if now is not None and before is not None:
+                cpu[i] = round(now - before, 2)
+        try:
+            term_after: int | None = int((await clients[0].status())["term"])
+        except LiferaftError:
+            term_after = None
+    finally:
+        for client in clients:
+            await client.aclose()
+    return report(shape, load, elapsed, term_before, term_after, cpu if pids else None, own_cpu)
+
+
+def percentile(ordered: list[float], p: float) -> float | None:
+    """Nearest rank, in milliseconds."""
+    if not ordered:
+        return None
+    return round(ordered[max(0, math.ceil(p * len(ordered)) - 1)] * 1000, 3)
+
+
+def report(
+    shape: Shape,
+    load: Load,
+    elapsed: float,
+    term_before: int,
+    term_after: int | None,
+    cpu: dict[str, float] | None,
+    own_cpu: float,
+) -> dict[str, Any]:
+    lat = sorted(load.latencies)
+    counts = [0] * (len(EDGES_MS) + 1)
+    for x in lat:
+        counts[bisect.bisect_left(EDGES_MS, x * 1000)] += 1
+    doc: dict[str, Any] = {
+        "ops": len(lat),
+        "seconds": round(elapsed, 3),
+        "ops_per_s": round(len(lat) / elapsed, 1) if elapsed > 0 else 0.0,
+        "puts": load.puts,
+        "gets": load.gets,
+        "p50_ms": percentile(lat, 0.5),
+        "p90_ms": percentile(lat, 0.9),
+        "p99_ms": percentile(lat, 0.99),
+        "p999_ms": percentile(lat, 0.999),
+        "max_ms": percentile(lat, 1.0),
+        "errors": dict(sorted(load.errors.items())),
+        "elections": None if term_after is None else term_after - term_before,
+        "term_before": term_before,
+        "term_after": term_after,
+        "shape": vars(shape),
+        "cpu_s": cpu,
+        "bench_cpu_s": round(own_cpu, 2),
+        "histogram": [
+            {
+                "from_ms": round(EDGES_MS[i - 1], 3) if i else 0.0,
+                "to_ms": round(EDGES_MS[i], 3) if i < len(EDGES_MS) else None,
+                "count": n,
+            }
+            for i, n in enumerate(counts)
+            if n
+        ],
+    }
+    if shape.rate is not None:
+        due = min(shape.max_ops, math.ceil(shape.seconds * shape.rate))
+        doc["open_loop"] = {
+            "offered_per_s": shape.rate,
+            "max_in_flight": shape.connections * shape.writers,
+            "late": load.late,
+            "unsent": max(0, due - load.issued),
+        }
+    return doc
+
+
+# ---------------------------------------------------------------- text output
+
+
+def _ms(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 or x == 0 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
+def histogram(doc: dict[str, Any], width: int = 40) -> list[str]:
+    rows = doc["histogram"]
+    top = max((r["count"] for r in rows), default=0)
+    lines = []
+    for r in rows:
+        hi = "inf" if r["to_ms"] is None else _ms(r["to_ms"])
+        label = f"{_ms(r['from_ms']):>6} - {hi:>6} ms"
+        bar = "#" * max(1, round(width * r["count"] / top))
+        pct = 100 * r["count"] / doc["ops"]
+        lines.append(f"  {label}  {bar:<{width}}  {r['count']:>9,}  {pct:5.1f} %")
+    return lines
+
+
+def print_text(doc: dict[str, Any]) -> None:
+    sh = doc["shape"]
+    if sh["mode"] == "serial":
+        how = "serial (one client, one request at a time)"
+    elif sh["mode"] == "open":
+        how = f"open loop at {sh['rate']:,g}/s over {sh['connections']} connections"
+    else:
+        how = f"closed loop, {sh['connections']} connections x {sh['writers']} writers"
+    click.echo(
+        f"liferaft bench: {how}, batch {sh['batch']}, {sh['value_size']}-byte values, "
+        f"{sh['reads'] * 100:g} % reads, {sh['seconds']:g} s on {sh['cluster']}"
+    )
+    click.echo(
+        f"ops:        {doc['ops']:,} committed in {doc['seconds']:.1f} s = "
+        f"{doc['ops_per_s']:,.0f} ops/s ({doc['puts']:,} puts, {doc['gets']:,} gets)"
+    )
+    if doc["ops"]:
+        click.echo(
+            "latency:    "
+            + "  ".join(f"{p} {doc[p + '_ms']:.1f} ms" for p in ("p50", "p90", "p99", "p999"))
+            + f"  max {doc['max_ms']:.1f} ms"
+        )
+        click.echo("histogram:")
+        for line in histogram(doc):
+            click.echo(line)
+    errors = ", ".join(f"{code} {n:,}" for code, n in doc["errors"].items()) or "none"
+    click.echo(f"errors:     {errors}")
+    if "open_loop" in doc:
+        ol = doc["open_loop"]
+        click.echo(
+            f"open loop:  offered {ol['offered_per_s']:,g}/s; {ol['late']:,} sent late for want of "
+            f"a free slot (cap {ol['max_in_flight']:,} in flight), {ol['unsent']:,} never sent"
+        )
+    elections = "unknown" if doc["elections"] is None else f"{doc['elections']}"
+    click.echo(f"elections:  {elections} (term {doc['term_before']} -> {doc['term_after']})")
+    if doc["cpu_s"] is not None:
+        nodes = ", ".join(f"{i} {s:.2f} s" for i, s in doc["cpu_s"].items())
+        click.echo(f"cpu:        {nodes}; bench {doc['bench_cpu_s']:.2f} s")
+
+
+# ---------------------------------------------------------------- the command
+
+
+@click.command()
+@click.option("--serial", is_flag=True, help="One client, one request at a time.")
+@click.option(
+    "--connections",
+    type=click.IntRange(1, 256),
+    default=4,
+    show_default=True,
+    help="Client connections.",
+)
+@click.option(
+    "--writers",
+    type=click.IntRange(1, 4096),
+    default=64,
+    show_default=True,
+    help="Concurrent requests per connection (open loop: the in-flight cap per connection).",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(1, MAX_BATCH),
+    default=MAX_BATCH,
+    show_default=True,
+    help="Most requests per WebSocket message (1: one request per message).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Open loop: issue this many requests per second whatever the completions; "
+    "latency counts from when each was due.",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True, max=86400),
+    default=10.0,
+    show_default=True,
+    help="How long to run.",
+)
+@click.option(
+    "--max-ops",
+    type=click.IntRange(min=1),
+    default=10_000_000,
+    show_default=True,
+    help="Stop after this many requests.",
+)
+@click.option(
+    "--value-size",
+    type=click.IntRange(0, 512 * 1024),
+    default=100,
+    show_default=True,
+    help="Bytes per value.",
+)
+@click.option(
+    "--reads",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Fraction of requests that are linearizable gets of keys written before.",
+)
+@click.option(
+    "--endpoints",
+    envvar="LIFERAFT_ENDPOINTS",
+    help="Load this cluster (comma-separated URLs) instead of starting a local one "
+    "[env LIFERAFT_ENDPOINTS]; needs --token and usually --cacert.",
+)
+@click.option(
+    "--cacert",
+    envvar="LIFERAFT_CACERT",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --endpoints: CA certificate of the nodes [env LIFERAFT_CACERT].",
+)
+@click.option(
+    "--token", envvar="LIFERAFT_TOKEN", help="With --endpoints: JWT [env LIFERAFT_TOKEN]."
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --endpoints: file holding the JWT.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Output format (json: one object).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds one request may take, retries included (then it counts as an error).",
+)
+def bench(
+    serial: bool,
+    connections: int,
+    writers: int,
+    batch: int,
+    rate: float | None,
+    seconds: float,
+    max_ops: int,
+    value_size: int,
+    reads: float,
+    endpoints: str | None,
+    cacert: Path | None,
+    token: str | None,
+    token_file: Path | None,
+    output: str,
+    timeout: float,
+) -> None:
+    """Load a cluster and report committed ops/s, latency percentiles and a histogram,
+    errors by code, elections during the run and (for a local cluster) CPU per node.
+
+    Without --endpoints it starts three `liferaft node` processes with fresh
+    certificates in a temporary directory (TLS and fsync on) and stops them
+    afterwards. Puts go to keys bench/000000..bench/099999. The load: --serial is one
+    request at a time; by default each of --connections runs --writers requests in a
+    loop (closed loop); --rate R issues R requests a second whatever the completions
+    (open loop, at most connections x writers in flight; latency counts from when a
+    request was due, and the report says how many went out late). Requests start for
+    --seconds (or until --max-ops), then those in flight finish.
+
+    \b
+      liferaft bench --seconds 10                       # 4 x 64 writers, batched
+      liferaft bench --serial --seconds 5               # one request at a time
+      liferaft bench --batch 1                          # one request per message
+      liferaft bench --rate 2000 --seconds 10 -o json   # open loop at 2000/s
+      liferaft bench --reads 0.9 --endpoints wss://127.0.0.1:8001 --cacert certs/ca.pem
+
+    Exit codes: 0 done (errors during the run are counted, not fatal), 2 usage error,
+    3 token refused, 4 cluster unavailable at the start.
+    """
+    if serial and rate is not None:
+        raise click.UsageError("--serial is a closed loop; it does not take --rate")
+    if endpoints is None:
+        ctx = click.get_current_context()
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("cacert", "token", "token_file")
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} go with --endpoints")
+    if serial:
+        connections = writers = 1
+    mode = "serial" if serial else "open" if rate is not None else "closed"
+    json_out = output == "json"
+    pids: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        if endpoints is not None:
+            s = settings(endpoints, cacert, token, token_file, output, timeout)
+            urls, jwt, ca = s.endpoints, s.token, s.cacert
+            where = ",".join(urls)
+        else:
+            base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="liferaft-bench-")))
+            if not json_out:
+                click.echo(f"starting a local 3-node cluster in {base}", err=True)
+            urls, jwt, ca, pids = stack.enter_context(local_cluster(base))
+            where = "a local 3-node cluster"
+        shape = Shape(
+            mode, connections, writers, batch, rate, seconds, max_ops, value_size, reads, where
+        )
+        show = not json_out and sys.stderr.isatty()
+        try:
+            doc = trio.run(run, shape, urls, jwt, ca, timeout, pids, show)
+        except LiferaftError as exc:
+            raise failure(str(exc), exit_code_for(exc)) from None
+        except (ValueError, OSError) as exc:
+            raise failure(f"configuration error: {exc}", EXIT_USAGE) from None
+        except BaseExceptionGroup as group:  # Ctrl-C lands in some task of a nursery
+            if group.split(KeyboardInterrupt)[1] is not None:
+                raise
+            raise KeyboardInterrupt from None  # click: "Aborted!", after the nodes stop
+    if json_out:
+        click.echo(json.dumps(doc))
+    else:
+        print_text(doc)
