@@ -114,6 +114,7 @@ class StateService:
         self._installing = False
         self._idle = trio.Event()
         self._installed = trio.Event()
+        self._closed = False
 
     @classmethod
     async def open(
@@ -156,9 +157,11 @@ class StateService:
         return await self._write(db.sync)
 
     async def read(self, fn: Callable[[StateDB], T]) -> T:
-        """Run ``fn(db)`` on a reader thread (not during an install)."""
-        while self._installing:
+        """Run ``fn(db)`` on a reader thread (not during an install, never after close)."""
+        while self._installing and not self._closed:
             await self._installed.wait()
+        if self._closed:
+            raise trio.ClosedResourceError("the state database is closed")
         self._reading += 1
         try:
             db = self.db
@@ -179,9 +182,7 @@ class StateService:
         self._installing = True
         self._installed = trio.Event()
         try:
-            while self._reading:
-                self._idle = trio.Event()
-                await self._idle.wait()
+            await self._readers_done()
 
             def swap() -> StateDB:
                 self.db.close()
@@ -195,8 +196,20 @@ class StateService:
             self._installing = False
             self._installed.set()
 
+    async def _readers_done(self) -> None:
+        """Wait until no read runs: a connection closed under a reader thread crashes
+        the process (sqlite3 with check_same_thread=False does not guard it)."""
+        while self._reading:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
     async def close(self) -> None:
-        await self._write(self.db.close)
+        """Close the database once the reads in progress are done; later reads fail."""
+        self._closed = True
+        self._installed.set()  # reads held by an install see the close
+        with trio.CancelScope(shield=True):
+            await self._readers_done()
+            await self._write(self.db.close)
 
 
 __all__ = ["StateBehind", "StateCorrupt", "StateService", "fsync_dir", "install_path"]
