@@ -1,8 +1,8 @@
 """Write throughput and latency of a local 3-node cluster, TLS and fsync on.
 
-Starts three real ``liferaft node`` processes (SPEC.md §2 defaults: heartbeat 50 ms,
-election 300 ms) in a temporary directory with fresh certificates, drives them through
-the client library (``--connections`` clients, each with ``--writers`` concurrent
+Starts three real ``liferaft node`` processes (the default settings of docs/operations.md:
+heartbeat 50 ms, election 300 ms) in a temporary directory with fresh certificates, drives
+them through the client library (``--connections`` clients, each with ``--writers`` concurrent
 writers doing ``put``), and prints committed writes/s with p50/p99 latency. Every run is
 bounded in time and in count. ``--unbatched`` sends one request per WebSocket message;
 ``--profile`` runs the nodes under cProfile and prints where the leader spends its time.
@@ -142,8 +142,8 @@ def main() -> None:
     ap.add_argument("--value-size", type=int, default=100)
     ap.add_argument("--unbatched", action="store_true", help="one request per message")
     ap.add_argument("--profile", action="store_true", help="cProfile the nodes")
-    ap.add_argument("--heartbeat-ms", type=int, default=50, help="SPEC default 50")
-    ap.add_argument("--election-ms", type=int, default=300, help="SPEC default 300")
+    ap.add_argument("--heartbeat-ms", type=int, default=50, help="a node's default: 50")
+    ap.add_argument("--election-ms", type=int, default=300, help="a node's default: 300")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="liferaft-bench-") as tmp:

@@ -1,10 +1,11 @@
 """Does the cost grow with the data? Write N distinct keys into a 3-node cluster.
 
-Starts three real ``liferaft node`` processes (SPEC.md §2 defaults: heartbeat 50 ms,
-election 300 ms, snapshot_entries 10000, history_revisions 100000; TLS and fsync on) and
-writes ``--keys`` distinct keys with ``--value-size``-byte values through the client
-library. It reports, per window of ``--window`` keys: the write rate, p99 and the
-largest latency of any write, and the leader's RSS; then the elections during the run.
+Starts three real ``liferaft node`` processes (the default settings of docs/operations.md:
+heartbeat 50 ms, election 300 ms, snapshot_entries 10000, history_revisions 100000; TLS
+and fsync on) and writes ``--keys`` distinct keys with ``--value-size``-byte values
+through the client library. It reports, per window of ``--window`` keys: the write rate,
+p99 and the largest latency of any write, and the leader's RSS; then the elections during
+the run.
 
 Along the way (docs/performance.md, "Data that grows"):
 
@@ -103,7 +104,8 @@ async def http_status(port: int, path: str) -> int:
     except OSError:
         return 0
     async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n".encode())
+        request = f"GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+        await stream.send_all(request.encode())
         data = b""
         while chunk := await stream.receive_some(4096):
             data += chunk
@@ -125,7 +127,7 @@ async def restart_ready(c: Cluster, node_id: str) -> float:
     c.start(node_id)
     port = c.pc.members[node_id][2]
     with trio.fail_after(300):
-        while await http_status(port, "/readyz") != 200:
+        while await http_status(port, "/readyz") != 200:  # noqa: ASYNC110 - polling HTTP
             await trio.sleep(0.01)
     return time.perf_counter() - t0
 
@@ -183,7 +185,8 @@ async def run(c: Cluster, args: argparse.Namespace) -> dict[str, object]:
         print(
             f"  {n:>9,} keys  {rate(windows[-2]):8,.0f}/s  p99 "
             f"{percentile(windows[-2].latencies, 0.99) * 1000:6.1f} ms  max "
-            f"{max(windows[-2].latencies) * 1000:6.1f} ms  leader RSS {windows[-2].leader_rss:.0f} MB",
+            f"{max(windows[-2].latencies) * 1000:6.1f} ms  "
+            f"leader RSS {windows[-2].leader_rss:.0f} MB",
             flush=True,
         )
         if n == args.window:  # start-up with few keys, writers paused
@@ -198,7 +201,7 @@ async def run(c: Cluster, args: argparse.Namespace) -> dict[str, object]:
         gate[0] = trio.Event()
         t0 = time.perf_counter()
         with trio.fail_after(600):
-            while done[0] < next_key[0]:  # let writes in flight finish
+            while done[0] < next_key[0]:  # noqa: ASYNC110 - let writes in flight finish
                 await trio.sleep(0.01)
             seconds = await fn()  # type: ignore[operator]
         windows[-1].paused += time.perf_counter() - t0

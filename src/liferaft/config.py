@@ -1,16 +1,17 @@
-"""A node's config file (SPEC.md §2): TOML into typed, validated, frozen settings.
+"""A node's config file (docs/operations.md, "Configuration"): TOML into typed, validated,
+frozen settings.
 
 ``load(path)`` reads the file with the stdlib ``tomllib`` and returns a :class:`Settings`,
 or raises one :class:`ConfigError` whose message names the file and the key at fault::
 
     config/node1.toml: peer.listen: expected host:port, got '127.0.0.1'
 
-Exactly the keys of SPEC §2 are accepted: a key without a default there is required,
-an unknown key or section is an error (a typo never falls back to a default silently).
-Relative paths are relative to the config file's directory; the settings hold them
-resolved and absolute.
+Exactly the keys listed in docs/operations.md are accepted: a key without a default there
+is required, an unknown key or section is an error (a typo never falls back to a default
+silently). Relative paths are relative to the config file's directory; the settings hold
+them resolved and absolute.
 
-Rules beyond SPEC §2 (SPEC leaves them open; these are the choices made here):
+Rules beyond the list of keys (the choices made here):
 
 - Types are TOML's own: an integer setting takes a TOML integer, never a boolean, float
   or string; ``cluster.members`` is an array of tables (inline or ``[[cluster.members]]``).

@@ -1,4 +1,4 @@
-"""CBOR from outside, decoded defensively (DESIGN.md §5).
+"""CBOR from outside, decoded defensively (docs/security.md, "Bytes from outside").
 
 cbor2 by default builds objects from tags (big integers, regexes, dates, shared
 references), accepts duplicate map keys, indefinite lengths and trailing bytes. Here

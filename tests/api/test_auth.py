@@ -1,4 +1,5 @@
-"""Tokens at the client API's door and on live connections (SPEC.md §1, §4)."""
+"""Tokens at the client API's door and on live connections (docs/security.md, "Tokens";
+docs/client-protocol.md, "Tokens on a live connection")."""
 
 from __future__ import annotations
 

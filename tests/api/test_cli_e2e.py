@@ -1,4 +1,4 @@
-"""The ``liferaft`` client commands end to end against a real cluster (SPEC.md §3)."""
+"""The ``liferaft`` client commands end to end against a real cluster (README.md)."""
 
 from __future__ import annotations
 

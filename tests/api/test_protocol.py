@@ -1,5 +1,5 @@
-"""The client wire protocol (SPEC.md §4) against a real 3-node cluster, spoken raw so the
-tests see exactly what goes over the wire."""
+"""The client wire protocol (docs/client-protocol.md) against a real 3-node cluster, spoken
+raw so the tests see exactly what goes over the wire."""
 
 from __future__ import annotations
 

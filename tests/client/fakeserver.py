@@ -1,4 +1,4 @@
-"""A small fake of the client API (SPEC.md §4) for the client library's tests.
+"""A small fake of the client API (docs/client-protocol.md) for the client library's tests.
 
 Real TLS (a node certificate from ``liferaft.security.certs.generate``) and real
 trio-websocket, a dict-backed store shared by the fake nodes of one FakeCluster, and

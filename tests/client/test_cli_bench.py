@@ -1,5 +1,6 @@
-"""``liferaft bench`` (SPEC.md §3): the shape of its output and its exit codes, never its
-speed. Each run starts its own local 3-node cluster of real processes, for one second."""
+"""``liferaft bench`` (docs/performance.md): the shape of its output and its exit codes,
+never its speed. Each run starts its own local 3-node cluster of real processes, for one
+second."""
 
 from __future__ import annotations
 

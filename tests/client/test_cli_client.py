@@ -1,4 +1,4 @@
-"""The client commands (SPEC.md §3) against the fake server: output in text and JSON,
+"""The client commands (README.md) against the fake server: output in text and JSON,
 exit codes 0-4, the LIFERAFT_* environment variables. Each command runs in a worker
 thread (it starts its own Trio loop) while the fake server runs in the test's loop."""
 

@@ -1,5 +1,6 @@
-"""The config file (SPEC.md §2): the shipped configs load, defaults apply, relative paths
-follow the file, and every mistake is one ConfigError naming the file and the key."""
+"""The config file (docs/operations.md): the shipped configs load, defaults apply,
+relative paths follow the file, and every mistake is one ConfigError naming the file and
+the key."""
 
 from __future__ import annotations
 

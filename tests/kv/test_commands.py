@@ -1,4 +1,4 @@
-"""Client request validation (SPEC.md §4) and the write command encoding."""
+"""Client request validation (docs/client-protocol.md) and the write command encoding."""
 
 from __future__ import annotations
 
@@ -239,7 +239,7 @@ def test_watch_and_admin_fields() -> None:
     invalid({"op": "member_remove"}, "missing field 'member_id'")
     add = {"op": "member_add", "member_id": "n4", "peer": "h:1", "client": "h:2"}
     invalid({**add, "learner": 1}, "'learner' must be a boolean")
-    # SPEC.md names the member "id", but "id" is the request id, an unsigned integer.
+    # The member is "member_id": "id" is the request id, an unsigned integer.
     invalid({**add, "id": "n4"}, "'id' must be an unsigned integer")
     invalid({"op": "member_promote", "member_id": 4}, "'member_id' must be text")
     invalid({"op": "transfer_leader", "to": ""}, "'to' must not be empty")

@@ -240,7 +240,8 @@ def test_range_sorted_with_limit_and_more(log: Log) -> None:
 
 
 def test_range_with_the_largest_limit(log: Log) -> None:
-    """A limit of 2**63 - 1 is valid (SPEC.md §4): it reads everything, in a txn too."""
+    """A limit of 2**63 - 1 is valid (docs/client-protocol.md): it reads everything, in a
+    txn too."""
     for k in ("a", "b"):
         log("put", key=k, value=b"")
     top = 2**63 - 1

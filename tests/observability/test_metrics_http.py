@@ -1,5 +1,5 @@
-"""The node's Prometheus series (SPEC.md §5) and the HTTP server that exposes them with
-/healthz, /livez and /readyz; bad and idle clients must not hurt it. Last, a real
+"""The node's Prometheus series (docs/operations.md) and the HTTP server that exposes them
+with /healthz, /livez and /readyz; bad and idle clients must not hurt it. Last, a real
 cluster fills the series as clients use it."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from liferaft.testing.localcluster import wait_until as wait_for_nodes
 
 HANG_GUARD = 10.0  # seconds; only there so that a bug fails the test instead of hanging it
 
-# name -> (type, label names) exactly as SPEC.md §5 lists them (plus the two extras).
-SPEC_SERIES: dict[str, tuple[str, tuple[str, ...]]] = {
+# name -> (type, label names) as docs/operations.md lists them ("Health and metrics"),
+# apart from the two in EXTRA_SERIES.
+SERIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "liferaft_server_has_leader": ("gauge", ()),
     "liferaft_server_is_leader": ("gauge", ()),
     "liferaft_server_leader_changes_seen_total": ("counter", ()),
@@ -151,7 +152,7 @@ async def test_every_spec_series_is_exposed_under_its_exact_name(nursery: trio.N
     text = reply.body.decode()
     families = list(text_string_to_metric_families(text))
     samples = {s.name: s for f in families for s in f.samples}
-    for name, (kind, labels) in (SPEC_SERIES | EXTRA_SERIES).items():
+    for name, (kind, labels) in (SERIES | EXTRA_SERIES).items():
         assert f"# TYPE {name} {kind}\n" in text, name
         sample = samples[f"{name}_count" if kind == "histogram" else name]
         assert tuple(sorted(sample.labels)) == labels, name
@@ -164,7 +165,7 @@ async def test_every_spec_series_is_exposed_under_its_exact_name(nursery: trio.N
 async def test_unused_labelled_series_are_still_declared(nursery: trio.Nursery) -> None:
     _, port = await start(nursery, Node())
     text = (await get(port, "/metrics")).body.decode()
-    for name, (kind, _labels) in SPEC_SERIES.items():
+    for name, (kind, _labels) in SERIES.items():
         assert f"# TYPE {name} {kind}\n" in text, name
 
 

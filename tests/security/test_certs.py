@@ -1,5 +1,6 @@
-"""Certificate generation (SPEC.md §1): a chain that TLS accepts on both ends, node identity
-in the DNS SAN, private keys private, and nothing ever overwritten without force."""
+"""Certificate generation (docs/security.md): a chain that TLS accepts on both ends, node
+identity in the DNS SAN, private keys private, and nothing ever overwritten without
+force."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``liferaft certs`` and ``liferaft token`` as an operator runs them (SPEC.md §1, §3)."""
+"""``liferaft certs`` and ``liferaft token`` as an operator runs them (docs/security.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Client tokens (SPEC.md §1, DESIGN.md §5): what is minted verifies, and every way a token
+"""Client tokens (docs/security.md): what is minted verifies, and every way a token
 can be wrong is refused with its own reason, the classic JWT attacks included."""
 
 from __future__ import annotations

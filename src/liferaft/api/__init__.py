@@ -1,2 +1,2 @@
 """The client API: ``wss://<client.listen>/v1`` with a JWT checked before the upgrade,
-CBOR requests answered by id (SPEC.md §4). See docs/client-protocol.md."""
+CBOR requests answered by id. See docs/client-protocol.md."""

@@ -1,9 +1,9 @@
 """Who may do what: the role each op needs and the keys a request touches.
 
-Roles (SPEC.md §1): ``read`` = get, range, watch, status; ``write`` = read + put,
-delete, txn; ``admin`` = everything (membership, leader transfer, compaction). A token's
-``prefixes`` (absent: all keys) must cover every key and prefix a request touches, txn
-compares and nested ops included.
+Roles (docs/security.md, "What a token can do"): ``read`` = get, range, watch, status;
+``write`` = read + put, delete, txn; ``admin`` = everything (membership, leader transfer,
+compaction). A token's ``prefixes`` (absent: all keys) must cover every key and prefix a
+request touches, txn compares and nested ops included.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("liferaft.api")
 audit_log = logging.getLogger("liferaft.audit")
 
-MAX_BATCH = 1024  # requests in one array message (SPEC.md §4)
+MAX_BATCH = 1024  # requests in one array message (docs/client-protocol.md, "Messages")
 MAX_IN_FLIGHT = 4096  # requests being handled per connection
 MAX_QUEUED = 65536  # responses and events waiting to be sent before we give up
 UNSUPPORTED_DATA, INVALID_PAYLOAD, TRY_LATER = 1003, 1007, 1013
@@ -241,7 +241,7 @@ class Connection:
         )
         nursery.start_soon(self._stream, wid, key, prefix, start, now, sub, watch)
         # The revision the watch starts after: a client that must resubscribe resumes
-        # from it without a gap (an extension of SPEC.md §4's result).
+        # from it without a gap (docs/client-protocol.md, "Watches").
         return {"watch_id": wid, "revision": now}
 
     async def _stream(

@@ -1,4 +1,4 @@
-"""Errors a request can end with, as SPEC.md §4 names them."""
+"""Errors a request can end with, as docs/client-protocol.md ("Error codes") names them."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What each op does, given a node. One function per op family; each returns the result
-fields of SPEC.md §4 (without ``id``/``ok``) or raises ApiError."""
+fields of docs/client-protocol.md (without ``id``/``ok``) or raises ApiError."""
 
 from __future__ import annotations
 
@@ -115,8 +115,7 @@ def status(node: Node) -> dict[str, Any]:
 
 async def member_change(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     op = req["op"]
-    # SPEC.md §4 calls the member "id", which is also the request id; liferaft uses
-    # "member_id" (see docs/client-protocol.md).
+    # The member is "member_id", since "id" is the request id (docs/client-protocol.md).
     mid = req.get("member_id")
     if not isinstance(mid, str) or not mid:
         raise invalid("member_id must be a node id")

@@ -1,6 +1,6 @@
 """The ``liferaft`` command: run a node, make certificates and tokens, simulate.
-The client commands of SPEC.md §3 join it with the client API, and ``bench`` loads a
-cluster."""
+The client commands (README.md, "Using it") join it with the client API, and ``bench``
+loads a cluster."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``liferaft bench``: the load generator of SPEC.md §3.
+"""``liferaft bench``: the load generator (docs/performance.md, "liferaft bench").
 
 Why a command and not only the scripts in ``bench/``: a figure in docs/performance.md
 should be one command line away for anyone with the package installed, against a

@@ -1,5 +1,5 @@
-"""``liferaft certs`` and ``liferaft token`` (SPEC.md §1): the files a cluster needs to
-start, and tokens for its clients."""
+"""``liferaft certs`` and ``liferaft token`` (docs/security.md): the files a cluster needs
+to start, and tokens for its clients."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from liferaft.security.tokens import mint, parse_roles
 
 class ConfigError(click.ClickException):
     """Bad input that is not a command-line typo (an inconsistent directory, a wrong key
-    file): exit 2 like a usage error (SPEC.md §3), without printing the usage text."""
+    file): exit 2 like a usage error (README.md, "Using it"), without the usage text."""
 
     exit_code = 2
 

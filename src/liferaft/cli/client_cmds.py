@@ -1,6 +1,7 @@
-"""The client commands of SPEC.md §3: put, get, del, txn, watch, status, member,
-transfer-leader. Each opens a :class:`liferaft.client.Client`, does one thing and prints
-the result for people (``-o text``, the default) or programs (``-o json``).
+"""The client commands (README.md, "Using it"): put, get, del, txn, watch, status,
+member, transfer-leader, compact. Each opens a :class:`liferaft.client.Client`, does one
+thing and prints the result for people (``-o text``, the default) or programs
+(``-o json``).
 
 Every command takes ``--endpoints URL[,URL...]`` (default ``wss://127.0.0.1:8001``; a bare
 ``host:port`` means ``wss://host:port/v1``), ``--cacert FILE``, ``--token TOKEN`` or
@@ -63,8 +64,8 @@ EXIT_UNAVAILABLE = 4
 
 
 class CommandFailed(click.ClickException):
-    """An error printed as one line on stderr, exiting with the code SPEC.md §3 gives;
-    make one with :func:`failure`."""
+    """An error printed as one line on stderr, exiting with the code the README gives
+    ("Using it"); make one with :func:`failure`."""
 
     exit_code = EXIT_FAILED
 
@@ -120,7 +121,7 @@ class Settings:
 
 
 def client_options(f: F) -> F:
-    """The options every client command takes (SPEC.md §3)."""
+    """The options every client command takes (README.md, "Using it")."""
     options = [
         click.option(
             "--endpoints",

@@ -29,7 +29,7 @@ GC_THRESHOLDS = (50_000, 20, 20)
     "config_path",
     required=True,
     type=click.Path(path_type=Path),
-    help="The node's TOML config file (SPEC.md §2).",
+    help="The node's TOML config file (docs/operations.md, Configuration).",
 )
 def node(config_path: Path) -> None:
     """Run one cluster node. Logs JSON lines to stderr; SIGINT or SIGTERM stops it

@@ -2,7 +2,7 @@
 
 The async client (Trio) pipelines every request over one TLS WebSocket, packs requests
 made at the same moment into one message, finds the leader by itself, and retries writes
-with a session and seq so that each one applies at most once (SPEC.md §4)::
+with a session and seq so that each one applies at most once (docs/client-protocol.md)::
 
     import trio
     from liferaft.client import open_client, compare, op_put, op_get
@@ -38,7 +38,7 @@ For scripts without Trio, :class:`SyncClient` has the same methods and blocks::
         c.put("k", "v")
         print(c.get("k").text)
 
-Errors are typed (:class:`LiferaftError` and one subclass per SPEC.md §4 error code):
+Errors are typed (:class:`LiferaftError` and one subclass per error code of the protocol):
 ``Unauthenticated`` for a refused token, ``PermissionDenied``, ``Unavailable`` when no
 quorum or no endpoint answered within the call's ``timeout``, ``Compacted``, and so on.
 """

@@ -1,5 +1,6 @@
 """The async client: one pipelined connection at a time, leader discovery, and retries
-that keep a write's session and seq so that it applies at most once (SPEC.md §4).
+that keep a write's session and seq so that it applies at most once
+(docs/client-protocol.md, "Writes, sessions and retries").
 
 A call's life: take the current connection (or open one to the next endpoint, shared by
 every call that needs it), queue the request, wait for its response under the attempt
@@ -108,7 +109,7 @@ class Client:
     it, at most 2 s) bounds one try, and the connection handshake: a node that is paused
     or partitioned keeps its TCP connection open, and only this moves the call on to
     another node (a retried write keeps its session and seq, so it is applied once).
-    ``max_batch`` caps the requests per message (SPEC.md §4 allows 1..1024),
+    ``max_batch`` caps the requests per message (the protocol allows 1..1024),
     ``max_message_bytes`` the size of one message (keep it at or below the server's
     ``max_message_bytes``). ``session_window`` bounds
     the span of seqs in flight at once; keep it at or below the number of results per
@@ -155,7 +156,7 @@ class Client:
         self._max_message_bytes = max_message_bytes
         self._rng = rng if rng is not None else random.Random()
         self._ids = itertools.count(1)
-        #: the exactly-once session of this client's writes (SPEC.md §4)
+        #: the exactly-once session of this client's writes (docs/client-protocol.md)
         self.session = os.urandom(16)
         self._seq = 0  # the last seq handed out
         self._session_window = session_window

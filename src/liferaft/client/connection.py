@@ -1,5 +1,5 @@
 """One client connection: TLS, the WebSocket upgrade with the bearer token, and two tasks
-that pipeline requests over it (DESIGN.md §3, "Count messages").
+that pipeline requests over it (batching: docs/architecture.md, "The life of a write").
 
 Requests are queued synchronously by the tasks that make them. One sender task wakes when
 the queue is non-empty, yields once more to the scheduler so that every request issued in

@@ -1,4 +1,5 @@
-"""Typed errors: one class per SPEC.md §4 error code, plus the client's own failures.
+"""Typed errors: one class per error code of docs/client-protocol.md, plus the client's own
+failures.
 
 Every error the client raises for a request derives from :class:`LiferaftError` and carries
 the wire ``code``, the server's ``message`` and any extra fields of the error map in
@@ -23,7 +24,7 @@ from typing import Any
 
 
 class LiferaftError(Exception):
-    """Base class: a request failed. ``code`` is the SPEC.md §4 error code (or one of the
+    """Base class: a request failed. ``code`` is the protocol's error code (or one of the
     client's own: ``connection_failed``, ``tls``), ``message`` a human-readable reason."""
 
     code: str = "error"

@@ -1,4 +1,4 @@
-"""The values the client returns, and builders for transactions (SPEC.md §4).
+"""The values the client returns, and builders for transactions (docs/client-protocol.md).
 
 Results are frozen dataclasses; keys are ``str`` and values ``bytes`` as on the wire.
 Transactions are given as plain dicts in the wire's own shape, or built with the helpers

@@ -1,4 +1,4 @@
-"""Watches that survive reconnects (SPEC.md §4 ``watch``/``unwatch``).
+"""Watches that survive reconnects (docs/client-protocol.md, "Watches").
 
 A :class:`Watch` subscribes through the client's retrying request path; the response's
 ``watch_id`` is routed to a :class:`~liferaft.client.connection.WatchStream` by the

@@ -1,8 +1,9 @@
-"""The client side of SPEC.md §4's framing: endpoint URLs, CBOR requests packed into one
-WebSocket message per batch, and responses decoded with bounds.
+"""The client side of the protocol's framing (docs/client-protocol.md): endpoint URLs,
+CBOR requests packed into one WebSocket message per batch, and responses decoded with
+bounds.
 
 Responses come from a server whose certificate we verified, but they are still decoded
-as bytes from outside (DESIGN.md §5): every CBOR tag refused, no indefinite lengths or
+as bytes from outside (docs/security.md): every CBOR tag refused, no indefinite lengths or
 duplicate keys, a nesting bound, and a shape check (a map, or an array of maps).
 """
 
@@ -20,13 +21,13 @@ from liferaft import safecbor
 
 PATH = "/v1"
 DEFAULT_PORT = 8001
-MAX_BATCH = 1024  # SPEC.md §4: an array holds 1..1024 requests
+MAX_BATCH = 1024  # an array holds 1..1024 requests (docs/client-protocol.md)
 # message [ response { txn results [ result { kvs [ kv { ... }]}]}]: 6 deep; room to spare.
 MAX_DEPTH = 16
 
 
 class ProtocolError(ValueError):
-    """Bytes from the server that are not a response message of SPEC.md §4."""
+    """Bytes from the server that are not a response message (docs/client-protocol.md)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The replicated key-value state machine (DESIGN.md §2): etcd's MVCC on disk in
+"""The replicated key-value state machine (docs/storage.md): etcd's MVCC on disk in
 SQLite, txn, watch history and exactly-once client sessions. Deterministic: no Trio, no
 clock, no global random; its only I/O is its own database file. See ``state.StateDB``.
 """

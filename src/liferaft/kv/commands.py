@@ -1,8 +1,9 @@
 """Client requests and the write commands carried in log entries.
 
-``validate_request`` checks one decoded client request (SPEC.md §4) field by field and
-raises ``RequestError(code, message)``; the API server calls it on every request before
-doing anything else, and the state machine runs it again on every command it applies.
+``validate_request`` checks one decoded client request (docs/client-protocol.md) field by
+field and raises ``RequestError(code, message)``; the API server calls it on every request
+before doing anything else, and the state machine runs it again on every command it
+applies.
 
 A write command is what a ``put``, ``delete`` or ``txn`` request becomes in the log: the
 request's own fields (``op``, ``key``, ``value``, ``prefix``, ``compare``, ``success``,
@@ -13,9 +14,9 @@ proposing leader's wall clock and the only notion of time the state machine has:
      "time_ms": 1718000000000}
 
 It is encoded once, as canonical CBOR, and kept as opaque bytes through log, storage and
-wire. ``decode_command`` treats its input as hostile (DESIGN.md §5) and raises nothing but
-``CommandError``: every tag, indefinite length and duplicate key is refused, nesting is
-bounded, the result is re-encoded and compared with the input (which refuses trailing
+wire. ``decode_command`` treats its input as hostile (docs/security.md) and raises nothing
+but ``CommandError``: every tag, indefinite length and duplicate key is refused, nesting
+is bounded, the result is re-encoded and compared with the input (which refuses trailing
 bytes and anything not canonically encoded), and the command is validated.
 """
 
@@ -54,8 +55,8 @@ Command = dict[str, Any]
 
 
 class RequestError(ValueError):
-    """A client request that does not follow SPEC.md §4; ``code`` is the wire error code
-    (``invalid_request`` or ``too_large``) and ``message`` says which field and why."""
+    """A client request that breaks docs/client-protocol.md; ``code`` is the wire error
+    code (``invalid_request`` or ``too_large``) and ``message`` says which field and why."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)  # str(exc) is the message alone
@@ -129,9 +130,9 @@ def decode_command(data: bytes) -> Command:
 
 
 def validate_request(req: object) -> None:
-    """Check one client request (SPEC.md §4): its ``op``, optional ``id`` and every
-    field of that op, including ``txn``'s compares and nested ops. Unknown fields are
-    refused too, so a misspelt optional field is an error, not silently ignored.
+    """Check one client request (docs/client-protocol.md): its ``op``, optional ``id`` and
+    every field of that op, including ``txn``'s compares and nested ops. Unknown fields
+    are refused too, so a misspelt optional field is an error, not silently ignored.
 
     Raises ``RequestError("too_large", ...)`` for a key or prefix over 4096 bytes and a
     txn with more than 128 compares or 128 ops in a branch, ``RequestError(
@@ -379,8 +380,8 @@ def _node_text(req: dict[str, Any], name: str, where: str) -> None:
     _text(_required(req, name, where), name, where, max_bytes=MAX_TEXT_BYTES, empty=False)
 
 
-# SPEC.md §4 names the member's id ``id``, which is also the request id (an unsigned
-# integer) in the same map; the member's node id is therefore carried as ``member_id``.
+# ``id`` is the request id (an unsigned integer), so a member's node id is carried as
+# ``member_id`` (docs/client-protocol.md).
 
 
 def _check_member_add(req: dict[str, Any], where: str) -> set[str]:

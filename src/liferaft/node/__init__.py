@@ -1,2 +1,3 @@
 """The Trio runtime of one liferaft node: it wires the core, storage, transport and the
-state machine together (DESIGN.md §4). Import ``liferaft.node.node`` for ``Node``."""
+state machine together (docs/architecture.md). Import ``liferaft.node.node`` for
+``Node``."""

@@ -1,4 +1,5 @@
-"""The Prometheus series of one node (SPEC.md §5), in a registry of its own.
+"""The Prometheus series of one node (docs/operations.md, "Health and metrics"), in a
+registry of its own.
 
 Each ``NodeMetrics`` owns one ``CollectorRegistry``, so several nodes can live in one
 process (tests, the local cluster) without their series colliding in the global
@@ -7,9 +8,9 @@ runtime with the ordinary prometheus_client calls (``.set``, ``.inc``, ``.observ
 ``.labels(...)``).
 
 Counters are declared without ``_total``: prometheus_client appends it, so the exposed
-names are exactly those of the SPEC. Labels are bounded by construction: ``peer`` is a
-cluster member id, ``op`` and ``code`` come from the client protocol's fixed sets,
-``reason`` from the auth checker's fixed set. Never put a key, value or token in a label.
+names are exactly those docs/operations.md lists. Labels are bounded by construction:
+``peer`` is a cluster member id, ``op`` and ``code`` come from the client protocol's fixed
+sets, ``reason`` from the auth checker's fixed set. Never put a key, value or token in a label.
 """
 
 from __future__ import annotations

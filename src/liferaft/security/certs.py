@@ -1,4 +1,4 @@
-"""The cluster CA, one certificate per node, and the JWT key pair (SPEC.md §1).
+"""The cluster CA, one certificate per node, and the JWT key pair (docs/security.md).
 
 Each node certificate serves both ends of mutual TLS, and its DNS SAN equal to the node id
 is the node's identity. Generation only ever adds what is missing, so running it again with
@@ -45,7 +45,7 @@ _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _RESERVED_IDS = frozenset({"ca", "jwt-private", "jwt-public", "localhost"})
 
 # Keys we can sign with (a CA) or certify (a node). The CA we generate is ECDSA P-256;
-# Ed25519 is accepted from an existing ca-key.pem since SPEC.md §1 allows either.
+# an existing Ed25519 ca-key.pem is used as is (docs/security.md, "Certificates").
 SigningKey: TypeAlias = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 NodeKey: TypeAlias = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 

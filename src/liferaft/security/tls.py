@@ -1,5 +1,5 @@
 """TLS contexts for the peer links and the client API, and a peer's node id from its
-certificate (DESIGN.md §5).
+certificate (docs/security.md, "Peers: mutual TLS and node identity").
 
 Peers use mutual TLS with the cluster CA as the only trust anchor. A certificate signed by
 that CA is not enough by itself: the accepting side maps the certificate's DNS SANs to a

@@ -1,12 +1,12 @@
-"""Client tokens (SPEC.md §1): minting for ``liferaft token``, verification for the client
-listener.
+"""Client tokens (docs/security.md, "Tokens"): minting for ``liferaft token``, verification
+for the client listener.
 
 Nothing in a token is trusted before its signature checks out against a configured key,
 with the one algorithm that key's type dictates. The header's ``alg`` only selects among
 those, so ``none``, HMAC keyed with a public key and cross-type confusions fail before any
-cryptography runs. The time comes in as ``now`` (DESIGN.md §7): tests decide what time it
-is, and pyjwt's own clock checks are bypassed by verifying the signature with ``PyJWS`` and
-the claims here.
+cryptography runs. The time comes in as ``now`` (docs/architecture.md, "Concurrency
+rules"): tests decide what time it is, and pyjwt's own clock checks are bypassed by
+verifying the signature with ``PyJWS`` and the claims here.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Role(enum.Enum):
     ADMIN = "admin"
 
 
-# What each role may do, as the set of roles it includes (SPEC.md §1).
+# What each role may do, as the set of roles it includes (docs/security.md).
 _INCLUDES: dict[Role, frozenset[Role]] = {
     Role.READ: frozenset({Role.READ}),
     Role.WRITE: frozenset({Role.READ, Role.WRITE}),

@@ -1,4 +1,5 @@
-"""Storage errors. Every one of them is fatal to the node (fail-stop, DESIGN.md §4)."""
+"""Storage errors. Every one of them is fatal to the node (fail-stop: docs/architecture.md,
+docs/storage.md)."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def write_config(
     history_revisions: int = 100000,
     join: bool = False,
 ) -> Path:
-    """A node config file as SPEC.md §2 describes; ``members`` maps id -> ports."""
+    """A node config file (docs/operations.md, "Configuration"); ``members`` maps id ->
+    ports."""
     peer, client, metrics = members[node_id]
     rows = ",\n".join(
         f'  {{ id = "{m}", peer = "127.0.0.1:{p}", client = "127.0.0.1:{c}" }}'

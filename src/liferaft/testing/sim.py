@@ -1,6 +1,6 @@
 """A deterministic cluster of Raft cores over a simulated network and simulated disks.
 
-The simulator plays the shell's part exactly as DESIGN.md §1 prescribes (persist, send,
+The simulator plays the shell's part exactly as docs/core.md §1 prescribes (persist, send,
 apply, advance) and can crash a node at the two interesting instants of a Ready: after
 the leader's messages went out but before anything was persisted, and after persisting
 but before the acknowledgements went out. A restarted node keeps only its ``Disk``,

@@ -7,7 +7,7 @@ A batch is ``[version, [message, ...]]`` and each message a compact array
 integers, booleans, byte strings, text strings and arrays occur; no maps, floats, nulls or
 tags.
 
-``decode`` treats its input as hostile (DESIGN.md §5) and raises nothing but CodecError:
+``decode`` treats its input as hostile (docs/transport.md) and raises nothing but CodecError:
 the size is checked first, cbor2 is told to refuse every tag (cbor2 6 decodes its
 built-in tags, such as bignums, decimal fractions, regexes and shared references, without
 consulting ``tag_hook``, so each tag is mapped to a decoder that refuses it), indefinite

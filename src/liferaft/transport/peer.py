@@ -1,4 +1,4 @@
-"""PeerTransport: the node's links to the other cluster members (DESIGN.md §3-5).
+"""PeerTransport: the node's links to the other cluster members (docs/transport.md).
 
 Each node listens for its peers on one mutual-TLS WebSocket endpoint (``server.py``) and
 dials each peer once for the messages it sends them (``link.py``), so every connection
