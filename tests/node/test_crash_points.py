@@ -44,8 +44,8 @@ from liferaft.node.state import install_path
 from liferaft.node.transfer import CHUNK_BYTES
 from liferaft.security.tokens import mint
 from liferaft.storage.sqlite import Storage
-from liferaft.testing.localcluster import free_ports, wait_until, write_config
-from liferaft.testing.processes import ProcessCluster
+from liferaft.testing.localcluster import wait_until
+from liferaft.testing.processes import ProcessCluster, process_cluster
 
 HANG = 60  # a guard against hangs, not a performance claim
 IDS = ["n1", "n2", "n3"]
@@ -67,22 +67,8 @@ class Nodes:
 
     @classmethod
     def layout(cls, base: Path, certs: Path, *, snapshot_entries: int) -> Nodes:
-        """Config files like ``process_cluster`` writes, with ``snapshot_entries``."""
-        ports = free_ports(3 * len(IDS))
-        members = {i: (ports[3 * n], ports[3 * n + 1], ports[3 * n + 2]) for n, i in enumerate(IDS)}
-        configs = {
-            i: write_config(
-                base / f"{i}.toml",
-                i,
-                members,
-                certs,
-                base / "data" / i,
-                heartbeat_ms=50,
-                election_ms=300,
-                snapshot_entries=snapshot_entries,
-            )
-            for i in IDS
-        }
+        """The cluster's config files, with ``snapshot_entries``."""
+        pc = process_cluster(base, list(IDS), certs=certs, snapshot_entries=snapshot_entries)
         (base / "logs").mkdir()
         token = mint(
             (certs / "jwt-private.pem").read_bytes(),
@@ -90,7 +76,7 @@ class Nodes:
             roles=["read", "write", "admin"],
             now=time.time(),
         )
-        return cls(base, ProcessCluster(list(IDS), certs, members, configs), token)
+        return cls(base, pc, token)
 
     def data_dir(self, i: str) -> Path:
         return self.base / "data" / i

@@ -203,8 +203,11 @@ class Connection:
                     self._end_watch(wid, "unauthenticated", "the token expired; watch again")
                 await self._claims_changed.wait()  # nothing to guard until a refresh
 
-    def _end_watch(self, wid: int, code: str, message: str) -> None:
-        """Stop watch ``wid`` with a last message saying why, and audit it."""
+    def _end_watch(
+        self, wid: int, code: str, message: str, *, audit: bool = True, **extra: Any
+    ) -> None:
+        """Stop watch ``wid`` with a last message saying why (and audit it: an access
+        decision)."""
         w = self._watches.pop(wid, None)
         if w is None:
             return
@@ -215,10 +218,11 @@ class Connection:
                 "events": [],
                 "revision": w.last,
                 "canceled": True,
-                "error": {"code": code, "message": message},
+                "error": {"code": code, "message": message, **extra},
             }
         )
-        self._audit(w.request, "watch", code)
+        if audit:
+            self._audit(w.request, "watch", code)
 
     # ---------------------------------------------------------------- watches
 
@@ -286,8 +290,13 @@ class Connection:
             try:
                 events, watch.last = await state.read(page)
             except Compacted as exc:  # compacted before we read it: the client resumes
-                self._watches.pop(wid, None)
-                self._queue({"watch_id": wid, "events": [], "revision": watch.last, **_ended(exc)})
+                self._end_watch(
+                    wid,
+                    "compacted",
+                    str(exc),
+                    audit=False,
+                    compact_revision=exc.compact_revision,
+                )
                 return False
             if events:
                 self._queue({"watch_id": wid, "events": events, "revision": watch.last})
@@ -340,18 +349,6 @@ class _Watch:
     request: dict[str, Any]  # op, key or prefix: what the token must keep covering
     scope: trio.CancelScope
     last: int  # the newest revision delivered (or skipped as not matching)
-
-
-def _ended(exc: Compacted) -> dict[str, Any]:
-    """The last message of a watch whose history was compacted under it."""
-    return {
-        "canceled": True,
-        "error": {
-            "code": "compacted",
-            "message": str(exc),
-            "compact_revision": exc.compact_revision,
-        },
-    }
 
 
 def _matches(e: dict[str, Any], key: str | None, prefix: str | None) -> bool:

@@ -141,7 +141,7 @@ class Node:
         }
         self.db_size = 0
         self.on_restore: Callable[[], None] | None = None  # the state machine was replaced
-        self.on_events: list[Callable[[list[Event]], object]] = []  # per applied revision
+        self.on_events: list[Callable[[list[Event]], object]] = []  # per applied run
         self._rng = rng or random.Random()
         self._send_filter = send_filter  # tests' fault layer sits here
         self.metrics = NodeMetrics(self.id)
@@ -157,8 +157,7 @@ class Node:
         self.applied = 0
         self.storage_ok = True
         self._last_soft: tuple[Role, str | None, int] | None = None
-        self._snapshot_index = 0  # where the stored log starts
-        self._snapshot_meta: SnapshotMeta | None = None
+        self._snapshot_meta: SnapshotMeta | None = None  # where the stored log starts
         self._compact_send, self._compact_recv = trio.open_memory_channel[None](1)
         self._checkpoint_send, self._checkpoint_recv = trio.open_memory_channel[None](1)
         self._checkpointed = 0  # the applied index when the last checkpoint was asked for
@@ -190,7 +189,6 @@ class Node:
             self.raft = Raft(raft_config(s), self._rng, restored)
             if snap is not None:
                 self._learn_snapshot_addresses(about)
-                self._snapshot_index = snap.meta.index
                 self._snapshot_meta = snap.meta
             self.applied = self.state.db.applied
             self._learn_addresses(restored.entries)
@@ -264,6 +262,11 @@ class Node:
             await trio.sleep(1)
 
     # ---------------------------------------------------------------- members
+
+    @property
+    def _snapshot_index(self) -> int:
+        meta = self._snapshot_meta
+        return 0 if meta is None else meta.index
 
     def _state_bytes(self) -> int:
         total = 0
@@ -562,7 +565,8 @@ class Node:
             self.waiters.on_applied(e.index, e.term, result)
         if committed:
             self.metrics.proposals_committed.inc(committed)
-        for events in applied.events:
+        if applied.events:  # one publication per applied run, revisions in order
+            events = [e for revision in applied.events for e in revision]
             for callback in self.on_events:
                 callback(events)
         self._applied_to(state.db.applied)
@@ -585,8 +589,7 @@ class Node:
         crashpoint("snapshot_before_swap")
         await self.kv.install(about["transfer"])
         self._learn_snapshot_addresses(about)
-        self._snapshot_index = max(self._snapshot_index, snap.meta.index)
-        self._snapshot_meta = snap.meta
+        self._snapshot_meta = snap.meta  # the core restores only past its own snapshot
         if self.on_restore is not None:
             self.on_restore()
         event(log, "snapshot_installed", index=snap.meta.index, applied=self.kv.db.applied)
@@ -613,8 +616,8 @@ class Node:
             if snap is None:
                 continue
             await self.storage.save_snapshot(snap)
-            self._snapshot_index = max(self._snapshot_index, index)
-            self._snapshot_meta = snap.meta
+            if snap.meta.index > self._snapshot_index:  # no install overtook us meanwhile
+                self._snapshot_meta = snap.meta
             event(log, "log_compacted", index=index)
 
     # ---------------------------------------------------------------- callers

@@ -28,6 +28,7 @@ from typing import TypeVar
 import trio
 
 from liferaft.kv.state import DB_NAME, Applied, EntryLike, StateCorrupt, StateDB, read_applied
+from liferaft.storage.sqlite import fsync_dir
 
 T = TypeVar("T")
 
@@ -42,14 +43,6 @@ class StateBehind(Exception):
 
 def install_path(data_dir: Path, transfer: int) -> Path:
     return data_dir / SNAPSHOT_DIR / f"install-{transfer:d}.db"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _promote(data_dir: Path, transfer: int) -> None:
@@ -212,4 +205,4 @@ class StateService:
             await self._write(self.db.close)
 
 
-__all__ = ["StateBehind", "StateCorrupt", "StateService", "fsync_dir", "install_path"]
+__all__ = ["StateBehind", "StateCorrupt", "StateService", "install_path"]

@@ -37,9 +37,10 @@ import trio
 
 from liferaft.core import InstallSnapshot
 from liferaft.crashpoint import crashpoint
-from liferaft.node.state import StateService, fsync_dir, install_path
+from liferaft.node.state import StateService, install_path
 from liferaft.observability.logs import event
 from liferaft.safecbor import CBORError, dumps, loads
+from liferaft.storage.sqlite import fsync_dir
 from liferaft.transport.files import SnapshotAck, SnapshotChunk, file_hasher
 from liferaft.transport.peer import PeerTransport
 

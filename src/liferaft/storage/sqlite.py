@@ -96,7 +96,8 @@ def _check_batch(entries: Sequence[Entry], base: int, last: int) -> None:
             raise ValueError(f"entries not contiguous: {e.index} follows {prev.index}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new or renamed file in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -152,7 +153,7 @@ class Storage:
             new_dir = not data_dir.exists()
             data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if new_dir:
-                _fsync_dir(data_dir.parent)
+                fsync_dir(data_dir.parent)
             lock_fd = _lock(data_dir)
         except OSError as exc:
             raise StorageError(f"cannot use data dir {data_dir}: {exc}") from exc
@@ -175,7 +176,7 @@ class Storage:
                 schema.ensure(conn, initial)
             storage._check_log()
             if new_db:
-                _fsync_dir(data_dir)  # the new file's directory entry is durable too
+                fsync_dir(data_dir)  # the new file's directory entry is durable too
         except BaseException as exc:
             if conn is not None:
                 conn.close()

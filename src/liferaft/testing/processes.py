@@ -43,6 +43,7 @@ def process_cluster(
     certs: Path | None = None,
     heartbeat_ms: int = 50,
     election_ms: int = 300,
+    snapshot_entries: int = 10000,
 ) -> ProcessCluster:
     """Config files (and, unless ``certs`` is given, certificates) under ``base``."""
     if certs is None:
@@ -59,6 +60,7 @@ def process_cluster(
             base / "data" / i,
             heartbeat_ms=heartbeat_ms,
             election_ms=election_ms,
+            snapshot_entries=snapshot_entries,
         )
         for i in ids
     }
