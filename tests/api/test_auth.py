@@ -146,10 +146,14 @@ async def test_audit_records_name_who_did_what_to_which_key_but_never_the_value(
     lines = [
         json.loads(formatter.format(rec)) for rec in caplog.records if rec.name == "liferaft.audit"
     ]
-    assert {"subject": "alice", "op": "put", "key": "audited", "result": "ok"}.items() <= next(
-        x for x in lines if x.get("key") == "audited"
+    # Writes are audited one record per message and outcome, listing the keys.
+    assert {"subject": "alice", "op": "put", "keys": ["audited"], "result": "ok"}.items() <= next(
+        x for x in lines if x.get("keys") == ["audited"]
     ).items()
-    assert any(x["subject"] == "bob" and x["result"] == "permission_denied" for x in lines)
+    assert any(
+        x["subject"] == "bob" and x["result"] == "permission_denied" and x["keys"] == ["nope"]
+        for x in lines
+    )
     assert any(x["op"] == "connect" and "unauthenticated" in x["result"] for x in lines)
     assert all("remote" in x and x["msg"] == "audit" for x in lines)
     assert "s3cret-value" not in json.dumps(lines)

@@ -17,6 +17,7 @@ import trio_websocket
 from liferaft.api.watch import RESET, WatchHub
 from liferaft.core import AnyMessage
 from liferaft.core.messages import AppendEntries
+from liferaft.kv.queries import event_map
 from liferaft.node.node import Node
 from liferaft.testing.localcluster import LocalCluster, wait_until
 
@@ -419,7 +420,7 @@ def test_the_watch_hub_reset_reaches_every_subscription_after_what_is_queued() -
     was published before it."""
     hub = WatchHub()
     with hub.subscription() as events:
-        hub.publish([{"revision": 1}])
+        hub.publish([("k", 1, 1, 1, b"v")])
         hub.reset()
-        assert events.receive_nowait() == [{"revision": 1}]
+        assert events.receive_nowait() == [event_map("k", 1, 1, 1, b"v")]
         assert events.receive_nowait() is RESET

@@ -10,7 +10,7 @@ import trio
 
 from liferaft.client import open_client
 from liferaft.core import EntryKind
-from liferaft.kv.commands import decode_command
+from liferaft.kv.commands import decode_entry
 from liferaft.node.node import Node
 from liferaft.testing.localcluster import LocalCluster, wait_until
 
@@ -84,9 +84,9 @@ def session_puts(node: Node, session: bytes) -> list[dict[str, object]]:
     out = []
     for e in log.slice(log.first_index, log.last_index + 1):
         if e.kind is EntryKind.NORMAL:
-            cmd = decode_command(e.data)
-            if cmd.get("session") == session:
-                out.append(dict(cmd))
+            for cmd in decode_entry(e.data)[1]:
+                if cmd.get("session") == session:
+                    out.append(dict(cmd))
     return out
 
 

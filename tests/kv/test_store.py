@@ -31,7 +31,7 @@ from liferaft.kv import (
     encode_command,
 )
 from liferaft.kv import state as state_module
-from liferaft.kv.state import KV, FutureRevision, Result, prefix_end
+from liferaft.kv.state import KV, EventRow, FutureRevision, Result, prefix_end
 from liferaft.kv.watch import Event
 
 S1 = b"\x01" * 16
@@ -645,7 +645,7 @@ def test_an_internal_failure_is_a_result_not_a_crash(
     def boom(*_args: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(log.db, "_execute", boom)
+    monkeypatch.setattr(log.db, "_command", boom)
     result = log("put", key="a", value=b"")
     assert result == {
         "error": {"code": "internal", "message": "applying entry 1 failed: RuntimeError('bug')"}
@@ -1301,14 +1301,20 @@ def test_a_failing_command_is_an_internal_error_for_that_entry_only(
     answers alike whatever its batching."""
 
     def buggy(db: StateDB) -> StateDB:
-        real = db._put
+        real, real_buffered = db._put, db._put_buffered
 
-        def _put(key: str, value: bytes, rev: int) -> None:
+        def _put(key: str, value: bytes, rev: int) -> None:  # in a txn
             if key == "bad":
                 raise RuntimeError(f"bug at revision {rev}")
             real(key, value, rev)
 
+        def _put_buffered(key: str, value: bytes, rows: list[EventRow]) -> dict[str, int]:
+            if key == "bad":
+                raise RuntimeError(f"bug at revision {db._revision + 1}")
+            return real_buffered(key, value, rows)
+
         monkeypatch.setattr(db, "_put", _put)
+        monkeypatch.setattr(db, "_put_buffered", _put_buffered)
         return db
 
     log = Log(new_db("source.db"))

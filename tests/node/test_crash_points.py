@@ -37,7 +37,7 @@ import trio
 from liferaft.client import open_client
 from liferaft.client.client import Client
 from liferaft.core import EntryKind
-from liferaft.kv.commands import decode_command
+from liferaft.kv.commands import decode_entry
 from liferaft.kv.state import StateDB, read_applied
 from liferaft.node import transfer
 from liferaft.node.state import install_path
@@ -248,7 +248,11 @@ def read_raft(data_dir: Path) -> RaftDisk:
     about = transfer.parse(r.snapshot.data) if r.snapshot is not None else {}
     last = r.entries[-1].index if r.entries else snap_index
     puts = sum(
-        1 for e in r.entries if e.kind is EntryKind.NORMAL and decode_command(e.data)["op"] == "put"
+        1
+        for e in r.entries
+        if e.kind is EntryKind.NORMAL
+        for cmd in decode_entry(e.data)[1]
+        if cmd["op"] == "put"
     )
     return RaftDisk(r.hard_state.commit, snap_index, about.get("transfer"), last, puts)
 
@@ -324,7 +328,9 @@ async def leave_a_follower_behind(
     await nodes.stop(f)
     f_last = read_raft(nodes.data_dir(f)).last_index
     async with nodes.client([lead, m]) as c:
-        await write_keys(c, keys, value, acked)
+        # Two writers: a message's writes are one log entry, and the log must grow
+        # past ``snapshot_entries`` entries (not writes) for the leader to compact.
+        await write_keys(c, keys, value, acked, writers=2)
     await wait_until(
         lambda: min(live_snapshot_index(nodes.data_dir(i)) for i in (lead, m)) > f_last, POLL
     )

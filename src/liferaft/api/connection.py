@@ -1,11 +1,13 @@
 """One client connection: pipelined requests answered by id, responses batched.
 
-Each request runs as its own task (so a slow linearizable read does not hold up a put
-behind it), bounded by a per-connection semaphore. Responses ready at the same moment
-leave as one WebSocket message (an array), because a message costs the server far more
-than a response inside it. Watch events use the same outgoing queue. A client that does
-not read its responses fills the queue and is disconnected: it never grows our memory
-without bound.
+The writes of one message stay one unit (docs/architecture.md, "The write path"): they
+are checked as they are read, become ONE log entry proposed by ONE task, and are
+answered together, with one audit record per kind of outcome. Every other request runs
+as its own task (so a slow linearizable read holds up nothing behind it), bounded by a
+per-connection semaphore. Responses ready at the same moment leave as one WebSocket
+message (an array), because a message costs the server far more than a response inside
+it. Watch events use the same outgoing queue. A client that does not read its responses
+fills the queue and is disconnected: it never grows our memory without bound.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import trio_websocket
 from liferaft.api import access, handlers
 from liferaft.api.errors import ApiError, invalid
 from liferaft.api.watch import RESET, Subscription
-from liferaft.kv.commands import WRITE_OPS, RequestError, validate_request
+from liferaft.kv.commands import WRITE_OPS, RequestError, plain_put, validate_request
 from liferaft.kv.state import StateDB
 from liferaft.kv.watch import Compacted
 from liferaft.observability.logs import event
 from liferaft.safecbor import CBORError, dumps, loads
-from liferaft.security.tokens import Claims, TokenError
+from liferaft.security.tokens import Claims, Role, TokenError
 
 if TYPE_CHECKING:
     from liferaft.api.server import ClientServer
@@ -36,7 +38,8 @@ log = logging.getLogger("liferaft.api")
 audit_log = logging.getLogger("liferaft.audit")
 
 MAX_BATCH = 1024  # requests in one array message (docs/client-protocol.md, "Messages")
-MAX_IN_FLIGHT = 4096  # requests being handled per connection
+MAX_IN_FLIGHT = 4096  # requests other than writes being handled per connection
+MAX_WRITE_BATCHES = 256  # messages' writes waiting for the log per connection
 MAX_QUEUED = 65536  # responses and events waiting to be sent before we give up
 UNSUPPORTED_DATA, INVALID_PAYLOAD, TRY_LATER = 1003, 1007, 1013
 
@@ -65,6 +68,7 @@ class Connection:
         self._out: list[dict[str, Any]] = []
         self._wake = trio.Event()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._write_slots = trio.Semaphore(MAX_WRITE_BATCHES)
         self._watches: dict[int, _Watch] = {}
         self._claims_changed = trio.Event()  # wakes the expiry guard after a refresh
         self._next_watch = 1
@@ -112,12 +116,109 @@ class Connection:
                 batch = obj
             else:
                 raise Closing(INVALID_PAYLOAD, "a message is a request map or 1..1024 of them")
+            writes: list[dict[str, Any]] = []
             for req in batch:
                 rid = req.get("id") if isinstance(req, dict) else None
                 if type(rid) is not int or rid < 0:
                     raise Closing(INVALID_PAYLOAD, "every request needs an unsigned integer id")
-                await self._slots.acquire()
-                nursery.start_soon(self._handle, req, nursery)
+                op = req.get("op")
+                if type(op) is str and op in WRITE_OPS:
+                    self._take_write(req, writes)
+                elif op == "refresh":  # at once: it applies to the requests after it
+                    self._answer(req, "refresh", self._refresh, req)
+                else:
+                    await self._slots.acquire()
+                    nursery.start_soon(self._handle, req, nursery)
+            if writes:
+                await self._write_slots.acquire()
+                nursery.start_soon(self._write_batch, writes)
+
+    def _take_write(self, req: dict[str, Any], writes: list[dict[str, Any]]) -> None:
+        """Check a write as it is read: a refused one is answered at once, a good one
+        joins the message's batch."""
+        try:
+            if self.claims.exp + self.server.leeway_s < time.time():
+                raise ApiError("unauthenticated", "the token expired; send refresh with a new one")
+            if plain_put(req, id_field=True):
+                if not self._may_write:
+                    raise ApiError("permission_denied", "put needs the write role")
+                if not self.claims.covers(req["key"]):
+                    raise ApiError("permission_denied", f"the token does not cover {req['key']!r}")
+            else:
+                try:
+                    validate_request(req)
+                except RequestError as exc:
+                    raise ApiError(exc.code, str(exc)) from None
+                access.check(self.claims, req)
+        except ApiError as exc:
+            self._queue({"id": req["id"], "ok": False, "error": exc.body()})
+            self.server.observe(req["op"], exc.code, 0.0)
+            key = req.get("key", req.get("prefix"))
+            event(
+                audit_log,
+                "audit",
+                subject=self.claims.sub,
+                remote=self.remote,
+                op=req["op"],
+                keys=[key if isinstance(key, str) else ""],
+                result=exc.code,
+            )
+            return
+        writes.append(req)
+
+    async def _write_batch(self, reqs: list[dict[str, Any]]) -> None:
+        """Propose the checked writes of one message as one entry and answer each with
+        its own result (or all with the reason the entry failed)."""
+        started = time.perf_counter()
+        try:
+            results = await handlers.write_batch(self.server.node, reqs)
+        except ApiError as exc:
+            results = [{"error": exc.body()}] * len(reqs)
+        except Exception as exc:  # a bug of ours: answer it, log it, keep serving
+            event(log, "request_failed", level=logging.ERROR, op="write", error=repr(exc)[:300])
+            results = [{"error": {"code": "internal", "message": "internal error"}}] * len(reqs)
+        finally:
+            self._write_slots.release()
+        seconds = time.perf_counter() - started
+        outcomes: dict[tuple[str, str], list[str]] = {}
+        for req, result in zip(reqs, results, strict=True):
+            err = result.get("error")
+            if err is None:
+                self._out.append({"id": req["id"], "ok": True, **result})
+                code = "ok"
+            else:
+                self._out.append({"id": req["id"], "ok": False, "error": err})
+                code = err["code"]
+            op = req["op"]
+            self.server.observe(op, code, seconds)
+            keys = outcomes.get((op, code))
+            if keys is None:
+                keys = outcomes[(op, code)] = []
+            key = req.get("key", req.get("prefix"))
+            keys.append(key if isinstance(key, str) else "")
+        self._queued()
+        for (op, code), keys in outcomes.items():
+            event(
+                audit_log,
+                "audit",
+                subject=self.claims.sub,
+                remote=self.remote,
+                op=op,
+                keys=keys,
+                result=code,
+            )
+
+    def _answer(self, req: dict[str, Any], op: str, fn: Any, *args: Any) -> None:
+        """Answer ``req`` now with ``fn(*args)`` (a synchronous op)."""
+        try:
+            self._queue({"id": req["id"], "ok": True, **fn(*args)})
+            code = "ok"
+        except ApiError as exc:
+            self._queue({"id": req["id"], "ok": False, "error": exc.body()})
+            code = exc.code
+        self.server.observe(op, code, 0.0)
+        if code in ("permission_denied", "unauthenticated"):
+            self._audit(req, op, code)
 
     async def _handle(self, req: dict[str, Any], nursery: trio.Nursery) -> None:
         rid = req["id"]
@@ -140,15 +241,13 @@ class Connection:
             self._slots.release()
         opname = op if isinstance(op, str) and op in access.OP_ROLE else "invalid"
         self.server.observe(opname, code, time.perf_counter() - started)
-        if opname in WRITE_OPS or code in ("permission_denied", "unauthenticated"):
+        if code in ("permission_denied", "unauthenticated"):
             self._audit(req, opname, code)
 
     async def _dispatch(self, req: dict[str, Any], nursery: trio.Nursery) -> dict[str, Any]:
         op = req.get("op")
         if not isinstance(op, str) or op not in access.OP_ROLE:
             raise invalid(f"unknown op {op!r}")
-        if op == "refresh":  # allowed with an expired token: it is how to recover
-            return self._refresh(req)
         if self.claims.exp + self.server.leeway_s < time.time():
             raise ApiError("unauthenticated", "the token expired; send refresh with a new one")
         try:
@@ -157,8 +256,6 @@ class Connection:
             raise ApiError(exc.code, str(exc)) from None
         access.check(self.claims, req)
         node = self.server.node
-        if op in WRITE_OPS:
-            return await handlers.write(node, req)
         if op in ("get", "range"):
             return await handlers.read(node, req)
         if op == "watch":
@@ -171,7 +268,16 @@ class Connection:
             return await handlers.transfer_leader(node, req)
         return await handlers.member_change(node, req)
 
+    @property
+    def _may_write(self) -> bool:
+        return self.claims.allows(Role.WRITE)
+
     def _refresh(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Allowed with an expired token: it is how to recover."""
+        try:
+            validate_request(req)
+        except RequestError as exc:
+            raise ApiError(exc.code, str(exc)) from None
         token = req.get("token")
         if not isinstance(token, str):
             raise invalid("refresh needs a token")
@@ -313,11 +419,16 @@ class Connection:
     # ---------------------------------------------------------------- sending
 
     def _queue(self, item: dict[str, Any]) -> None:
-        if len(self._out) >= MAX_QUEUED:  # a client that does not read: let it go
+        self._out.append(item)
+        self._queued()
+
+    def _queued(self) -> None:
+        """Wake the sender for what was appended to ``_out``."""
+        if len(self._out) > MAX_QUEUED:  # a client that does not read: let it go
+            self._out.clear()
             self._overflow = Closing(TRY_LATER, "the client does not read its responses")
             self._scope.cancel()
             return
-        self._out.append(item)
         self._wake.set()
 
     async def _sender(self) -> None:

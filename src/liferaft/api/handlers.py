@@ -10,7 +10,7 @@ import trio
 
 from liferaft.api.errors import ApiError, invalid, unavailable
 from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused
-from liferaft.kv.commands import command_from_request, encode_command
+from liferaft.kv.commands import encode_batch
 from liferaft.kv.state import FutureRevision
 from liferaft.kv.watch import Compacted
 from liferaft.node.waiters import ProposalDropped, ReadFailed
@@ -31,29 +31,29 @@ def not_leader(node: Node, leader: str | None) -> ApiError:
     return ApiError("not_leader", f"this node is not the leader (leader: {leader})", **extra)
 
 
-async def write(node: Node, req: dict[str, Any]) -> dict[str, Any]:
-    """Replicate the write through the log; its result comes back from the state machine.
+async def write_batch(node: Node, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replicate checked writes as ONE log entry; returns each one's result from the
+    state machine (a map with ``error`` for one that failed there), in order.
 
     A follower answers ``not_leader`` with the leader's client URL (the client library
     follows it), rather than forwarding: forwarding would double the leader's work per
     request and hide a misrouted client's cost.
     """
+    cmds = [{k: v for k, v in req.items() if k != "id"} for req in reqs]
     # the leader's clock, carried in the log: the state machine's only notion of time
-    cmd = command_from_request(req, time_ms=int(time.time() * 1000))
+    data = encode_batch(cmds, time_ms=int(time.time() * 1000))
     try:
         with trio.fail_after(REQUEST_TIMEOUT):
-            result = await node.propose(encode_command(cmd))
+            results = await node.propose(data)
     except NotLeader as exc:
         raise not_leader(node, exc.leader) from None
     except (ProposalDropped, ProposalRefused, trio.TooSlowError) as exc:
         raise unavailable(f"the write may or may not have happened: {exc}") from None
-    if not isinstance(result, dict):
-        raise ApiError("internal", "the state machine gave no result")
-    if "error" in result:
-        err = dict(result["error"])
-        code, message = err.pop("code", "internal"), err.pop("message", "")
-        raise ApiError(code, message, **err)
-    return result
+    if type(results) is list and len(results) == len(reqs):
+        return results
+    if isinstance(results, dict) and "error" in results:  # the entry as a whole failed
+        return [results] * len(reqs)
+    raise ApiError("internal", "the state machine gave no result")
 
 
 async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:

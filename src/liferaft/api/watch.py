@@ -15,6 +15,9 @@ from typing import Any
 
 import trio
 
+from liferaft.kv.queries import event_map
+from liferaft.kv.state import EventRow
+
 QUEUE = 1024  # event batches a subscription may lag behind
 
 # Published by ``reset``; compared by identity, never delivered as events.
@@ -25,7 +28,12 @@ class WatchHub:
     def __init__(self) -> None:
         self._subs: set[trio.MemorySendChannel[list[dict[str, Any]]]] = set()
 
-    def publish(self, events: list[dict[str, Any]]) -> None:
+    def publish(self, rows: list[EventRow]) -> None:
+        """Send the events of ``rows`` (as maps, made only when someone watches)."""
+        if self._subs:
+            self._send([event_map(*row) for row in rows])
+
+    def _send(self, events: list[dict[str, Any]]) -> None:
         for send in list(self._subs):
             try:
                 send.send_nowait(events)
@@ -37,7 +45,7 @@ class WatchHub:
         """The state machine was replaced by a snapshot: the events in between were never
         published. Every subscriber gets ``RESET`` and reads them from the new database
         (a subscriber too far behind to take it is cut off, as by ``publish``)."""
-        self.publish(RESET)
+        self._send(RESET)
 
     def subscribe(self) -> Subscription:
         """Start receiving every batch published from now on."""

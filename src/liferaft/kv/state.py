@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from liferaft.crashpoint import crashpoint
 from liferaft.kv import schema
-from liferaft.kv.commands import INVALID_REQUEST, CommandError, decode_command
+from liferaft.kv.commands import INVALID_REQUEST, CommandError, check_command, decode_entry
 from liferaft.kv.queries import (
     KV,
     event_map,
@@ -67,6 +67,7 @@ __all__ = [
     "Applied",
     "Compacted",
     "EntryLike",
+    "EventRow",
     "FutureRevision",
     "Result",
     "StateCorrupt",
@@ -103,13 +104,29 @@ class EntryLike(Protocol):
     def data(self) -> bytes: ...
 
 
+# An event as a row of the events table: (key, rev, create_rev, version, value), value
+# None for a delete. Maps (``liferaft.kv.watch``) are made only for those who watch.
+EventRow = tuple[str, int, int, int, bytes | None]
+
+
 @dataclass
 class Applied:
     """What one ``apply`` did: a result per input entry (None for entries that are not
-    client commands or were applied before) and the events, one list per revision."""
+    client commands or were applied before; a list for a batch entry, one per command)
+    and the events as rows, in revision order (and by key within a revision)."""
 
-    results: list[Result | None] = field(default_factory=list)
-    events: list[list[Event]] = field(default_factory=list)
+    results: list[Result | list[Result] | None] = field(default_factory=list)
+    rows: list[EventRow] = field(default_factory=list)
+
+    @property
+    def events(self) -> list[list[Event]]:
+        """The events as maps, one list per revision."""
+        out: list[list[Event]] = []
+        for row in self.rows:
+            if not out or out[-1][0]["revision"] != row[1]:
+                out.append([])
+            out[-1].append(event_map(*row))
+        return out
 
 
 def error(code: str, message: str) -> Result:
@@ -148,7 +165,10 @@ class StateDB:
         self._sessions = SessionTable(
             writer, window=session_window, ttl_ms=session_ttl_ms, max_sessions=max_sessions
         )
-        self._pending: dict[str, Event] = {}
+        self._pending: dict[str, EventRow] = {}  # a txn's or delete's changed keys
+        self._put_kv: list[tuple[str, int, int, int]] = []  # buffered puts (_flush_puts)
+        self._put_rows: list[EventRow] = []
+        self._known: dict[str, tuple[int, int] | None] = {}
         self._load_meta()
 
     @classmethod
@@ -456,63 +476,129 @@ class StateDB:
         ) = m
         self._sessions.reload()
         self._pending = {}
+        self._put_kv = []
+        self._put_rows = []
+        self._known.clear()
 
     def _apply_run(
         self, todo: Sequence[EntryLike], out: Applied, offset: int, *, guarded: bool
     ) -> None:
         w = self._w
+        rows = out.rows
         for i, e in enumerate(todo, offset):
             if e.kind == NORMAL:
                 if guarded:
                     before = self._mirror()
                     self._sessions.flush()  # so a rollback to the savepoint can reload
+                    mark = len(rows)
                     w.execute("SAVEPOINT cmd")
                     try:
-                        result, events = self._command(e)
+                        result = self._entry(e, rows)
                     except sqlite3.Error:
                         raise
                     except Exception as exc:  # every replica fails alike: same answer
                         w.execute("ROLLBACK TO cmd")
                         self._restore(before)
-                        result, events = (
-                            error("internal", f"applying entry {e.index} failed: {exc!r:.200}"),
-                            [],
-                        )
+                        del rows[mark:]
+                        result = error("internal", f"applying entry {e.index} failed: {exc!r:.200}")
                     w.execute("RELEASE cmd")
                 else:
-                    result, events = self._command(e)
+                    result = self._entry(e, rows)
                 out.results[i] = result
-                if events:
-                    out.events.append(events)
             self._applied = e.index
 
-    def _command(self, e: EntryLike) -> tuple[Result, list[Event]]:
+    def _entry(self, e: EntryLike, rows: list[EventRow]) -> Result | list[Result]:
+        """Apply one client entry: a batch (a result per command) or one command."""
         try:
-            cmd = decode_command(e.data)
+            time_ms, cmds, batch = decode_entry(e.data)
         except CommandError as exc:
-            return error(INVALID_REQUEST, f"bad command: {exc}"), []
-        time_ms: int = cmd["time_ms"]
+            return error(INVALID_REQUEST, f"bad command: {exc}")
         if time_ms > self._log_time_ms:
             self._log_time_ms = time_ms
         self._sessions.expire(self._log_time_ms)
+        self._prefetch(cmds)
+        results = [self._command(cmd, e.index, rows) for cmd in cmds]
+        self._flush_puts()
+        return results if batch else results[0]
+
+    def _command(self, cmd: object, index: int, rows: list[EventRow]) -> Result:
+        try:
+            cmd = check_command(cmd)
+        except CommandError as exc:
+            return error(INVALID_REQUEST, f"bad command: {exc}")
         session: bytes | None = cmd.get("session")
         seq: int = cmd.get("seq", 0)
         if session is not None:
             try:
                 first = self._sessions.lookup(session, seq)
             except SeqTooOld:
-                return error(INVALID_REQUEST, "sequence number too old"), []
+                return error(INVALID_REQUEST, "sequence number too old")
             if first is not None:
-                return first, []
-        result, events = self._execute(cmd)
+                return first
+        if cmd["op"] == "put":
+            result = self._put_buffered(cmd["key"], cmd["value"], rows)
+        else:
+            self._flush_puts()  # what follows reads the tables
+            result = self._execute(cmd, rows)
         if session is not None:
-            self._sessions.record(session, seq, result, self._log_time_ms, e.index)
-        return result, events
+            self._sessions.record(session, seq, result, self._log_time_ms, index)
+        return result
 
-    def _execute(self, cmd: dict[str, Any]) -> tuple[Result, list[Event]]:
+    # A run of puts is written with two ``executemany`` at the end of its entry (or
+    # before any other command) instead of two statements per put; the keys' rows are
+    # read up front in one query. ``_known`` holds each key's (create_rev, version) as
+    # of the buffered puts, None for a key that does not exist.
+
+    def _prefetch(self, cmds: list[Any]) -> None:
+        keys = [
+            c["key"]
+            for c in cmds
+            if type(c) is dict and c.get("op") == "put" and type(c.get("key")) is str
+        ]
+        known = self._known
+        for k in keys:
+            known[k] = None
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, create, version in self._w.execute(
+                f"SELECT key, create_rev, version FROM kv WHERE key IN ({marks})", chunk
+            ):
+                known[key] = (create, version)
+
+    def _put_buffered(self, key: str, value: bytes, rows: list[EventRow]) -> Result:
+        rev = self._revision + 1
+        known = self._known
+        if key in known:
+            state = known[key]
+        else:
+            state = self._w.execute(
+                "SELECT create_rev, version FROM kv WHERE key = ?", (key,)
+            ).fetchone()
+        create, version = (rev, 1) if state is None else (state[0], state[1] + 1)
+        known[key] = (create, version)
+        self._put_kv.append((key, rev, create, version))
+        row = (key, rev, create, version, value)
+        self._put_rows.append(row)
+        rows.append(row)
+        self._revision = rev
+        if rev - self.history_revisions > self._compact_revision:
+            self._compact_revision = rev - self.history_revisions
+        return {"revision": rev}
+
+    def _flush_puts(self) -> None:
+        if self._put_kv:
+            w = self._w
+            w.executemany(_SET_KV, self._put_kv)
+            w.executemany(_INSERT_EVENT, self._put_rows)
+            self._put_kv = []
+            self._put_rows = []
+        self._known.clear()
+
+    def _execute(self, cmd: dict[str, Any], rows: list[EventRow]) -> Result:
         op = cmd["op"]
         if op == "compact":
-            return self._compact_op(cmd["revision"]), []
+            return self._compact_op(cmd["revision"])
         rev = self._revision + 1  # the revision of this write, if it changes anything
         self._pending = {}
         result: Result
@@ -526,16 +612,17 @@ class StateDB:
             ops = cmd.get("success" if succeeded else "failure", [])
             results = [self._txn_op(sub, rev) for sub in ops]
             result = {"succeeded": succeeded, "results": results}
-        events = [self._pending[k] for k in sorted(self._pending)]
+        changed = [self._pending[k] for k in sorted(self._pending)]
         self._pending = {}
-        if events:
+        if changed:
+            rows.extend(changed)
             self._revision = rev
             self._compact_revision = max(self._compact_revision, rev - self.history_revisions)
         if op == "txn":
             for r in result["results"]:
                 r["revision"] = self._revision
         result["revision"] = self._revision
-        return result, events
+        return result
 
     def _compact_op(self, revision: int) -> Result:
         if revision > self._revision:
@@ -568,12 +655,9 @@ class StateDB:
     def _put(self, key: str, value: bytes, rev: int) -> None:
         w = self._w
         create, version = w.execute(_UPSERT_KV, (key, rev, rev)).fetchone()
-        w.execute(
-            "INSERT OR REPLACE INTO events (key, rev, create_rev, version, value) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (key, rev, create, version, value),
-        )
-        self._pending[key] = event_map(key, rev, create, version, value)
+        row = (key, rev, create, version, value)
+        w.execute(_INSERT_EVENT, row)
+        self._pending[key] = row
 
     def _delete(self, req: dict[str, Any], rev: int) -> int:
         w = self._w
@@ -594,7 +678,7 @@ class StateDB:
                 [(k, rev) for k in keys],
             )
             for k in keys:
-                self._pending[k] = event_map(k, rev, 0, 0, None)
+                self._pending[k] = (k, rev, 0, 0, None)
         return len(keys)
 
     def _compare(self, c: dict[str, Any]) -> bool:
@@ -644,6 +728,14 @@ class StateDB:
         w.executemany("DELETE FROM events WHERE key = ? AND rev = ?", [r[:2] for r in rows if r[2]])
         self._compacted_to = upto
 
+
+_SET_KV = (
+    "INSERT INTO kv (key, mod_rev, create_rev, version) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET mod_rev = excluded.mod_rev, version = excluded.version"
+)
+_INSERT_EVENT = (
+    "INSERT OR REPLACE INTO events (key, rev, create_rev, version, value) VALUES (?, ?, ?, ?, ?)"
+)
 
 # A put's key row: new (version 1, created now) or updated (version + 1), in one step.
 _UPSERT_KV = (

@@ -53,7 +53,7 @@ from liferaft.core import (
     Status,
 )
 from liferaft.crashpoint import crashpoint
-from liferaft.kv.watch import Event
+from liferaft.kv.state import EventRow
 from liferaft.node import transfer
 from liferaft.node.state import StateService
 from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
@@ -141,7 +141,7 @@ class Node:
         }
         self.db_size = 0
         self.on_restore: Callable[[], None] | None = None  # the state machine was replaced
-        self.on_events: list[Callable[[list[Event]], object]] = []  # per applied run
+        self.on_events: list[Callable[[list[EventRow]], object]] = []  # per applied run
         self._rng = rng or random.Random()
         self._send_filter = send_filter  # tests' fault layer sits here
         self.metrics = NodeMetrics(self.id)
@@ -565,10 +565,9 @@ class Node:
             self.waiters.on_applied(e.index, e.term, result)
         if committed:
             self.metrics.proposals_committed.inc(committed)
-        if applied.events:  # one publication per applied run, revisions in order
-            events = [e for revision in applied.events for e in revision]
+        if applied.rows:  # one publication per applied run, revisions in order
             for callback in self.on_events:
-                callback(events)
+                callback(applied.rows)
         self._applied_to(state.db.applied)
 
     def _applied_to(self, index: int) -> None:
