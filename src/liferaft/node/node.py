@@ -27,7 +27,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -40,6 +40,7 @@ from liferaft.core import (
     ConfEntry,
     Entry,
     EntryKind,
+    HardState,
     InstallSnapshot,
     Membership,
     NotLeader,
@@ -55,6 +56,7 @@ from liferaft.core import (
 from liferaft.crashpoint import crashpoint
 from liferaft.kv.state import EventRow
 from liferaft.node import transfer
+from liferaft.node.applyqueue import ApplyQueue
 from liferaft.node.state import StateService
 from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
 from liferaft.node.waiters import Outcome, ReadFailed, Waiters
@@ -72,6 +74,11 @@ T = TypeVar("T")
 
 MAX_INPUTS_PER_ROUND = 4096  # inputs folded into one Ready at most
 MAX_APPLY_BATCH = 8192  # committed entries applied in one state transaction at most
+MAX_APPLY_BYTES = 2 * 1024 * 1024  # ...and about this much entry data
+# Compact the log after this much entry data too (besides ``snapshot_entries``): the log
+# since the last compaction is held in memory, and an entry may hold a batch of writes.
+COMPACT_BYTES = 32 * 1024 * 1024
+MAX_PENDING_PROPOSALS = 1024  # entries proposed here and not yet applied, at most
 CHECKPOINT_ENTRIES = 4096  # checkpoint state.db's WAL after this many applied entries
 
 
@@ -148,9 +155,7 @@ class Node:
         self.waiters = Waiters()
         self.stopped = trio.Event()  # set once every database of the node is closed
         self._inputs_send, self._inputs = trio.open_memory_channel[_Input](1024)
-        self._apply_send, self._apply_recv = trio.open_memory_channel[Snapshot | tuple[Entry, ...]](
-            64
-        )
+        self._to_apply = ApplyQueue(max_entries=MAX_APPLY_BATCH, max_bytes=MAX_APPLY_BYTES)
         self.raft: Raft | None = None
         self.storage: StorageWriter | None = None
         self.transport: PeerTransport | None = None
@@ -158,6 +163,11 @@ class Node:
         self.storage_ok = True
         self._last_soft: tuple[Role, str | None, int] | None = None
         self._snapshot_meta: SnapshotMeta | None = None  # where the stored log starts
+        self._durable_vote: tuple[int, str | None] = (0, None)  # (term, vote) on disk
+        self._log_bytes = 0  # entry data applied since the last compaction
+        self._proposing = trio.Semaphore(MAX_PENDING_PROPOSALS)
+        self._read_round: Outcome[int] | None = None  # a ReadIndex round not yet begun
+        self._lazy_hs: HardState | None = None  # a commit index not yet written
         self._compact_send, self._compact_recv = trio.open_memory_channel[None](1)
         self._checkpoint_send, self._checkpoint_recv = trio.open_memory_channel[None](1)
         self._checkpointed = 0  # the applied index when the last checkpoint was asked for
@@ -187,6 +197,7 @@ class Node:
                 history_revisions=s.kv.history_revisions,
             )
             self.raft = Raft(raft_config(s), self._rng, restored)
+            self._durable_vote = (restored.hard_state.term, restored.hard_state.vote)
             if snap is not None:
                 self._learn_snapshot_addresses(about)
                 self._snapshot_meta = snap.meta
@@ -469,22 +480,33 @@ class Node:
     async def _process(self, raft: Raft, rd: Ready) -> None:
         assert self.storage is not None
         self._send(rd.messages)
-        if rd.must_persist():
+        hs = rd.hard_state
+        if hs is not None and not rd.entries and rd.snapshot is None and self._only_commit(hs):
+            # Only the commit index moved: the committed entries are durable on a quorum
+            # already, so they go to the applier now and the new commit index is written
+            # with the next write (a restart learns it again from the leader).
+            self._lazy_hs = hs
+        elif rd.must_persist():
+            save = rd
+            if hs is None and self._lazy_hs is not None:
+                save = replace(rd, hard_state=self._lazy_hs)
+            self._lazy_hs = None
             try:
-                seconds = await self.storage.save(rd)
+                seconds = await self.storage.save(save)
             except Exception:
                 self.storage_ok = False
                 event(log, "storage_failed", level=logging.CRITICAL, term=raft.term)
                 raise
             self.metrics.fsync_duration.observe(seconds)
+            if save.hard_state is not None:
+                self._durable_vote = (save.hard_state.term, save.hard_state.vote)
         self._send(rd.persisted_messages)
         self._learn_addresses(rd.entries)
         if rd.membership is not None:
             self._dial(rd.membership)
         if rd.snapshot is not None:
-            await self._apply_send.send(rd.snapshot)
-        if rd.committed_entries:
-            await self._apply_send.send(rd.committed_entries)
+            self._to_apply.put_snapshot(rd.snapshot)
+        self._to_apply.put_entries(rd.committed_entries)
         for rs in rd.read_states:
             out = self.waiters.reads.pop(rs.ctx, None)
             if out is not None:
@@ -495,6 +517,11 @@ class Node:
                 out.fail(ReadFailed("leadership lost before the read was confirmed"))
         raft.advance(rd)
         self._observe(raft)
+
+    def _only_commit(self, hs: HardState) -> bool:
+        """Whether ``hs`` differs from what is on disk in its commit index alone (a new
+        term or vote must be durable before anything is sent)."""
+        return (hs.term, hs.vote) == self._durable_vote
 
     def _send(self, msgs: Iterable[AnyMessage]) -> None:
         batch: list[AnyMessage] = []
@@ -534,29 +561,18 @@ class Node:
     # ---------------------------------------------------------------- applying
 
     async def _applier(self) -> None:
-        """Apply committed entries in runs (everything queued, up to MAX_APPLY_BATCH, in
-        one state transaction); install snapshot files in order between them."""
-        pending: Snapshot | tuple[Entry, ...] | None = None
+        """Apply committed entries in runs (what is queued, bounded in entries and bytes,
+        in one state transaction); install snapshot files in order between them."""
         while True:
-            item = pending if pending is not None else await self._apply_recv.receive()
-            pending = None
+            item = await self._to_apply.get()
             if isinstance(item, Snapshot):
                 await self._install(item)
-                continue
-            entries = list(item)
-            while len(entries) < MAX_APPLY_BATCH:
-                try:
-                    more = self._apply_recv.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                if isinstance(more, Snapshot):
-                    pending = more
-                    break
-                entries.extend(more)
-            await self._apply(entries)
+            else:
+                await self._apply(item)
 
     async def _apply(self, entries: list[Entry]) -> None:
         state = self.kv
+        self._log_bytes += sum(len(e.data) for e in entries)
         applied = await state.apply(entries)  # type: ignore[arg-type]  # Entry is EntryLike
         committed = 0
         for e, result in zip(entries, applied.results, strict=True):
@@ -578,7 +594,10 @@ class Node:
         self.applied = index
         self.metrics.applied_index.set(index)
         self.waiters.on_applied_index(index)
-        if index - self._snapshot_index >= self.settings.raft.snapshot_entries:
+        if (
+            index - self._snapshot_index >= self.settings.raft.snapshot_entries
+            or self._log_bytes >= COMPACT_BYTES
+        ):
             with contextlib.suppress(trio.WouldBlock):
                 self._compact_send.send_nowait(None)  # the compactor is idle: wake it
 
@@ -615,6 +634,7 @@ class Node:
             if snap is None:
                 continue
             await self.storage.save_snapshot(snap)
+            self._log_bytes = 0  # about: entries applied since the sync stay uncounted
             if snap.meta.index > self._snapshot_index:  # no install overtook us meanwhile
                 self._snapshot_meta = snap.meta
             event(log, "log_compacted", index=index)
@@ -630,20 +650,40 @@ class Node:
     async def propose(self, data: bytes) -> object:
         """Replicate ``data``; returns the state machine's result once it is applied
         here. Raises NotLeader on a follower, ProposalDropped if a new leader
-        overwrote the entry."""
+        overwrote the entry. At most MAX_PENDING_PROPOSALS wait at once (the others
+        wait for a turn): the bound on what the core and applier hold for callers."""
         out: Outcome[object] = Outcome()
-        await self._inputs_send.send(_Propose(data, out))
-        try:
-            return await out.wait()
-        except BaseException:
-            self.metrics.proposals_failed.inc()
-            raise
+        async with self._proposing:
+            await self._inputs_send.send(_Propose(data, out))
+            try:
+                return await out.wait()
+            except BaseException:
+                self.metrics.proposals_failed.inc()
+                raise
 
     async def read_index(self) -> int:
         """A linearizable read barrier: returns once the local state machine reflects
-        every write committed before the call."""
-        ctx, out = self.waiters.new_read()
-        await self.call(lambda r: r.read_index(ctx))
+        every write committed before the call.
+
+        Reads share rounds: a read that arrives while a round is still queued for the
+        core loop joins it (the round starts after it arrived, so it confirms it too);
+        one quorum round trip then serves every read of a burst, across connections."""
+        out = self._read_round
+        if out is None:
+            ctx, out = self.waiters.new_read()
+            self._read_round = round_out = out
+
+            def go(raft: Raft) -> None:
+                if self._read_round is round_out:
+                    self._read_round = None  # later reads start the next round
+                try:
+                    raft.read_index(ctx)
+                except Exception as exc:  # NotLeader: every read of the round fails
+                    self.waiters.reads.pop(ctx, None)
+                    round_out.fail(exc)
+
+            with trio.CancelScope(shield=True):  # the round's other reads depend on it
+                await self._inputs_send.send(_Call(go, Outcome()))
         index = await out.wait()
         if self.applied < index:
             done: Outcome[None] = Outcome()
