@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +32,7 @@ from liferaft.kv import (
     encode_command,
 )
 from liferaft.kv import state as state_module
+from liferaft.kv.commands import encode_batch
 from liferaft.kv.state import KV, EventRow, FutureRevision, Result, prefix_end
 from liferaft.kv.watch import Event
 
@@ -1375,8 +1377,8 @@ def test_a_failure_after_the_write_leaves_no_trace(
     log: Log, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A command that fails once its write is done (here: recording its session result)
-    leaves no revision, log time or session behind: the next write takes the next
-    revision and the history has no gap."""
+    leaves no revision or session behind: the next write takes the next revision and
+    the history has no gap. (Log time is the entry's, so it moves on all the same.)"""
     db = log.db
     real = db._sessions.record
 
@@ -1395,7 +1397,7 @@ def test_a_failure_after_the_write_leaves_no_trace(
     )
     assert applied.results[0] is not None and applied.results[0]["error"]["code"] == "internal"
     assert applied.results[1] == {"revision": 2}
-    assert db.revision == 2 and db.log_time_ms == 2_000 and db.session_count == 1
+    assert db.revision == 2 and db.log_time_ms == 9_000 and db.session_count == 1
     assert db.get("a")[0] == kv("a", b"1", 1, 1, 1)
     assert brief(history(db, 1)) == [("put", "a", 1), ("put", "b", 2)]
     assert log("put", key="c", value=b"", session=S1, seq=2) == {"revision": 3}
@@ -1537,3 +1539,438 @@ def test_range_over_a_prefix_never_leaves_it(
             assert db.events(1, prefix=prefix)[0] == [
                 e for e in history(db, 1) if e["kv"]["key"].startswith(prefix)
             ]
+
+
+# ---------------------------------------------------------------- batch entries
+#
+# The writes of one client message are ONE log entry, ``{"batch": [cmd, ...], "time_ms"}``
+# (``liferaft.kv.commands.encode_batch``); its result is a list, one result per command,
+# and each command is answered as if it were alone (docs/client-protocol.md, "Messages").
+
+
+def _writes(log: Log, *cmds: Any) -> list[Result]:
+    """Apply ``cmds`` (commands without ``time_ms``) as ONE batch entry; their results."""
+    (result,) = log.batch([encode_batch(list(cmds), time_ms=log.time_ms)]).results
+    assert isinstance(result, list) and len(result) == len(cmds), result
+    return result
+
+
+def _bad(result: Result) -> bool:
+    return (
+        result.get("error", {}).get("code") == "invalid_request"
+        and result["error"]["message"].startswith("bad command: ")
+        and set(result) == {"error"}
+    )
+
+
+def test_a_bad_command_in_a_batch_is_answered_alone_and_the_good_ones_apply(
+    log: Log, new_db: Dbs
+) -> None:
+    db = log.db
+    log("put", key="a", value=b"0")  # revision 1
+    good: dict[int, dict[str, Any]] = {
+        0: {"op": "put", "key": "x", "value": b"1"},
+        5: {"op": "put", "key": "x", "value": b"2"},
+        9: {"op": "delete", "key": "a"},
+        11: {"op": "txn", "success": [{"op": "put", "key": "t", "value": b"t"}]},
+        15: {"op": "put", "key": "x", "value": b"3", "session": S1, "seq": 1},
+    }
+    bad: dict[int, object] = {
+        1: {"op": "put", "key": "y", "value": "text, not bytes"},
+        2: {"op": "put", "key": 7, "value": b""},
+        3: {"op": "put", "key": "z", "value": b"", "colour": "red"},  # unknown field
+        4: {"op": "get", "key": "x"},  # not a write
+        6: {"op": "put", "key": "", "value": b""},  # empty key
+        7: {"op": "put", "key": "w", "value": b"", "id": 5},  # a request id in the log
+        8: {"op": "put", "key": "v", "value": b"", "time_ms": 5},  # time_ms is the entry's
+        10: {"op": "delete", "key": "x", "prefix": ""},  # key and prefix
+        12: {"op": "txn", "success": [{"op": "put", "key": "", "value": b""}]},
+        13: "not a map",
+        14: {"op": "put", "key": "s", "value": b"", "session": b"short", "seq": 1},
+        16: {"op": "compact", "revision": -1},
+        17: {"op": "put", "key": "k" * 4097, "value": b""},  # too large
+        18: {"op": "put", "key": "q", "value": b"", "session": S2},  # no seq
+    }
+    cmds = [good[i] if i in good else bad[i] for i in range(len(good) + len(bad))]
+    results = _writes(log, *cmds)
+    for i in bad:
+        assert _bad(results[i]), (i, results[i])
+    assert [results[i] for i in sorted(good)] == [
+        {"revision": 2},
+        {"revision": 3},
+        {"deleted": 1, "revision": 4},
+        {"succeeded": True, "results": [{"revision": 5}], "revision": 5},
+        {"revision": 6},
+    ]
+    assert db.revision == 6 and db.applied == 2
+    assert [x["key"] for x in db.range("")[0]] == ["t", "x"]
+    assert db.get("x")[0] == kv("x", b"3", 2, 6, 3)
+    assert [brief(evs) for evs in log.applied[-1].events] == [
+        [("put", "x", 2)],
+        [("put", "x", 3)],
+        [("delete", "a", 4)],
+        [("put", "t", 5)],
+        [("put", "x", 6)],
+    ]
+    # Exactly the keys and history of a database that saw the good commands alone in the
+    # batch (the digest would differ in the session's ``used``: its place in the batch).
+    ref = Log(new_db("ref.db"))
+    ref("put", key="a", value=b"0")
+    assert _writes(ref, *(good[i] for i in sorted(good))) == [results[i] for i in sorted(good)]
+    assert history(ref.db, 1) == history(db, 1) and ref.db.range("") == db.range("")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"batch": {"op": "put", "key": "a", "value": b"1"}, "time_ms": 5},  # not a list
+        {"batch": None, "time_ms": 5},
+        {"batch": [], "time_ms": 5},  # empty
+        {"batch": [{"op": "put", "key": "a", "value": b"1"}], "time_ms": 5, "extra": 1},
+        {"batch": [{"op": "put", "key": "a", "value": b"1"}]},  # no time_ms
+        {"batch": [{"op": "put", "key": "a", "value": b"1"}], "time_ms": -1},
+        {"batch": [{"op": "put", "key": "a", "value": b"1"}], "time_ms": True},
+        {"batch": [{"op": "put", "key": "a", "value": b"1"}], "time_ms": 2**63},
+        [{"batch": [{"op": "put", "key": "a", "value": b"1"}], "time_ms": 5}],  # not a map
+    ],
+    ids=[
+        "batch-not-a-list",
+        "batch-null",
+        "batch-empty",
+        "extra-field",
+        "no-time-ms",
+        "negative-time-ms",
+        "bool-time-ms",
+        "time-ms-too-large",
+        "entry-not-a-map",
+    ],
+)
+def test_a_malformed_batch_is_one_error_and_applies_nothing(
+    log: Log, new_db: Dbs, entry: object
+) -> None:
+    db = log.db
+    log("put", key="b", value=b"0", session=S1, seq=1, time_ms=1_000)
+    before = reads(db)
+    result = log.entry(data=cbor2.dumps(entry))
+    assert isinstance(result, dict) and _bad(result), result  # one error, not a list
+    assert log.applied[-1].rows == [] and log.applied[-1].events == []
+    assert db.get("a") == (None, 1)
+    assert reads(db) == (2, *before[1:])  # only the applied index moved
+    # Exactly the state of a database that saw a NOOP instead.
+    ref = Log(new_db("ref.db"))
+    ref("put", key="b", value=b"0", session=S1, seq=1, time_ms=1_000)
+    ref.entry(EntryKind.NOOP)
+    assert db.digest() == ref.db.digest()
+
+
+def test_a_session_retry_inside_one_batch_gets_the_first_result_and_applies_once(
+    log: Log,
+) -> None:
+    db = log.db
+    txn: dict[str, Any] = {
+        "op": "txn",
+        "compare": [cmp("a", "version", "==", 1)],
+        "success": [{"op": "put", "key": "t", "value": b"once"}, {"op": "get", "key": "a"}],
+        "failure": [{"op": "put", "key": "f", "value": b""}],
+    }
+    results = _writes(
+        log,
+        {"op": "put", "key": "a", "value": b"first", "session": S1, "seq": 1},  # 1
+        {"op": "put", "key": "b", "value": b""},  # 2
+        {"op": "put", "key": "a", "value": b"retry", "session": S1, "seq": 1},
+        {**txn, "session": S1, "seq": 2},  # 3: sees a at version 1
+        {"op": "put", "key": "a", "value": b"moved"},  # 4: a at version 2 now
+        {**txn, "session": S1, "seq": 2},  # a retry: the first result, not the failure
+        {"op": "delete", "prefix": "", "session": S1, "seq": 3},  # 5
+        {"op": "delete", "prefix": "", "session": S1, "seq": 3},
+    )
+    first_txn = {
+        "succeeded": True,
+        "results": [{"revision": 3}, {"kv": kv("a", b"first", 1, 1, 1), "revision": 3}],
+        "revision": 3,
+    }
+    assert results == [
+        {"revision": 1},
+        {"revision": 2},
+        {"revision": 1},
+        first_txn,
+        {"revision": 4},
+        first_txn,
+        {"deleted": 3, "revision": 5},
+        {"deleted": 3, "revision": 5},
+    ]
+    assert db.revision == 5 and db.key_count() == 0
+    assert db.get("a", revision=4)[0] == kv("a", b"moved", 1, 4, 2)  # "retry" never written
+    assert db.get("f", revision=4)[0] is None  # the retried txn did not run again
+    assert brief(history(db, 1)) == [
+        ("put", "a", 1),
+        ("put", "b", 2),
+        ("put", "t", 3),
+        ("put", "a", 4),
+        ("delete", "a", 5),
+        ("delete", "b", 5),
+        ("delete", "t", 5),
+    ]
+    # Later retries, in another entry, get the same first results.
+    again = _writes(
+        log,
+        {"op": "put", "key": "a", "value": b"late", "session": S1, "seq": 1},
+        {**txn, "session": S1, "seq": 2},
+    )
+    assert again == [{"revision": 1}, first_txn] and db.revision == 5
+
+
+def test_two_sessions_in_one_batch_are_both_remembered_across_reopen(new_db: Dbs) -> None:
+    """Each session of a batch keeps its results: a retry after a restart (or on a
+    replica that installed this database as a snapshot) must not apply again."""
+    log = Log(new_db())
+    assert _writes(
+        log,
+        {"op": "put", "key": "a", "value": b"1", "session": S1, "seq": 1},
+        {"op": "put", "key": "b", "value": b"1", "session": S2, "seq": 1},
+    ) == [{"revision": 1}, {"revision": 2}]
+    assert log.db.session_count == 2
+    log.db.close()
+    log = Log(new_db())
+    assert log.db.session_count == 2
+    assert _writes(
+        log,
+        {"op": "put", "key": "a", "value": b"1", "session": S1, "seq": 1},
+        {"op": "put", "key": "b", "value": b"1", "session": S2, "seq": 1},
+    ) == [{"revision": 1}, {"revision": 2}]
+    assert log.db.revision == 2
+
+
+def test_the_same_key_put_twice_in_one_batch_counts_two_versions(log: Log) -> None:
+    db = log.db
+    log("put", key="old", value=b"0")  # 1
+    results = _writes(
+        log,
+        {"op": "put", "key": "new", "value": b"1"},  # 2
+        {"op": "put", "key": "old", "value": b"1"},  # 3
+        {"op": "put", "key": "new", "value": b"2"},  # 4
+        {"op": "put", "key": "old", "value": b"2"},  # 5
+    )
+    assert results == [{"revision": r} for r in (2, 3, 4, 5)]
+    assert db.get("new")[0] == kv("new", b"2", 2, 4, 2)
+    assert db.get("old")[0] == kv("old", b"2", 1, 5, 3)
+    assert db.get("new", revision=2)[0] == kv("new", b"1", 2, 2, 1)
+    assert db.get("old", revision=4)[0] == kv("old", b"1", 1, 3, 2)
+    put = "put"
+    expected: list[list[Event]] = [
+        [{"type": put, "kv": kv("new", b"1", 2, 2, 1), "revision": 2}],
+        [{"type": put, "kv": kv("old", b"1", 1, 3, 2), "revision": 3}],
+        [{"type": put, "kv": kv("new", b"2", 2, 4, 2), "revision": 4}],
+        [{"type": put, "kv": kv("old", b"2", 1, 5, 3), "revision": 5}],
+    ]
+    assert log.applied[-1].events == expected
+    assert log.applied[-1].rows == [
+        ("new", 2, 2, 1, b"1"),
+        ("old", 3, 1, 2, b"1"),
+        ("new", 4, 2, 2, b"2"),
+        ("old", 5, 1, 3, b"2"),
+    ]
+    assert history(db, 2) == [e for evs in expected for e in evs]
+
+
+def test_a_txn_in_a_batch_sees_the_puts_before_it_and_the_puts_after_see_it(
+    log: Log, new_db: Dbs
+) -> None:
+    db = log.db
+    cmds: list[dict[str, Any]] = [
+        {"op": "put", "key": "a", "value": b"1"},  # 1
+        {"op": "put", "key": "a", "value": b"2"},  # 2
+        {
+            "op": "txn",  # 3: holds only if it sees both puts
+            "compare": [cmp("a", "value", "==", b"2"), cmp("a", "version", "==", 2)],
+            "success": [
+                {"op": "get", "key": "a"},
+                {"op": "put", "key": "b", "value": b"from txn"},
+                {"op": "put", "key": "a", "value": b"3"},
+                {"op": "delete", "key": "c"},
+            ],
+            "failure": [{"op": "put", "key": "failed", "value": b""}],
+        },
+        {"op": "put", "key": "b", "value": b"after"},  # 4: b exists, created by the txn
+        {"op": "put", "key": "a", "value": b"4"},  # 5: a at version 4
+        {"op": "put", "key": "c", "value": b"c"},  # 6
+        {"op": "delete", "key": "c"},  # 7
+        {"op": "put", "key": "c", "value": b"again"},  # 8: re-created, version 1
+        {
+            "op": "txn",  # 9: sees the re-created c and b's second put
+            "compare": [cmp("c", "create_revision", "==", 8), cmp("b", "version", "==", 2)],
+            "success": [{"op": "range", "prefix": ""}],
+            "failure": [],
+        },
+    ]
+    results = _writes(log, *cmds)
+    assert results[2] == {
+        "succeeded": True,
+        "results": [
+            {"kv": kv("a", b"2", 1, 2, 2), "revision": 3},
+            {"revision": 3},
+            {"revision": 3},
+            {"deleted": 0, "revision": 3},
+        ],
+        "revision": 3,
+    }
+    assert [results[i] for i in (0, 1, 3, 4, 5, 7)] == [{"revision": r} for r in (1, 2, 4, 5, 6, 8)]
+    assert results[6] == {"deleted": 1, "revision": 7}
+    live = [kv("a", b"4", 1, 5, 4), kv("b", b"after", 3, 4, 2), kv("c", b"again", 8, 8, 1)]
+    assert results[8] == {
+        "succeeded": True,
+        "results": [{"kvs": live, "more": False, "revision": 8}],
+        "revision": 8,
+    }
+    assert db.range("") == (live, False, 8) and db.get("failed")[0] is None
+    assert brief(history(db, 1)) == [
+        ("put", "a", 1),
+        ("put", "a", 2),
+        ("put", "a", 3),
+        ("put", "b", 3),
+        ("put", "b", 4),
+        ("put", "a", 5),
+        ("put", "c", 6),
+        ("delete", "c", 7),
+        ("put", "c", 8),
+    ]
+    # The same as one entry per command (NOOPs after the batch: logs of the same length).
+    ref = Log(new_db("ref.db"))
+    assert [ref(**c) for c in cmds] == results
+    log.batch([(EntryKind.NOOP, b"")] * (len(cmds) - 1))
+    assert ref.db.digest() == db.digest()
+
+
+@st.composite
+def _batches(draw: st.DrawFn, sessions: bool) -> list[tuple[int, list[dict[str, Any]]]]:
+    """Write commands (without ``time_ms``) cut into batches of 1..6, each with its leader
+    clock (mostly advancing); in sessions, some of them, if ``sessions``."""
+    ops = st.one_of(_put_op, _delete_op, _txn, _compact_op)
+    out = []
+    time_ms = 0
+    for _ in range(draw(st.integers(1, 12))):
+        time_ms = max(0, time_ms + draw(st.integers(-20, 60)))
+        cmds = [
+            {**draw(ops), **(draw(_session) if sessions else {})}
+            for _ in range(draw(st.integers(1, 6)))
+        ]
+        out.append((time_ms, cmds))
+    return out
+
+
+def _as_batches_and_one_by_one(
+    new: Dbs, batches: list[tuple[int, list[dict[str, Any]]]], limits: dict[str, int], name: str
+) -> tuple[StateDB, list[Result], StateDB, list[Result]]:
+    """Apply ``batches`` to two new databases: as batch entries (each followed by NOOPs,
+    so that both logs have the same length) in one ``apply``, and as one entry per
+    command, one ``apply`` each. Returns each database with its results, flattened."""
+    batched, single = new(f"{name}-batched.db", **limits), new(f"{name}-single.db", **limits)
+    entries: list[Entry] = []
+    for time_ms, cmds in batches:
+        entries.append(
+            Entry(len(entries) + 1, 1, EntryKind.NORMAL, encode_batch(cmds, time_ms=time_ms))
+        )
+        for _ in cmds[1:]:
+            entries.append(Entry(len(entries) + 1, 1, EntryKind.NOOP, b""))
+    flat: list[Result] = []
+    for r in batched.apply(entries).results:
+        if r is not None:
+            assert isinstance(r, list), r
+            flat += r
+    one_by_one: list[Result] = []
+    index = 0
+    for time_ms, cmds in batches:
+        for cmd in cmds:
+            index += 1
+            data = encode_command({**cmd, "time_ms": time_ms})
+            (r,) = single.apply([Entry(index, 1, EntryKind.NORMAL, data)]).results
+            assert isinstance(r, dict), r
+            one_by_one.append(r)
+    assert batched.applied == single.applied == index
+    return batched, flat, single, one_by_one
+
+
+@_HYPOTHESIS
+@given(batches=_batches(sessions=False))
+def test_batch_entries_give_the_same_results_and_digest_as_one_entry_per_command(
+    tmp_path_factory: pytest.TempPathFactory, batches: list[tuple[int, list[dict[str, Any]]]]
+) -> None:
+    with scratch(tmp_path_factory) as new:
+        for name, limits in (("small", SMALL), ("default", {})):
+            batched, flat, single, one_by_one = _as_batches_and_one_by_one(
+                new, batches, limits, name
+            )
+            assert flat == one_by_one, name
+            assert batched.digest() == single.digest(), name
+            assert reads(batched) == reads(single), name
+
+
+@_HYPOTHESIS
+@given(batches=_batches(sessions=True))
+def test_batch_entries_in_sessions_answer_as_one_entry_per_command(
+    tmp_path_factory: pytest.TempPathFactory, batches: list[tuple[int, list[dict[str, Any]]]]
+) -> None:
+    """With sessions too, every command gets the result it gets alone, and the keys,
+    history and counters agree. (Not the digest: a session's ``used`` is the log index
+    of its last command, which a batch shares among its commands.)"""
+    with scratch(tmp_path_factory) as new:
+        for name, limits in (("small", SMALL), ("default", {})):
+            batched, flat, single, one_by_one = _as_batches_and_one_by_one(
+                new, batches, limits, name
+            )
+            assert flat == one_by_one, name
+            assert reads(batched) == reads(single), name
+
+
+def test_a_bug_in_one_command_of_a_batch_fails_that_command_alone(
+    new_db: Dbs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command that hits a bug is rolled back alone; the others of its batch apply,
+    and their answers and state are those of a database that never saw it."""
+    db = new_db("a.db")
+    real = db._put_buffered
+
+    bug = RuntimeError("bug")
+
+    def _put_buffered(key: str, value: bytes, rows: list[EventRow]) -> dict[str, int]:
+        if key == "bad":
+            raise bug
+        return real(key, value, rows)
+
+    monkeypatch.setattr(db, "_put_buffered", _put_buffered)
+    cmds = [{"op": "put", "key": k, "value": b"v"} for k in ("a", "bad", "c")]
+    applied = db.apply([Entry(1, 1, EntryKind.NORMAL, encode_batch(cmds, time_ms=1))])
+    assert applied.results == [
+        [
+            {"revision": 1},
+            {
+                "error": {
+                    "code": "internal",
+                    "message": "applying entry 1 failed: RuntimeError('bug')",
+                }
+            },
+            {"revision": 2},
+        ]
+    ]
+    ref = new_db("ref.db")
+    good = [c for c in cmds if c["key"] != "bad"]
+    ref.apply([Entry(1, 1, EntryKind.NORMAL, encode_batch(good, time_ms=1))])
+    assert db.digest() == ref.digest()
+
+
+def test_physical_compaction_keeps_up_with_batches_of_many_writes(new_db: Dbs) -> None:
+    """Each run compacts at least as many revisions as it wrote, so the history table
+    stays near ``history_revisions`` rows however many writes an entry carries."""
+    db = new_db("a.db", history_revisions=100)
+    index = 0
+    for _ in range(10):
+        entries = []
+        for _ in range(8):
+            index += 1
+            cmds = [{"op": "put", "key": f"k{n}", "value": b""} for n in range(1024)]
+            entries.append(Entry(index, 1, EntryKind.NORMAL, encode_batch(cmds, time_ms=1)))
+        db.apply(entries)
+    assert db.revision == 81920 and db.compact_revision == 81820
+    with db.reader() as conn:
+        rows = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    assert rows <= 1024 + 100 + 4096  # newest rows of each key, recent history, one step

@@ -160,7 +160,7 @@ class Connection:
                 subject=self.claims.sub,
                 remote=self.remote,
                 op=req["op"],
-                keys=[key if isinstance(key, str) else ""],
+                keys=[key if isinstance(key, str) else None],
                 result=exc.code,
             )
             return
@@ -180,7 +180,7 @@ class Connection:
         finally:
             self._write_slots.release()
         seconds = time.perf_counter() - started
-        outcomes: dict[tuple[str, str], list[str]] = {}
+        outcomes: dict[tuple[str, str], list[str | None]] = {}
         for req, result in zip(reqs, results, strict=True):
             err = result.get("error")
             if err is None:
@@ -195,7 +195,7 @@ class Connection:
             if keys is None:
                 keys = outcomes[(op, code)] = []
             key = req.get("key", req.get("prefix"))
-            keys.append(key if isinstance(key, str) else "")
+            keys.append(key if isinstance(key, str) else None)  # txn, compact: none
         self._queued()
         for (op, code), keys in outcomes.items():
             event(

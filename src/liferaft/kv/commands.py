@@ -110,6 +110,9 @@ def encode_batch(cmds: list[Command], *, time_ms: int) -> bytes:
     return cbor2.dumps({"batch": cmds, "time_ms": time_ms})
 
 
+# Commands in one batch entry at most (the API makes batches of at most 1024 requests).
+MAX_BATCH_COMMANDS = 4096
+
 # batch map -> commands (array) -> command map -> txn branch (array) -> op or compare (map)
 ENTRY_MAX_DEPTH = COMMAND_MAX_DEPTH + 2
 
@@ -131,8 +134,10 @@ def decode_entry(data: bytes) -> tuple[int, list[Any], bool]:
     if "batch" not in obj:
         return time_ms, [obj], False
     cmds = obj.pop("batch")
-    if obj or type(cmds) is not list or not cmds:
-        raise CommandError("a batch is {batch: [command, ...], time_ms}, not empty")
+    if obj or type(cmds) is not list or not 1 <= len(cmds) <= MAX_BATCH_COMMANDS:
+        raise CommandError(
+            f"a batch is {{batch: [command, ...], time_ms}} with 1..{MAX_BATCH_COMMANDS} commands"
+        )
     return time_ms, cmds, True
 
 

@@ -12,9 +12,11 @@ command), never a clock:
 
 The table lives in ``state.db`` (tables ``sessions`` and ``session_results``) and is
 written inside the state machine's apply transaction, so it is exactly as durable as
-the writes it deduplicates. ``used`` is the log index of a session's last command: it
-orders sessions by last use, and since log time never decreases along the log, the
-least recently used session is also the one idle longest.
+the writes it deduplicates. ``used`` is the position of a session's last command in
+the log (its entry's index x 4096 + its place in the entry's batch; older versions
+stored the bare index, which is smaller, so the order holds): it orders sessions by
+last use, and since log time never decreases along the log, the least recently used
+session is also the one idle longest.
 
 The sessions themselves (at most ``max_sessions`` small rows) are also held in memory,
 in order of last use, and written back once per apply batch (``flush``): a write in a
@@ -117,7 +119,7 @@ class SessionTable:
 
     def record(self, session: bytes, seq: int, result: Result, log_time: int, used: int) -> None:
         """Remember the result of a newly applied ``seq`` (``lookup`` returned None);
-        ``used`` is the command's log index."""
+        ``used`` is the command's position in the log (unique per command)."""
         sessions = self._sessions
         s = sessions.get(session)
         if s is None:

@@ -41,7 +41,13 @@ from typing import Any, Protocol
 
 from liferaft.crashpoint import crashpoint
 from liferaft.kv import schema
-from liferaft.kv.commands import INVALID_REQUEST, CommandError, check_command, decode_entry
+from liferaft.kv.commands import (
+    INVALID_REQUEST,
+    MAX_BATCH_COMMANDS,
+    CommandError,
+    check_command,
+    decode_entry,
+)
 from liferaft.kv.queries import (
     KV,
     event_map,
@@ -435,7 +441,8 @@ class StateDB:
                 w.execute("BEGIN IMMEDIATE")
                 self._apply_run(todo, out, offset, guarded=True)
             self._sessions.flush()
-            self._compact_some(len(todo))
+            # at least as many revisions as this run wrote (an entry may hold many)
+            self._compact_some(max(len(todo), self._revision - before[1]))
             w.executemany(
                 "UPDATE meta SET value = ? WHERE name = ?",
                 [
@@ -483,32 +490,17 @@ class StateDB:
     def _apply_run(
         self, todo: Sequence[EntryLike], out: Applied, offset: int, *, guarded: bool
     ) -> None:
-        w = self._w
         rows = out.rows
         for i, e in enumerate(todo, offset):
             if e.kind == NORMAL:
-                if guarded:
-                    before = self._mirror()
-                    self._sessions.flush()  # so a rollback to the savepoint can reload
-                    mark = len(rows)
-                    w.execute("SAVEPOINT cmd")
-                    try:
-                        result = self._entry(e, rows)
-                    except sqlite3.Error:
-                        raise
-                    except Exception as exc:  # every replica fails alike: same answer
-                        w.execute("ROLLBACK TO cmd")
-                        self._restore(before)
-                        del rows[mark:]
-                        result = error("internal", f"applying entry {e.index} failed: {exc!r:.200}")
-                    w.execute("RELEASE cmd")
-                else:
-                    result = self._entry(e, rows)
-                out.results[i] = result
+                out.results[i] = self._entry(e, rows, guarded=guarded)
             self._applied = e.index
 
-    def _entry(self, e: EntryLike, rows: list[EventRow]) -> Result | list[Result]:
-        """Apply one client entry: a batch (a result per command) or one command."""
+    def _entry(
+        self, e: EntryLike, rows: list[EventRow], *, guarded: bool = False
+    ) -> Result | list[Result]:
+        """Apply one client entry: a batch (a result per command) or one command.
+        ``guarded``: each command in a savepoint, so a bug in one fails it alone."""
         try:
             time_ms, cmds, batch = decode_entry(e.data)
         except CommandError as exc:
@@ -516,12 +508,36 @@ class StateDB:
         if time_ms > self._log_time_ms:
             self._log_time_ms = time_ms
         self._sessions.expire(self._log_time_ms)
-        self._prefetch(cmds)
-        results = [self._command(cmd, e.index, rows) for cmd in cmds]
-        self._flush_puts()
+        # ``used`` orders sessions by last use and is unique: one value per command.
+        used = e.index * MAX_BATCH_COMMANDS
+        if guarded:
+            results = [self._guarded(cmd, e.index, used + i, rows) for i, cmd in enumerate(cmds)]
+        else:
+            self._prefetch(cmds)
+            results = [self._command(cmd, used + i, rows) for i, cmd in enumerate(cmds)]
+            self._flush_puts()
         return results if batch else results[0]
 
-    def _command(self, cmd: object, index: int, rows: list[EventRow]) -> Result:
+    def _guarded(self, cmd: object, index: int, used: int, rows: list[EventRow]) -> Result:
+        w = self._w
+        before = self._mirror()
+        self._sessions.flush()  # so a rollback to the savepoint can reload
+        mark = len(rows)
+        w.execute("SAVEPOINT cmd")
+        try:
+            result = self._command(cmd, used, rows)
+            self._flush_puts()
+        except sqlite3.Error:
+            raise
+        except Exception as exc:  # every replica fails alike: same answer
+            w.execute("ROLLBACK TO cmd")
+            self._restore(before)
+            del rows[mark:]
+            result = error("internal", f"applying entry {index} failed: {exc!r:.200}")
+        w.execute("RELEASE cmd")
+        return result
+
+    def _command(self, cmd: object, used: int, rows: list[EventRow]) -> Result:
         try:
             cmd = check_command(cmd)
         except CommandError as exc:
@@ -541,7 +557,7 @@ class StateDB:
             self._flush_puts()  # what follows reads the tables
             result = self._execute(cmd, rows)
         if session is not None:
-            self._sessions.record(session, seq, result, self._log_time_ms, index)
+            self._sessions.record(session, seq, result, self._log_time_ms, used)
         return result
 
     # A run of puts is written with two ``executemany`` at the end of its entry (or
