@@ -1,6 +1,6 @@
 """One client connection: pipelined requests answered by id, responses batched.
 
-The writes of one message stay one unit (docs/architecture.md, "The write path"): they
+The writes of one message stay one unit (docs/architecture.md, "The life of a write"): they
 are checked as they are read, become ONE log entry proposed by ONE task, and are
 answered together, with one audit record per kind of outcome. Every other request runs
 as its own task (so a slow linearizable read holds up nothing behind it), bounded by a
