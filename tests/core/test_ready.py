@@ -220,13 +220,51 @@ def test_step_between_ready_and_advance_raises() -> None:
     ack(r, "b", 2)
 
 
-def test_tick_between_ready_and_advance_raises() -> None:
-    r = make()
+def test_a_leader_ticking_while_its_ready_is_outstanding_still_sends_heartbeats() -> None:
+    """Time passes while the shell's disk write is slow: the leader's heartbeats leave
+    through take_messages (so followers do not time out), and check-quorum waits for
+    advance (a leader does not step down while its own write is in flight)."""
+    r = steady_leader(election_ticks=3)
+    r.propose(b"x")
     rd = r.ready()
-    with pytest.raises(UsageError):
+    for _ in range(7):  # two check-quorum periods, no response arrives
+        r.tick()
+        beats = r.take_messages()
+        assert sorted((type(m).__name__, m.dst) for m in beats) == [
+            ("Heartbeat", "b"),
+            ("Heartbeat", "c"),
+        ]
+        assert r.role is Role.LEADER
+    r.advance(rd)
+    for _ in range(6):  # check-quorum runs again; nobody answered since the last one
+        r.tick()
+    assert r.role is Role.FOLLOWER
+
+
+def test_a_follower_ticking_while_its_ready_is_outstanding_campaigns_only_after_advance() -> None:
+    r = make(election_ticks=3)
+    r.step(Heartbeat(term=1, src="b", dst="a", commit=0, read_round=0))
+    rd = r.ready()
+    for _ in range(10):
+        r.tick()
+        assert r.role is Role.FOLLOWER and r.take_messages() == ()
+    r.advance(rd)
+    r.tick()  # the timeout fell due long ago: it campaigns now
+    assert r.role is Role.PRE_CANDIDATE
+
+
+def test_a_heartbeat_after_a_slow_write_keeps_the_follower_from_campaigning() -> None:
+    """What the node shell does after a slow fsync: messages that waited meanwhile are
+    stepped before the ticks that waited with them."""
+    r = make(election_ticks=3)
+    r.step(Heartbeat(term=1, src="b", dst="a", commit=0, read_round=0))
+    rd = r.ready()
+    for _ in range(10):
         r.tick()
     r.advance(rd)
+    r.step(Heartbeat(term=1, src="b", dst="a", commit=0, read_round=0))
     r.tick()
+    assert r.role is Role.FOLLOWER and r.leader == "b"
 
 
 def test_propose_between_ready_and_advance_raises() -> None:

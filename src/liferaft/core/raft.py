@@ -165,14 +165,28 @@ class Raft:
     # ---------------------------------------------------------------- inputs
 
     def tick(self) -> None:
-        self._check_idle()
+        """One unit of logical time. Allowed while a Ready is outstanding (the shell's
+        disk write may be slow): time then still passes and a leader still sends its
+        heartbeats (``take_messages``), but no role changes until ``advance``: the
+        timeouts that fell due fire at the first tick after it."""
         if self.role is Role.LEADER:
             self._tick_leader()
         else:
             self._election_elapsed += 1
-            if self._promotable() and self._election_elapsed >= self._randomized_timeout:
+            if (
+                self._outstanding is None
+                and self._promotable()
+                and self._election_elapsed >= self._randomized_timeout
+            ):
                 self._election_elapsed = 0
                 self._campaign(pre_vote=self._cfg.pre_vote)
+
+    def take_messages(self) -> tuple[AnyMessage, ...]:
+        """The messages that may leave at once (those a Ready lists in ``messages``)
+        gathered since the last ``ready()``: how a shell sends the heartbeats of ticks
+        taken while a Ready is outstanding."""
+        msgs, self._msgs = tuple(self._msgs), []
+        return msgs
 
     def campaign(self) -> None:
         """Start an election now (as if the election timeout had passed)."""
@@ -585,7 +599,7 @@ class Raft:
         repl = self._repl_or_fail()
         self._heartbeat_elapsed += 1
         self._election_elapsed += 1
-        if self._election_elapsed >= self._cfg.election_ticks:
+        if self._election_elapsed >= self._cfg.election_ticks and self._outstanding is None:
             self._election_elapsed = 0
             ms = self.membership
             if self._cfg.check_quorum and not repl.quorum_active(ms.voters, ms.quorum()):

@@ -80,6 +80,7 @@ MAX_APPLY_BYTES = 2 * 1024 * 1024  # ...and about this much entry data
 COMPACT_BYTES = 32 * 1024 * 1024
 MAX_PENDING_PROPOSALS = 1024  # entries proposed here and not yet applied, at most
 CHECKPOINT_ENTRIES = 4096  # checkpoint state.db's WAL after this many applied entries
+CHECKPOINT_BYTES = 8 * 1024 * 1024  # ...or this much applied entry data
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,9 @@ class Node:
         self.waiters = Waiters()
         self.stopped = trio.Event()  # set once every database of the node is closed
         self._inputs_send, self._inputs = trio.open_memory_channel[_Input](1024)
+        self._ticks_due = 0  # ticks counted by the ticker, not yet given to the core
+        self._tick_queued = False  # a _Tick input is on its way to the core loop
+        self._tick_wakeup = trio.Event()
         self._to_apply = ApplyQueue(max_entries=MAX_APPLY_BATCH, max_bytes=MAX_APPLY_BYTES)
         self.raft: Raft | None = None
         self.storage: StorageWriter | None = None
@@ -166,11 +170,13 @@ class Node:
         self._durable_vote: tuple[int, str | None] = (0, None)  # (term, vote) on disk
         self._log_bytes = 0  # entry data applied since the last compaction
         self._proposing = trio.Semaphore(MAX_PENDING_PROPOSALS)
+        self._slow_persist = settings.raft.election_timeout_ms / 1000  # seconds
         self._read_round: Outcome[int] | None = None  # a ReadIndex round not yet begun
         self._lazy_hs: HardState | None = None  # a commit index not yet written
         self._compact_send, self._compact_recv = trio.open_memory_channel[None](1)
         self._checkpoint_send, self._checkpoint_recv = trio.open_memory_channel[None](1)
         self._checkpointed = 0  # the applied index when the last checkpoint was asked for
+        self._unchecked_bytes = 0  # entry data applied since then
         self.sender: SnapshotSender | None = None
         self.receiver: SnapshotReceiver | None = None
         self._nursery: trio.Nursery | None = None
@@ -370,13 +376,28 @@ class Node:
         event(log, name, **fields)  # type: ignore[arg-type]  # fields never hold 'level'
 
     async def _ticker(self) -> None:
+        """Count ticks due and wake whoever takes them: the core loop (through one
+        ``_Tick`` input at a time) or, during a disk write, ``_persist``."""
         interval = self.settings.raft.heartbeat_interval_ms / 1000
         deadline = trio.current_time()
         while True:
             deadline += interval
             await trio.sleep_until(deadline)
             deadline = max(deadline, trio.current_time() - interval)  # no catch-up storm
-            await self._inputs_send.send(_Tick())
+            self._ticks_due += 1
+            self._tick_wakeup.set()
+            if not self._tick_queued:
+                self._tick_queued = True
+                await self._inputs_send.send(_Tick())
+
+    def _take_ticks(self, raft: Raft) -> None:
+        """Tick the core for every tick due and send the heartbeats that come of it
+        (this may run while a Ready is outstanding: see ``Raft.tick``)."""
+        ticks, self._ticks_due = self._ticks_due, 0
+        for _ in range(ticks):
+            raft.tick()
+        if ticks:
+            self._send(raft.take_messages())
 
     async def _forward_inbound(self) -> None:
         """Raft messages go to the core loop; snapshot file chunks and their acks to the
@@ -445,20 +466,29 @@ class Node:
     async def _core_loop(self) -> None:
         raft = self._core()
         while True:
-            self._handle(await self._inputs.receive())
-            for _ in range(MAX_INPUTS_PER_ROUND):
+            items = [await self._inputs.receive()]
+            while len(items) < MAX_INPUTS_PER_ROUND:
                 try:
-                    self._handle(self._inputs.receive_nowait())
+                    items.append(self._inputs.receive_nowait())
                 except trio.WouldBlock:
                     break
+            # Ticks last: inputs that waited together arrived in the same interval, and
+            # a message from the leader queued behind ticks (while this loop waited on
+            # an fsync) proves the leader alive; timing out before reading it would
+            # start an election against a healthy leader.
+            for item in items:
+                if isinstance(item, _Tick):
+                    self._tick_queued = False
+                else:
+                    self._handle(item)
+            self._take_ticks(raft)
             while raft.has_ready():
                 await self._process(raft, raft.ready())
 
     def _handle(self, item: _Input) -> None:
+        """Carry out one input other than a tick."""
         raft = self._core()
-        if isinstance(item, _Tick):
-            raft.tick()
-        elif isinstance(item, _Propose):
+        if isinstance(item, _Propose):
             try:
                 index = raft.propose(item.data)
             except Exception as exc:  # NotLeader, ProposalRefused: the caller's answer
@@ -471,7 +501,7 @@ class Node:
                     self._step_snapshot(raft, m)
                 else:
                     raft.step(m)
-        else:
+        elif isinstance(item, _Call):
             try:
                 item.out.set(item.fn(raft))
             except Exception as exc:  # reported to the caller, who asked for it
@@ -491,13 +521,17 @@ class Node:
             if hs is None and self._lazy_hs is not None:
                 save = replace(rd, hard_state=self._lazy_hs)
             self._lazy_hs = None
+            started = trio.current_time()
             try:
-                seconds = await self.storage.save(save)
+                seconds = await self._persist(raft, save)
             except Exception:
                 self.storage_ok = False
                 event(log, "storage_failed", level=logging.CRITICAL, term=raft.term)
                 raise
             self.metrics.fsync_duration.observe(seconds)
+            waited = trio.current_time() - started
+            if waited > self._slow_persist:  # heartbeats waited this long too
+                event(log, "slow_persist", level=logging.WARNING, seconds=round(waited, 4))
             if save.hard_state is not None:
                 self._durable_vote = (save.hard_state.term, save.hard_state.vote)
         self._send(rd.persisted_messages)
@@ -517,6 +551,33 @@ class Node:
                 out.fail(ReadFailed("leadership lost before the read was confirmed"))
         raft.advance(rd)
         self._observe(raft)
+
+    async def _persist(self, raft: Raft, rd: Ready) -> float:
+        """Save ``rd``; meanwhile keep taking ticks, so a leader's heartbeats do not wait
+        for a slow fsync (on this project's machine a busy disk holds one for 150 ms,
+        longer than the fast-failover election timeout). Other inputs wait: the core
+        takes nothing else while a Ready is outstanding."""
+        assert self.storage is not None
+        storage = self.storage
+        result: list[float] = []
+        failed: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+
+            async def save() -> None:
+                try:
+                    result.append(await storage.save(rd))
+                except Exception as exc:  # re-raised below, as itself
+                    failed.append(exc)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(save)
+            while True:
+                await self._tick_wakeup.wait()
+                self._tick_wakeup = trio.Event()
+                self._take_ticks(raft)
+        if failed:
+            raise failed[0]
+        return result[0]
 
     def _only_commit(self, hs: HardState) -> bool:
         """Whether ``hs`` differs from what is on disk in its commit index alone (a new
@@ -572,7 +633,9 @@ class Node:
 
     async def _apply(self, entries: list[Entry]) -> None:
         state = self.kv
-        self._log_bytes += sum(len(e.data) for e in entries)
+        size = sum(len(e.data) for e in entries)
+        self._log_bytes += size
+        self._unchecked_bytes += size
         applied = await state.apply(entries)  # type: ignore[arg-type]  # Entry is EntryLike
         committed = 0
         for e, result in zip(entries, applied.results, strict=True):
@@ -587,10 +650,14 @@ class Node:
         self._applied_to(state.db.applied)
 
     def _applied_to(self, index: int) -> None:
-        if index - self._checkpointed >= CHECKPOINT_ENTRIES:
+        if (
+            index - self._checkpointed >= CHECKPOINT_ENTRIES
+            or self._unchecked_bytes >= CHECKPOINT_BYTES
+        ):
             with contextlib.suppress(trio.WouldBlock):
                 self._checkpoint_send.send_nowait(None)
                 self._checkpointed = index
+                self._unchecked_bytes = 0
         self.applied = index
         self.metrics.applied_index.set(index)
         self.waiters.on_applied_index(index)
@@ -614,10 +681,13 @@ class Node:
         self._applied_to(self.kv.db.applied)
 
     async def _checkpointer(self) -> None:
-        """Copy state.db's WAL into the database on a reader thread, beside the applier
-        (a checkpoint inside an apply's COMMIT would fsync on the apply path)."""
+        """Copy the WALs of state.db and raft.db into their databases on threads of
+        their own, beside the applier and the core loop (a checkpoint inside a COMMIT
+        would write and fsync the database on the path of every write)."""
+        assert self.storage is not None
         async for _ in self._checkpoint_recv:
             await self.kv.read(lambda db: db.checkpoint())
+            await self.storage.checkpoint()
 
     async def _compactor(self) -> None:
         """Drop the log up to what the state database holds durably (and no further than
@@ -633,11 +703,17 @@ class Node:
             snap = await self.call(partial(_compact, index=index, data=data))
             if snap is None:
                 continue
+            started = trio.current_time()
             await self.storage.save_snapshot(snap)
             self._log_bytes = 0  # about: entries applied since the sync stay uncounted
             if snap.meta.index > self._snapshot_index:  # no install overtook us meanwhile
                 self._snapshot_meta = snap.meta
-            event(log, "log_compacted", index=index)
+            event(
+                log,
+                "log_compacted",
+                index=index,
+                seconds=round(trio.current_time() - started, 4),
+            )
 
     # ---------------------------------------------------------------- callers
 

@@ -56,6 +56,8 @@ _CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _KINDS = tuple(int(k) for k in EntryKind)
 
 _INSERT_ENTRY = "INSERT INTO entries (idx, term, kind, data) VALUES (?, ?, ?, ?)"
+TRIM_ENTRIES = 32  # compacted entries removed per write transaction at most
+
 _PUT_HARD_STATE = (
     'INSERT INTO hard_state (id, term, vote, "commit") VALUES (0, ?, ?, ?) '
     "ON CONFLICT (id) DO UPDATE SET term = excluded.term, vote = excluded.vote, "
@@ -138,6 +140,7 @@ class Storage:
         self.last_commit_seconds = 0.0  # the COMMIT (fsync) of the last save, for metrics
         self._snap_index = 0  # mirrors what is stored, for save's contract check
         self._last_index = 0
+        self._stale_from = 1  # entries from here up to the snapshot index await removal
 
     # ---------------------------------------------------------------- opening
 
@@ -173,6 +176,10 @@ class Storage:
                 conn.execute("PRAGMA synchronous = FULL")
                 conn.execute("PRAGMA cell_size_check = ON")
                 conn.execute("PRAGMA journal_size_limit = 67108864")  # WAL shrinks back to 64 MiB
+                # No checkpoint inside a save's COMMIT (it writes and fsyncs the database
+                # file on the path of every write and heartbeat): ``checkpoint`` runs
+                # beside the writer instead.
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
                 schema.ensure(conn, initial)
             storage._check_log()
             if new_db:
@@ -208,10 +215,12 @@ class Storage:
                     schema.members_from_json(srow[3], "snapshot learners"),
                 )
                 snapshot = Snapshot(SnapshotMeta(srow[0], srow[1], membership), srow[4])
+            # Entries at or below the snapshot index are compacted, waiting for removal.
             entries = tuple(
                 Entry(idx, term, EntryKind(kind), data)
                 for idx, term, kind, data in conn.execute(
-                    "SELECT idx, term, kind, data FROM entries ORDER BY idx"
+                    "SELECT idx, term, kind, data FROM entries WHERE idx > ? ORDER BY idx",
+                    (snapshot.meta.index if snapshot is not None else 0,),
                 )
             )
             return Restored(hard_state, snapshot, entries, self._initial_membership())
@@ -227,6 +236,17 @@ class Storage:
             schema.members_from_json(meta.get("initial_voters", "[]"), "meta initial_voters"),
             schema.members_from_json(meta.get("initial_learners", "[]"), "meta initial_learners"),
         )
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database without blocking the writer (PASSIVE), on a
+        connection of its own; any thread, concurrently with ``save``. Keeps the WAL
+        short now that commits do not checkpoint."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            with self._errors("checkpoint"):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            conn.close()
 
     def size_bytes(self) -> int:
         """The database and WAL file sizes. Touches only the file system, not SQLite."""
@@ -258,6 +278,8 @@ class Storage:
             if snap is not None:
                 conn.execute(_PUT_SNAPSHOT, _snapshot_row(snap))
                 conn.execute("DELETE FROM entries")
+            else:
+                self._trim(conn)
             if entries:
                 conn.execute("DELETE FROM entries WHERE idx >= ?", (entries[0].index,))
                 conn.executemany(
@@ -270,11 +292,25 @@ class Storage:
             self.last_commit_seconds = time.perf_counter() - start
         self._snap_index = base
         self._last_index = entries[-1].index if entries else last
+        if snap is not None:
+            self._stale_from = base + 1
+
+    def _trim(self, conn: sqlite3.Connection) -> None:
+        """Remove up to TRIM_ENTRIES compacted entries (inside the caller's transaction).
+        Compaction removes its entries a few at a time, with the writes that follow it:
+        removing them all at once took 0.7 s for 35 MB of entries on this project's
+        machine, a stall of every write and heartbeat behind it."""
+        if self._stale_from > self._snap_index:
+            return
+        upto = min(self._snap_index, self._stale_from + TRIM_ENTRIES - 1)
+        conn.execute("DELETE FROM entries WHERE idx <= ?", (upto,))
+        self._stale_from = upto + 1
 
     def save_snapshot(self, snap: Snapshot) -> None:
-        """After the node compacted: store ``snap`` and drop the entries it covers, in one
-        transaction. A snapshot older than the stored one (a newer one was installed
-        meanwhile) is superseded already and is ignored."""
+        """After the node compacted: store ``snap`` (one transaction). The entries it
+        covers are ignored from now on and removed a few at a time by this and later
+        writes (``_trim``). A snapshot older than the stored one (a newer one was
+        installed meanwhile) is superseded already and is ignored."""
         conn = self._usable()
         index = snap.meta.index
         if index < self._snap_index:
@@ -282,11 +318,11 @@ class Storage:
         with self._errors("save_snapshot", poison=True):
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(_PUT_SNAPSHOT, _snapshot_row(snap))
-            conn.execute("DELETE FROM entries WHERE idx <= ?", (index,))
+            self._snap_index = index  # (restored below if the commit fails: poisoned)
+            self._trim(conn)
             start = time.perf_counter()
             conn.execute("COMMIT")
             self.last_commit_seconds = time.perf_counter() - start
-        self._snap_index = index
         self._last_index = max(self._last_index, index)
 
     # ---------------------------------------------------------------- checking
@@ -324,9 +360,11 @@ class Storage:
             srow = conn.execute("SELECT idx, term FROM snapshot WHERE id = 0").fetchone()
             snap_index, snap_term = srow if srow else (0, 0)
             after = f"snapshot index {snap_index}" if srow else "the start of the log (0)"
+            # Entries at or below the snapshot index are compacted, awaiting removal.
             first, last, count = conn.execute(
-                "SELECT MIN(idx), MAX(idx), COUNT(*) FROM entries"
+                "SELECT MIN(idx), MAX(idx), COUNT(*) FROM entries WHERE idx > ?", (snap_index,)
             ).fetchone()
+            (stale_first,) = conn.execute("SELECT MIN(idx) FROM entries").fetchone()
             last_index, last_term = snap_index, snap_term
             if count:
                 if first != snap_index + 1:
@@ -334,7 +372,8 @@ class Storage:
                 if count != last - first + 1:
                     idx, prev = conn.execute(
                         "SELECT idx, prev FROM (SELECT idx, LAG(idx) OVER (ORDER BY idx) AS prev"
-                        " FROM entries) WHERE idx != prev + 1 LIMIT 1"
+                        " FROM entries WHERE idx > ?) WHERE idx != prev + 1 LIMIT 1",
+                        (snap_index,),
                     ).fetchone()
                     raise StorageCorrupt(f"log not contiguous: entry {idx} follows {prev}")
                 (first_term,) = conn.execute(
@@ -347,7 +386,9 @@ class Storage:
                     )
                 bad = conn.execute(
                     "SELECT idx, term, prev FROM (SELECT idx, term, LAG(term) OVER"
-                    " (ORDER BY idx) AS prev FROM entries) WHERE term < prev LIMIT 1"
+                    " (ORDER BY idx) AS prev FROM entries WHERE idx > ?) WHERE term < prev"
+                    " LIMIT 1",
+                    (snap_index,),
                 ).fetchone()
                 if bad is not None:
                     raise StorageCorrupt(
@@ -355,7 +396,9 @@ class Storage:
                     )
                 marks = ",".join("?" * len(_KINDS))
                 bad = conn.execute(
-                    f"SELECT idx, kind FROM entries WHERE kind NOT IN ({marks}) LIMIT 1", _KINDS
+                    f"SELECT idx, kind FROM entries WHERE idx > ? AND kind NOT IN ({marks})"
+                    " LIMIT 1",
+                    (snap_index, *_KINDS),
                 ).fetchone()
                 if bad is not None:
                     raise StorageCorrupt(f"entry {bad[0]} has unknown kind {bad[1]}")
@@ -377,6 +420,7 @@ class Storage:
                     (text,) = conn.execute(f"SELECT {col} FROM snapshot WHERE id = 0").fetchone()
                     schema.members_from_json(text, f"snapshot {col}")
         self._snap_index, self._last_index = snap_index, last_index
+        self._stale_from = stale_first if stale_first is not None else snap_index + 1
 
     # ---------------------------------------------------------------- closing
 

@@ -74,6 +74,11 @@ class StorageWriter:
     async def save_snapshot(self, snap: Snapshot) -> None:
         await self._write(lambda: self.storage.save_snapshot(snap))
 
+    async def checkpoint(self) -> None:
+        """``Storage.checkpoint`` on its own thread, outside the limiter: it runs beside
+        the writes instead of between them."""
+        await trio.to_thread.run_sync(self.storage.checkpoint, abandon_on_cancel=False)
+
     async def size_bytes(self) -> int:
         """File sizes only; runs outside the limiter so a metrics scrape never waits
         behind a long write."""
