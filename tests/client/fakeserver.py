@@ -3,9 +3,10 @@
 Real TLS (a node certificate from ``liferaft.security.certs.generate``) and real
 trio-websocket, a dict-backed store shared by the fake nodes of one FakeCluster, and
 knobs a test turns: answer ``not_leader`` (with or without a ``leader_endpoint``),
-``unavailable`` or any error, drop the connection (before or after applying a write),
-stay silent, answer a message's requests in reverse order one message each. Every
-received WebSocket message is recorded, decoded, so tests can assert batching.
+``unavailable`` or any error, refuse writes under some prefixes, drop the connection
+(before or after applying a write), stay silent, answer a message's requests in reverse
+order one message each. Every received WebSocket message is recorded, decoded, so tests
+can assert batching.
 
 It is not the server: no Raft, no JWT (the token is compared as a string), no limits.
 """
@@ -206,6 +207,7 @@ class FakeServer:
         self.arrivals: list[float] = []  # trio.current_time() of each request received
         self.faults: deque[Fault] = deque()
         self.redirect_to: str | None = None  # set: every write answers not_leader -> here
+        self.forbidden: tuple[str, ...] = ()  # writes to keys under these: permission_denied
         self.reverse = False  # answer each request of a message alone, in reverse order
         self.accepted = 0
         self.rejected = 0
@@ -324,6 +326,8 @@ class FakeServer:
         op = req["op"]
         if op in WRITES and self.redirect_to is not None:
             return _error(rid, "not_leader", "not the leader", leader_endpoint=self.redirect_to)
+        if op in WRITES and self.forbidden and str(req.get("key", "")).startswith(self.forbidden):
+            return _error(rid, "permission_denied", f"the token does not cover {req['key']!r}")
         try:
             result = self._do(conn, req)
         except _Refused as exc:

@@ -69,6 +69,33 @@ def test_open_loop_json() -> None:
     assert doc["ops"] + sum(doc["errors"].values()) + ol["unsent"] == 200
 
 
+def test_array_json() -> None:
+    """--array N: each operation a put_many of N keys; ops, puts and the histogram count
+    puts (N per array), and the shape says so."""
+    doc = bench_json("--seconds", "1", "--connections", "2", "--writers", "3", "--array", "16")
+    sh = doc["shape"]
+    assert (sh["mode"], sh["connections"], sh["writers"], sh["array"]) == ("closed", 2, 3, 16)
+    assert isinstance(doc["arrays"], int) and doc["arrays"] > 0
+    assert doc["puts"] == doc["ops"] == 16 * doc["arrays"] and doc["gets"] == 0
+    # the open loop offers puts: 320/s for one second are 20 arrays of 16
+    doc = bench_json("--rate", "320", "--seconds", "1", "--array", "16")
+    assert doc["shape"]["array"] == 16 and doc["ops"] % 16 == 0
+    ol = doc["open_loop"]
+    assert doc["ops"] + sum(doc["errors"].values()) + ol["unsent"] == 320
+    plain = bench_json("--seconds", "1", "--max-ops", "200")
+    assert plain["shape"]["array"] is None and plain["arrays"] is None
+
+
+def test_array_text_header() -> None:
+    proc = bench("--seconds", "1", "--connections", "2", "--writers", "2", "--array", "8")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "2 connections x 2 writers, put_many arrays of 8 puts" in lines[0]
+    ops = next(line for line in lines if line.startswith("ops:"))
+    assert "ops/s" in ops and " arrays, " in ops
+    assert any(line.startswith("latency:") for line in lines)
+
+
 def test_text_has_percentiles_and_histogram() -> None:
     proc = bench("--seconds", "1", "--max-ops", "2000")
     assert proc.returncode == 0, proc.stderr
@@ -89,6 +116,8 @@ def test_usage_errors_exit_2() -> None:
     assert bench("--serial", "--rate", "10").returncode == 2
     assert bench("--endpoints", "wss://127.0.0.1:8001").returncode == 2  # no token
     assert bench("--token", "t").returncode == 2  # a token without --endpoints
+    assert bench("--array", "8", "--reads", "0.5").returncode == 2
+    assert bench("--array", "0").returncode == 2
 
 
 def test_unreachable_cluster_exits_4() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from pathlib import Path
@@ -277,6 +278,138 @@ def test_wire_packing() -> None:
         parse_endpoint("ws://127.0.0.1:8002")
 
 
+# ---------------------------------------------------------------- put_many
+
+
+async def test_put_many_sends_one_message_and_returns_revisions_in_order(
+    cluster: FakeCluster, certs: Path
+) -> None:
+    server = cluster["n1"]
+    async with opener(cluster, certs) as c:
+        assert await c.put("first", b"0") == 1
+        assert await c.put_many([]) == []
+        server.messages.clear()
+        items = [(f"m/{i:02}", f"v{i}") for i in range(50)]
+        assert await c.put_many(items) == list(range(2, 52))
+        assert len(server.messages) == 1 and len(server.messages[0]) == 50  # type: ignore[arg-type]
+        reqs = server.requests
+        assert [(r["op"], r["key"], r["value"]) for r in reqs] == [
+            ("put", k, v.encode()) for k, v in items
+        ]
+        assert [r["seq"] for r in reqs] == list(range(2, 52))  # a seq each, in the session
+        assert {r["session"] for r in reqs} == {c.session}
+        assert (await c.get("m/07")).value == b"v7"  # type: ignore[union-attr]
+        # answers one by one, last first: still each revision at its put's place
+        server.reverse = True
+        revs = await c.put_many([("r/a", b"1"), ("r/b", b"2"), ("r/c", b"3")])
+        assert revs == [52, 53, 54]
+
+
+async def test_put_many_splits_at_max_batch_and_the_session_window(
+    cluster: FakeCluster, certs: Path
+) -> None:
+    server = cluster["n1"]
+    async with opener(cluster, certs, max_batch=10) as c:
+        server.messages.clear()
+        assert await c.put_many([(f"b/{i}", b"v") for i in range(35)]) == list(range(1, 36))
+        assert [len(m) for m in server.messages] == [10, 10, 10, 5]  # type: ignore[arg-type]
+    async with opener(cluster, certs, session_window=8) as c:
+        server.messages.clear()
+        server.seqs.clear()
+        revs = await c.put_many([(f"w/{i}", b"v") for i in range(20)])
+        assert revs == list(range(36, 56))
+        assert [len(m) for m in server.messages] == [8, 8, 4]  # type: ignore[arg-type]
+        # the server never sees a seq more than the window ahead of what it answered
+        assert all(seq <= answered + 8 for seq, answered in server.seqs), server.seqs
+    assert len(cluster.store.applied) == 55
+
+
+async def test_put_many_retries_only_the_failed_puts_with_their_seqs(
+    cluster: FakeCluster, certs: Path
+) -> None:
+    n1, n2 = cluster["n1"], cluster["n2"]
+    async with opener(cluster, certs, "n1", "n2") as c:
+        n1.inject("unavailable", op="put", times=3)  # the first three puts of the message
+        revs = await c.put_many([(f"u/{i}", b"v") for i in range(10)])
+        assert revs == [8, 9, 10, *range(1, 8)]  # the retried ones after, in their order
+        first = {r["key"]: (r["session"], r["seq"]) for r in n1.requests}
+        retried = {r["key"]: (r["session"], r["seq"]) for r in n2.requests}
+        assert set(retried) == {"u/0", "u/1", "u/2"} and len(n2.messages) == 1  # together
+        assert all(retried[k] == first[k] for k in retried)
+        assert c.endpoint == parse_endpoint(n2.url).url  # moved on, as put does
+    assert len(cluster.store.applied) == 10
+
+
+async def test_put_many_after_a_lost_connection_applies_each_put_once(
+    cluster: FakeCluster, certs: Path
+) -> None:
+    n1, n2 = cluster["n1"], cluster["n2"]
+    async with opener(cluster, certs, "n1", "n2") as c:
+        n1.inject("drop", op="put", apply=True)  # the first put applied, then all is lost
+        revs = await c.put_many([(f"d/{i}", b"v") for i in range(5)])
+    assert revs == [1, 2, 3, 4, 5]  # the first put's retry gets its first result
+    assert [r["seq"] for r in n2.requests] == [r["seq"] for r in n1.requests]
+    assert len(cluster.store.applied) == 5
+
+
+async def test_put_many_follows_not_leader_and_times_out_attempts(
+    cluster: FakeCluster, certs: Path
+) -> None:
+    n1, n2 = cluster["n1"], cluster["n2"]
+    n1.redirect_to = n2.url
+    async with opener(cluster, certs, "n1", attempt_timeout=0.3) as c:
+        assert await c.put_many([(f"l/{i}", b"v") for i in range(6)]) == list(range(1, 7))
+        assert len(n2.messages) == 1  # the retries travel together
+        n2.inject("silence", op="put", times=2)
+        assert await c.put_many([(f"s/{i}", b"v") for i in range(4)]) == [9, 10, 7, 8]
+    silent = [r for r in n2.requests if r["key"] in ("s/0", "s/1")]
+    assert len(silent) == 4 and silent[0]["seq"] == silent[2]["seq"]
+
+
+async def test_put_many_raises_the_first_refusal_after_the_rest(
+    cluster: FakeCluster, certs: Path
+) -> None:
+    n1 = cluster["n1"]
+    n1.forbidden = ("no/",)
+    async with opener(cluster, certs) as c:
+        items = [("ok/0", b"0"), ("no/1", b"1"), ("ok/2", b"2"), ("no/3", b"3"), ("ok/4", b"4")]
+        with pytest.raises(PermissionDenied, match="no/1") as info:
+            await c.put_many(items)
+        assert "2 of 5 puts failed" in "".join(info.value.__notes__)
+        kvs, _ = await c.range("")
+        assert [kv.key for kv in kvs] == ["ok/0", "ok/2", "ok/4"]
+    assert len([r for r in n1.requests if r["op"] == "put"]) == 5  # refusals not retried
+
+
+async def test_put_many_argument_errors_send_nothing(cluster: FakeCluster, certs: Path) -> None:
+    server = cluster["n1"]
+    async with opener(cluster, certs, max_message_bytes=1000) as c:
+        server.messages.clear()
+        for bad in (
+            [("ok", b"v"), ("", b"v")],
+            [("k", 5)],
+            [("k",)],
+            ["kv"],
+            "kv",
+            {"k": b"v"},
+        ):
+            with pytest.raises(InvalidRequest):
+                await c.put_many(bad)  # type: ignore[arg-type]
+        with pytest.raises(TooLarge):
+            await c.put_many([("small", b"v"), ("big", b"x" * 1000)])
+        assert server.messages == []
+        assert await c.put_many([("k", b"v")]) == [1]  # no seq was lost to the errors
+
+
+async def test_sync_client_put_many(cluster: FakeCluster, certs: Path) -> None:
+    def script() -> None:
+        with SyncClient(cluster.urls, token=TOKEN, cacert=certs / "ca.pem") as c:
+            assert c.put_many([("a", "1"), ("b", b"2")]) == [1, 2]
+            assert c.get("b").value == b"2"  # type: ignore[union-attr]
+
+    await trio.to_thread.run_sync(script)
+
+
 # ---------------------------------------------------------------- retries
 
 
@@ -302,6 +435,30 @@ async def test_seqs_in_flight_stay_within_the_session_window(
         retried = order.index(stuck, 1)
         assert set(order[1:retried]) == {stuck + 1, stuck + 2, stuck + 3}
         assert len(cluster.store.applied) == 28
+
+
+async def test_writes_cancelled_in_or_waiting_for_the_window_leak_nothing(
+    cluster: FakeCluster, certs: Path
+) -> None:
+    n1 = cluster["n1"]
+    async with opener(cluster, certs, session_window=2, attempt_timeout=0.4) as c:
+        n1.inject("silence", op="put", times=1000)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(c.put, "a", b"v")  # seq 1, unanswered
+            nursery.start_soon(c.put, "b", b"v")  # seq 2, unanswered
+            await trio.sleep(0.1)
+            with trio.move_on_after(0.2) as waited:  # no room: waits, then is cancelled
+                await c.put_many([("m/1", b"v"), ("m/2", b"v")])
+            assert waited.cancelled_caught
+            assert c._seq_waiters == deque()
+            nursery.cancel_scope.cancel()  # a and b give up too
+        assert not c._open_seqs and not c._done_seqs
+        n1.faults.clear()
+        assert await c.put_many([("x", b"1"), ("y", b"2"), ("z", b"3")]) == [1, 2, 3]
+    # the cancelled put_many took no seq; x, y and z went in turns of the window's 2
+    assert [r["seq"] for r in n1.requests if r["key"] in ("x", "y", "z")] == [3, 4, 5]
+    last = n1.messages[-2:]
+    assert isinstance(last[0], list) and len(last[0]) == 2 and isinstance(last[1], dict)
 
 
 async def test_retry_after_dropped_connection_keeps_session_and_seq(

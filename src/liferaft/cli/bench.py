@@ -63,6 +63,7 @@ class Shape:
     value_size: int
     reads: float
     cluster: str  # "a local 3-node cluster" or the endpoints
+    array: int | None = None  # each operation: put_many of this many keys (None: one put)
 
 
 @dataclass
@@ -73,24 +74,37 @@ class Load:
     deadline: float
     value: bytes
     rng: random.Random = field(default_factory=random.Random)
-    issued: int = 0
+    issued: int = 0  # requests claimed (with --array: puts, N per operation)
     next_key: int = 0
     puts: int = 0
+    arrays: int = 0  # put_many calls that succeeded
     gets: int = 0
     late: int = 0  # open loop: issued behind schedule because the in-flight cap was full
+    ops: int = 0  # open loop: operations issued
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     written: list[str] = field(default_factory=list)
 
-    def take(self) -> bool:
-        """Claim one more operation, if time and count allow."""
+    def take(self) -> int:
+        """Claim one more operation, if time and count allow: how many requests it holds
+        (1, or with --array up to N: the last one may be shorter), 0 for none."""
         if self.issued >= self.shape.max_ops or trio.current_time() >= self.deadline:
-            return False
-        self.issued += 1
-        return True
+            return 0
+        n = self.size(self.issued)
+        self.issued += n
+        return n
 
-    async def op(self, client: Client, due: float) -> None:
-        """One get (of a key written before) or put; latency counted from ``due``."""
+    def size(self, issued: int) -> int:
+        """The requests in the next operation, after ``issued`` requests."""
+        return min(self.shape.array or 1, self.shape.max_ops - issued)
+
+    async def op(self, client: Client, due: float, size: int = 1) -> None:
+        """One get (of a key written before) or put, or with --array a put_many of
+        ``size`` keys; latency counted from ``due`` (for each put of an array: the
+        array's). A failed array counts each of its puts as an error of its code."""
+        if self.shape.array is not None:
+            await self.array_op(client, due, size)
+            return
         key = None
         if not (self.written and self.rng.random() < self.shape.reads):
             key = f"bench/{self.next_key % KEYSPACE:06d}"
@@ -111,11 +125,24 @@ class Load:
             if len(self.written) < KEYSPACE:
                 self.written.append(key)
 
+    async def array_op(self, client: Client, due: float, size: int) -> None:
+        first = self.next_key
+        self.next_key += size
+        keys = [f"bench/{k % KEYSPACE:06d}" for k in range(first, first + size)]
+        try:
+            await client.put_many([(key, self.value) for key in keys])
+        except LiferaftError as exc:
+            self.errors[exc.code] += size
+            return
+        self.latencies.extend([trio.current_time() - due] * size)
+        self.puts += size
+        self.arrays += 1
+
 
 async def closed_loop(clients: list[Client], load: Load) -> None:
     async def worker(client: Client) -> None:
-        while load.take():
-            await load.op(client, trio.current_time())
+        while size := load.take():
+            await load.op(client, trio.current_time(), size)
 
     async with trio.open_nursery() as nursery:
         for client in clients:
@@ -125,12 +152,13 @@ async def closed_loop(clients: list[Client], load: Load) -> None:
 
 async def open_loop(clients: list[Client], load: Load, rate: float) -> None:
     """Issue request k at start + k/rate whatever the completions, spread round-robin
-    over the connections, at most connections x writers in flight."""
+    over the connections, at most connections x writers operations in flight (with
+    --array, an operation of N requests is due when its first one is)."""
     slots = trio.Semaphore(len(clients) * load.shape.writers)
 
-    async def one(client: Client, due: float) -> None:
+    async def one(client: Client, due: float, size: int) -> None:
         try:
-            await load.op(client, due)
+            await load.op(client, due, size)
         finally:
             slots.release()
 
@@ -150,9 +178,11 @@ async def open_loop(clients: list[Client], load: Load, rate: float) -> None:
                 except trio.WouldBlock:
                     behind = True
                     await slots.acquire()
-                load.late += behind
-                load.issued += 1
-                nursery.start_soon(one, clients[load.issued % len(clients)], due)
+                size = load.size(load.issued)
+                load.late += behind * size
+                load.issued += size
+                load.ops += 1
+                nursery.start_soon(one, clients[load.ops % len(clients)], due, size)
 
 
 async def progress(load: Load, start: float) -> None:
@@ -336,6 +366,7 @@ def report(
         "ops_per_s": round(len(lat) / elapsed, 1) if elapsed > 0 else 0.0,
         "puts": load.puts,
         "gets": load.gets,
+        "arrays": load.arrays if shape.array is not None else None,
         "p50_ms": percentile(lat, 0.5),
         "p90_ms": percentile(lat, 0.9),
         "p99_ms": percentile(lat, 0.99),
@@ -397,13 +428,16 @@ def print_text(doc: dict[str, Any]) -> None:
         how = f"open loop at {sh['rate']:,g}/s over {sh['connections']} connections"
     else:
         how = f"closed loop, {sh['connections']} connections x {sh['writers']} writers"
+    if sh["array"] is not None:
+        how += f", put_many arrays of {sh['array']} puts"
     click.echo(
         f"liferaft bench: {how}, batch {sh['batch']}, {sh['value_size']}-byte values, "
         f"{sh['reads'] * 100:g} % reads, {sh['seconds']:g} s on {sh['cluster']}"
     )
+    arrays = f" in {doc['arrays']:,} arrays" if doc["arrays"] is not None else ""
     click.echo(
         f"ops:        {doc['ops']:,} committed in {doc['seconds']:.1f} s = "
-        f"{doc['ops_per_s']:,.0f} ops/s ({doc['puts']:,} puts, {doc['gets']:,} gets)"
+        f"{doc['ops_per_s']:,.0f} ops/s ({doc['puts']:,} puts{arrays}, {doc['gets']:,} gets)"
     )
     if doc["ops"]:
         click.echo(
@@ -446,7 +480,8 @@ def print_text(doc: dict[str, Any]) -> None:
     type=click.IntRange(1, 4096),
     default=64,
     show_default=True,
-    help="Concurrent requests per connection (open loop: the in-flight cap per connection).",
+    help="Concurrent requests (with --array: arrays) per connection (open loop: the "
+    "in-flight cap per connection).",
 )
 @click.option(
     "--batch",
@@ -454,6 +489,15 @@ def print_text(doc: dict[str, Any]) -> None:
     default=MAX_BATCH,
     show_default=True,
     help="Most requests per WebSocket message (1: one request per message).",
+)
+@click.option(
+    "--array",
+    type=click.IntRange(1, MAX_BATCH),
+    metavar="N",
+    help="Each operation is one put_many of N keys (N requests sent together, which the "
+    "server writes as one log entry) instead of one put; ops/s and the histogram still "
+    "count puts, each with its array's latency; a failed array counts all its puts as "
+    "errors. Not with --reads.",
 )
 @click.option(
     "--rate",
@@ -529,6 +573,7 @@ def bench(
     connections: int,
     writers: int,
     batch: int,
+    array: int | None,
     rate: float | None,
     seconds: float,
     max_ops: int,
@@ -551,12 +596,18 @@ def bench(
     loop (closed loop); --rate R issues R requests a second whatever the completions
     (open loop, at most connections x writers in flight; latency counts from when a
     request was due, and the report says how many went out late). Requests start for
-    --seconds (or until --max-ops), then those in flight finish.
+    --seconds (or until --max-ops), then those in flight finish. With --array N each
+    writer's operation is a put_many of N consecutive keys instead of one put (in the
+    open loop, an array is due when its first put is): the way a client gets the most
+    writes out of a cluster, as the server writes each message's writes as one log
+    entry. A client keeps at most 128 writes in flight (its session window), so more
+    writers x N than that per connection wait their turn.
 
     \b
       liferaft bench --seconds 10                       # 4 x 64 writers, batched
       liferaft bench --serial --seconds 5               # one request at a time
       liferaft bench --batch 1                          # one request per message
+      liferaft bench --connections 8 --writers 4 --array 64   # put_many of 64 keys
       liferaft bench --rate 2000 --seconds 10 -o json   # open loop at 2000/s
       liferaft bench --reads 0.9 --endpoints wss://127.0.0.1:8001 --cacert certs/ca.pem
 
@@ -565,6 +616,8 @@ def bench(
     """
     if serial and rate is not None:
         raise click.UsageError("--serial is a closed loop; it does not take --rate")
+    if array is not None and reads > 0:
+        raise click.UsageError("--array writes arrays of puts; it does not take --reads")
     if endpoints is None:
         ctx = click.get_current_context()
         given = [
@@ -591,7 +644,17 @@ def bench(
             urls, jwt, ca, pids = stack.enter_context(local_cluster(base))
             where = "a local 3-node cluster"
         shape = Shape(
-            mode, connections, writers, batch, rate, seconds, max_ops, value_size, reads, where
+            mode,
+            connections,
+            writers,
+            batch,
+            rate,
+            seconds,
+            max_ops,
+            value_size,
+            reads,
+            where,
+            array,
         )
         show = not json_out and sys.stderr.isatty()
         try:

@@ -14,6 +14,7 @@ with a session and seq so that each one applies at most once (docs/client-protoc
             cacert="certs/ca.pem",
         ) as client:
             rev = await client.put("app/config", b'{"mode": "fast"}')
+            revs = await client.put_many([("app/a", b"1"), ("app/b", b"2")])  # one message
             kv = await client.get("app/config")            # KeyValue or None
             kvs, more = await client.range("app/", limit=100)
             n = await client.delete(prefix="tmp/")

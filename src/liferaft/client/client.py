@@ -11,10 +11,18 @@ call's ``timeout``. Writes (put, delete, txn) carry this client's ``session`` an
 ``seq`` drawn once per call, so every retry of a call is the same request to the server.
 Membership changes and leader transfers have no session: they are retried only when the
 server surely did not run them (no connection, not sent, ``not_leader``).
+
+``put_many`` is many puts in one call: each has its own seq, all are queued at once and
+waited for once, and only those that fail in a retriable way go again (together, with
+the same verdicts as a single call's). The attempt deadline of a single call on an open
+connection is kept by the connection's timer, not by a cancel scope per request: the
+client's CPU per write should stay well below what a node spends on it.
 """
 
 from __future__ import annotations
 
+import builtins
+import copy
 import enum
 import itertools
 import os
@@ -31,6 +39,7 @@ import trio
 import trio_websocket
 
 from liferaft.client.connection import (
+    AttemptExpired,
     Connection,
     ConnectionLost,
     OnOk,
@@ -64,7 +73,7 @@ from liferaft.client.models import (
     to_bytes,
 )
 from liferaft.client.watch import Watch
-from liferaft.client.wire import MAX_BATCH, Endpoint, parse_endpoint
+from liferaft.client.wire import MAX_BATCH, Endpoint, encode_request, parse_endpoint
 
 DEFAULT_ENDPOINT = "wss://127.0.0.1:8001"
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # the server's default [client] max_message_bytes
@@ -101,6 +110,8 @@ class Client:
                 async with trio.open_nursery() as nursery:  # 100 puts, a message or two
                     for i in range(100):
                         nursery.start_soon(client.put, f"k/{i}", b"v")
+                # the same in one call, one message, for a fraction of the CPU
+                revs = await client.put_many([(f"k/{i}", b"v") for i in range(100)])
                 kvs, more = await client.range("k/", limit=10)
 
         trio.run(main)
@@ -160,9 +171,11 @@ class Client:
         self.session = os.urandom(16)
         self._seq = 0  # the last seq handed out
         self._session_window = session_window
-        self._open_seqs: deque[int] = deque()  # seqs of the writes in flight, oldest first
-        self._done_seqs: set[int] = set()  # finished, behind an older one still in flight
-        self._window_moved = trio.Event()
+        # the seqs handed out and not yet released, oldest first, as handed out (a range
+        # per write, or per turn of put_many), and those released behind an older one
+        self._open_seqs: deque[builtins.range] = deque()
+        self._done_seqs: set[builtins.range] = set()
+        self._seq_waiters: deque[_SeqWaiter] = deque()  # writes waiting for a seq, in turn
         self._index = 0  # the endpoint to try next
         self._override: Endpoint | None = None  # a leader_endpoint to try next
         self._conn: Connection | None = None
@@ -300,6 +313,182 @@ class Client:
         """
         resp = await self._write("put", key=check_key(key), value=to_bytes(value))
         return _uint(resp, "revision")
+
+    async def put_many(self, items: Sequence[tuple[str, bytes | str]]) -> list[int]:
+        """Put every ``(key, value)`` of ``items``; the revision each put made, in order::
+
+            revs = await client.put_many([("user/1", b"ann"), ("user/2", "bob")])
+
+        Each put is a request of its own, with its own seq in this client's session (so,
+        as with :meth:`put`, each applies at most once whatever the retries), but they
+        are queued together on one connection: they leave in one WebSocket message
+        (several beyond ``max_batch`` requests or ``max_message_bytes``), the server
+        writes the writes of one message into one log entry, and the call waits once
+        for all. Far cheaper, for this client and for the cluster, than as many
+        concurrent :meth:`put` calls. The puts are not one transaction: each gets its
+        own revision, and other writes may come in between (use :meth:`txn` for
+        all-or-nothing).
+
+        The session window: at most ``session_window`` writes of this client are in
+        flight at once (see :class:`Client`). Longer lists are not refused: the puts go
+        in turns, as many as the window has room for (a turn shares it with the
+        client's other writes), then the next ones once those are answered.
+        ``timeout`` bounds each turn, its wait for room included, so a call of n puts
+        may take up to ``ceil(n / session_window)`` timeouts.
+
+        A put answered ``not_leader`` or ``unavailable``, cut off with its connection
+        or unanswered within ``attempt_timeout`` is retried with its session and seq
+        as :meth:`put` retries: the puts to retry go again together, in their order,
+        after the same verdicts and one back-off; the others are not sent again. So
+        the puts apply in the order given, except that a retried put lands after those
+        of its turn that needed no retry: put each key at most once per call.
+
+        Errors: a bad key or value (InvalidRequest) or a put too large for a message
+        (TooLarge) is raised before anything is sent. Any other failure of a put
+        (refused: PermissionDenied, InvalidRequest, TooLarge, ...; or Unavailable when
+        its retries ran out of time) is raised only after every other put of the call
+        has been carried to its end; if several failed, the error of the *first* failed
+        put in the order of ``items`` is raised, with a note saying how many failed. The
+        puts that succeeded are applied and stay applied; a put that failed with
+        Unavailable may or may not have been applied.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the client is closed")
+        if isinstance(items, str | bytes | Mapping):
+            raise InvalidRequest("items must be a sequence of (key, value) pairs")
+        puts: list[tuple[str, bytes]] = []
+        for item in items:
+            pair = type(item) is tuple or (
+                isinstance(item, Sequence) and not isinstance(item, str | bytes)
+            )
+            if not pair or len(item) != 2:
+                raise InvalidRequest(f"put_many item {len(puts)}: not a (key, value) pair")
+            key, value = item
+            value = to_bytes(value)
+            puts.append((check_key(key), value))
+            if len(value) + 4 * len(key) + 128 > self._max_message_bytes:  # maybe too big
+                self._check_size({"op": "put", "key": key, "value": value}, len(puts) - 1)
+        n = len(puts)
+        revisions = [0] * n
+        errors: dict[int, Exception] = {}
+        done = 0
+        while done < n:
+            deadline = trio.current_time() + self._timeout
+            try:
+                seqs = await self._take_seqs(n - done, deadline)
+            except Unavailable as exc:  # not sent: surely not applied
+                errors.update(dict.fromkeys(range(done, n), exc))
+                break
+            try:
+                await self._put_turn(puts, done, seqs, deadline, revisions, errors)
+            finally:
+                self._release_seqs(seqs)
+            done += len(seqs)
+        if errors:
+            first = min(errors)
+            err = errors[first]
+            if isinstance(err, LiferaftError):
+                # A copy: the same error object may have failed other calls too (a
+                # connection attempt shared by several), and the note is this call's.
+                err = copy.copy(err)
+                err.__notes__ = list(getattr(err, "__notes__", ()))
+                err.add_note(
+                    f"put_many: {len(errors)} of {n} puts failed, the first of them "
+                    f"#{first} (key {puts[first][0]!r}); the other {n - len(errors)} succeeded"
+                )
+            raise err
+        return revisions
+
+    def _check_size(self, request: dict[str, Any], index: int) -> None:
+        """TooLarge if ``request`` cannot fit one message, whatever its id and seq."""
+        biggest = {"id": 2**64 - 1, **request, "session": self.session, "seq": 2**63 - 1}
+        size = len(encode_request(biggest))
+        if size > self._max_message_bytes:
+            raise TooLarge(
+                f"put_many item {index}: request of {size} bytes exceeds max_message_bytes "
+                f"({self._max_message_bytes})"
+            )
+
+    async def _put_turn(
+        self,
+        puts: list[tuple[str, bytes]],
+        base: int,
+        seqs: builtins.range,
+        deadline: float,
+        revisions: list[int],
+        errors: dict[int, Exception],
+    ) -> None:
+        """The puts ``puts[base:base + len(seqs)]`` under ``seqs``, all in one attempt on
+        one connection; then the ones to retry, again together and in order, as
+        :meth:`_request` retries one request (the same verdicts on each failure, one
+        back-off for all), until ``deadline``."""
+        session = self.session
+        requests = [
+            {"op": "put", "key": key, "value": value, "session": session, "seq": seq}
+            for (key, value), seq in zip(puts[base : base + len(seqs)], seqs, strict=True)
+        ]
+        todo = list(range(len(requests)))  # the offsets of the puts still to do, in order
+        tries: dict[int, _Tries] = {}  # of the puts that failed an attempt
+        failures = 0
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                for off in todo:
+                    last = tries[off].last if off in tries else None
+                    errors[base + off] = last or Unavailable(f"no answer within {self._timeout:g}s")
+                return
+            conn: Connection | None = None
+            batch = None
+            failed: Exception | None = None  # what failed the attempt before any answer
+            with trio.move_on_at(min(deadline, now + self._attempt_timeout)):
+                try:
+                    conn = self._conn
+                    if conn is None or not conn.alive or conn.retired:
+                        conn = None
+                        conn = await self._connection()
+                    batch, group = conn.submit_many(
+                        requests if len(todo) == len(requests) else [requests[o] for o in todo]
+                    )
+                    await conn.wait_all(batch, group)
+                except (ConnectionFailed, ConnectionLost, TooLarge) as exc:
+                    failed = exc
+            again: list[int] = []
+            at_once = True  # every put to retry follows its first redirect: no back-off
+            for i, off in enumerate(todo):
+                p = batch[i] if batch is not None else None
+                resp = p.response if p is not None else None
+                try:
+                    if resp is not None and resp.get("ok") is True:
+                        revisions[base + off] = _uint(resp, "revision")
+                        continue
+                    t = tries.get(off)
+                    if t is None:
+                        t = tries[off] = _Tries()
+                    if resp is not None:
+                        assert conn is not None
+                        at_once &= self._judge_error(conn, resp, _Retry.ALWAYS, t)
+                    else:
+                        at_once = False
+                        lost = p.error if p is not None else failed
+                        if isinstance(lost, ConnectionLost):
+                            assert conn is not None
+                            self._judge_lost(conn, lost, _Retry.ALWAYS, t)
+                        elif isinstance(lost, LiferaftError):  # ConnectionFailed, TooLarge
+                            if not isinstance(lost, ConnectionFailed):
+                                raise lost
+                            t.last = lost
+                        else:
+                            self._judge_silence(conn, _Retry.ALWAYS, t, deadline)
+                except LiferaftError as exc:  # refused: this put is over
+                    errors[base + off] = exc
+                    continue
+                again.append(off)
+            todo = again
+            if not todo:
+                return
+            if not at_once:
+                await self._backoff(failures, deadline)
+                failures += 1
 
     async def get(
         self, key: str, *, serializable: bool = False, revision: int = 0
@@ -480,38 +669,83 @@ class Client:
     # ---------------------------------------------------------------- requests, retries
 
     async def _write(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Run a write under the next seq of this client's session, retried with it.
+        """Run a write under the next seq of this client's session, retried with it
+        (the seq is handed out as :meth:`_take_seqs` says). It takes at most ``timeout``
+        in all, its wait for a seq included."""
+        deadline = trio.current_time() + self._timeout
+        if not self._seq_waiters and self._window_room() > 0:
+            seqs = self._grant(1)  # (what _take_seqs does, without its await)
+        else:
+            seqs = await self._take_seqs(1, deadline)
+        try:
+            request = {"op": op, **fields, "session": self.session, "seq": seqs.start}
+            return await self._request(request, deadline=deadline)
+        finally:
+            self._release_seqs(seqs)
+
+    def _window_room(self) -> int:
+        """How many new seqs may be handed out now (see :meth:`_take_seqs`)."""
+        if not self._open_seqs:
+            return self._session_window
+        return self._open_seqs[0].start + self._session_window - 1 - self._seq
+
+    async def _take_seqs(self, count: int, deadline: float) -> builtins.range:
+        """The next seqs of this client's session: ``count`` of them, or fewer (at least
+        one) when the window has less room; Unavailable if none is free by ``deadline``.
 
         The server remembers the results of the newest ``session_window`` seqs of a
         session and refuses a seq older than that, even one it never saw (it cannot tell
         a retry of a forgotten write from a new one). So a seq is handed out only while
         it is within the window of the oldest write still in flight: with more writes in
-        flight than that, the newest wait. A write waits at most ``timeout`` in all.
+        flight than that, the newer ones wait in line (:meth:`_release_seqs` hands them
+        their seqs, first come, first served), and every taker must release what it took.
         """
-        deadline = trio.current_time() + self._timeout
-        with trio.move_on_at(deadline) as waited:
-            while self._open_seqs and self._seq + 1 - self._open_seqs[0] >= self._session_window:
-                await self._window_moved.wait()
-        if waited.cancelled_caught:
-            raise Unavailable(
-                f"the oldest of this client's {self._session_window} newest writes is still "
-                f"unanswered after {self._timeout:g}s"
-            )
-        self._seq += 1
-        seq = self._seq
-        self._open_seqs.append(seq)
+        if not self._seq_waiters:
+            room = self._window_room()
+            if room > 0:
+                return self._grant(min(count, room))
+        waiter = _SeqWaiter(count)
+        self._seq_waiters.append(waiter)
         try:
-            request = {"op": op, **fields, "session": self.session, "seq": seq}
-            return await self._request(request, deadline=deadline)
-        finally:
-            self._done_seqs.add(seq)
-            moved = False
-            while self._open_seqs and self._open_seqs[0] in self._done_seqs:
-                self._done_seqs.discard(self._open_seqs.popleft())
-                moved = True
-            if moved:
-                self._window_moved.set()
-                self._window_moved = trio.Event()
+            with trio.move_on_at(deadline):
+                await waiter.granted.wait()
+        except BaseException:
+            if waiter.seqs is not None:
+                self._release_seqs(waiter.seqs)
+            else:
+                self._seq_waiters.remove(waiter)
+            raise
+        if waiter.seqs is None:
+            self._seq_waiters.remove(waiter)
+            raise Unavailable(
+                f"the oldest of this client's {self._session_window} newest writes is "
+                f"still unanswered after {self._timeout:g}s"
+            )
+        return waiter.seqs
+
+    def _grant(self, count: int) -> builtins.range:
+        first = self._seq + 1
+        self._seq += count
+        seqs = builtins.range(first, self._seq + 1)
+        self._open_seqs.append(seqs)
+        return seqs
+
+    def _release_seqs(self, seqs: builtins.range) -> None:
+        """The writes of ``seqs`` (as handed out) are over: move the window, hand the
+        room it makes to the writes waiting for it, in turn."""
+        open_seqs = self._open_seqs
+        if open_seqs[0] is not seqs:
+            self._done_seqs.add(seqs)  # behind an older one: the window stays
+            return
+        open_seqs.popleft()
+        done = self._done_seqs
+        while open_seqs and open_seqs[0] in done:
+            done.discard(open_seqs.popleft())
+        waiters = self._seq_waiters
+        while waiters and (room := self._window_room()) > 0:
+            waiter = waiters.popleft()
+            waiter.seqs = self._grant(min(waiter.count, room))
+            waiter.granted.set()
 
     async def _request(
         self,
@@ -527,64 +761,103 @@ class Client:
             raise trio.ClosedResourceError("the client is closed")
         if deadline is None:
             deadline = trio.current_time() + self._timeout
-        failures = 0
-        redirects = 0
-        last: LiferaftError | None = None
+        t = _Tries()
         while True:
             now = trio.current_time()
             if now >= deadline:
-                raise last or Unavailable(f"no answer within {self._timeout:g}s")
-            conn: Connection | None = None
+                raise t.last or Unavailable(f"no answer within {self._timeout:g}s")
+            conn = self._conn
+            if (
+                conn is not None
+                and conn.alive
+                and not conn.retired
+                and now + self._attempt_timeout <= deadline
+            ):
+                # The common case, without a cancel scope: a connection is up and the
+                # attempt ends before the call's deadline, so the connection's timer can
+                # keep the attempt's deadline (AttemptExpired).
+                try:
+                    resp = await conn.wait(conn.submit(fields, on_ok=on_ok, timed=True))
+                except ConnectionLost as exc:
+                    self._judge_lost(conn, exc, retry, t)
+                except AttemptExpired:
+                    self._judge_silence(conn, retry, t, deadline)
+                else:
+                    if resp.get("ok") is True:
+                        return resp
+                    if self._judge_error(conn, resp, retry, t):
+                        continue  # follow the first redirect at once
+                await self._backoff(t.failures, deadline)
+                t.failures += 1
+                continue
+            conn = None
             with trio.move_on_at(min(deadline, now + self._attempt_timeout)) as attempt:
                 try:
                     conn = await self._connection()
                     resp = await conn.wait(conn.submit(fields, on_ok=on_ok))
                 except ConnectionFailed as exc:  # nothing was sent
-                    last = exc
+                    t.last = exc
                 except ConnectionLost as exc:
                     assert conn is not None
-                    self._lost(conn)
-                    if exc.too_big:
-                        raise TooLarge(
-                            f"{conn.endpoint.url} refused a message as too big"
-                        ) from None
-                    last = ConnectionFailed(f"{conn.endpoint.url}: {exc.reason}")
-                    if exc.sent and retry is _Retry.SAFE:
-                        raise last from None
+                    self._judge_lost(conn, exc, retry, t)
                 else:
                     if resp.get("ok") is True:
                         return resp
-                    err = error_from_wire(resp.get("error"))
-                    if isinstance(err, NotLeader):
-                        last = err
-                        leader = _parse_or_none(err.leader_endpoint)
-                        if leader is not None:
-                            self._redirect(conn, leader)
-                            redirects += 1
-                            if redirects == 1:
-                                continue  # follow the first redirect at once
-                        else:
-                            self._rotate(conn)
-                    elif isinstance(err, Unavailable) and retry is _Retry.ALWAYS:
-                        last = err
-                        self._rotate(conn)
-                    else:
-                        raise err
+                    if self._judge_error(conn, resp, retry, t):
+                        continue  # follow the first redirect at once
             if attempt.cancelled_caught:
-                if conn is not None:
-                    last = Unavailable(
-                        f"no answer from {conn.endpoint.url} within {self._attempt_timeout:g}s"
-                    )
-                    self._rotate(conn)
-                    if retry is _Retry.SAFE:
-                        raise last
-                elif last is None or trio.current_time() < deadline:
-                    # (cut short by the call's deadline, the error before it says more)
-                    last = ConnectionFailed(
-                        f"cannot connect to an endpoint within {self._attempt_timeout:g}s"
-                    )
-            await self._backoff(failures, deadline)
-            failures += 1
+                self._judge_silence(conn, retry, t, deadline)
+            await self._backoff(t.failures, deadline)
+            t.failures += 1
+
+    # The verdicts on a failed attempt, shared by _request and put_many: each notes the
+    # error in ``t.last`` and moves the client off ``conn`` as the failure calls for, or
+    # raises the error when it must not be retried.
+
+    def _judge_lost(self, conn: Connection, exc: ConnectionLost, retry: _Retry, t: _Tries) -> None:
+        self._lost(conn)
+        if exc.too_big:
+            raise TooLarge(f"{conn.endpoint.url} refused a message as too big") from None
+        t.last = ConnectionFailed(f"{conn.endpoint.url}: {exc.reason}")
+        if exc.sent and retry is _Retry.SAFE:
+            raise t.last from None
+
+    def _judge_error(
+        self, conn: Connection, resp: Mapping[str, Any], retry: _Retry, t: _Tries
+    ) -> bool:
+        """True: retry at once (the first redirect), without a back-off."""
+        err = error_from_wire(resp.get("error"))
+        if isinstance(err, NotLeader):
+            t.last = err
+            leader = _parse_or_none(err.leader_endpoint)
+            if leader is not None:
+                self._redirect(conn, leader)
+                t.redirects += 1
+                return t.redirects == 1
+            self._rotate(conn)
+        elif isinstance(err, Unavailable) and retry is _Retry.ALWAYS:
+            t.last = err
+            self._rotate(conn)
+        else:
+            raise err
+        return False
+
+    def _judge_silence(
+        self, conn: Connection | None, retry: _Retry, t: _Tries, deadline: float
+    ) -> None:
+        """The attempt ran out of time (connecting, if ``conn`` is None, or waiting)."""
+        if conn is not None:
+            t.last = Unavailable(
+                f"no answer from {conn.endpoint.url} within {self._attempt_timeout:g}s"
+            )
+            self._rotate(conn)
+            if retry is _Retry.SAFE:
+                raise t.last
+        elif t.last is None or trio.current_time() < deadline:
+            # (cut short by the call's deadline, the error before it says more)
+            t.last = ConnectionFailed(
+                f"cannot connect to an endpoint within {self._attempt_timeout:g}s"
+            )
 
     def _backoff_delay(self, failures: int) -> float:
         cap = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(failures, 16))
@@ -623,6 +896,7 @@ class Client:
                 max_batch=self._max_batch,
                 max_message_bytes=self._max_message_bytes,
                 connect_timeout=self._attempt_timeout,
+                attempt_timeout=self._attempt_timeout,
             )
             try:
                 await self._nursery.start(conn.run)
@@ -694,6 +968,28 @@ async def open_client(
 
 
 # ---------------------------------------------------------------- helpers
+
+
+class _Tries:
+    """How the attempts of one request went so far (see Client._request)."""
+
+    __slots__ = ("failures", "last", "redirects")
+
+    def __init__(self) -> None:
+        self.failures = 0  # attempts followed by a back-off
+        self.redirects = 0  # not_leader answers with a leader_endpoint
+        self.last: LiferaftError | None = None  # the error to raise at the deadline
+
+
+class _SeqWaiter:
+    """A write waiting for room in the session window (Client._take_seqs)."""
+
+    __slots__ = ("count", "granted", "seqs")
+
+    def __init__(self, count: int) -> None:
+        self.count = count  # how many seqs it wants (it takes fewer if that is the room)
+        self.seqs: builtins.range | None = None  # what it was handed
+        self.granted = trio.Event()
 
 
 class _Attempt:

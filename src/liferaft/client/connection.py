@@ -7,7 +7,14 @@ the same tick is queued too, then ships the whole queue as one CBOR array messag
 at ``max_batch`` requests or ``max_message_bytes``); requests queued while it is sending
 go out together in the next message. One reader task decodes each message (a map or an
 array of maps), hands each response to the waiter with that ``id`` and each watch event
-message to its watch's channel.
+message to its watch's channel. A task waits for one response (``submit``/``wait``) or
+for a group of them at once (``submit_many``/``wait_all``: one wake-up for them all).
+
+A third task keeps the attempt deadlines of requests submitted with ``timed=True``: it
+withdraws one still unanswered ``attempt_timeout`` after it was submitted (its waiter
+gets :class:`AttemptExpired`). One timer for the connection costs far less than a cancel
+scope per request; as these deadlines grow in submit order, it only ever looks at the
+oldest request.
 
 When the connection breaks, every request still waiting fails with
 :class:`ConnectionLost`, which says whether the request had been handed to the socket;
@@ -17,8 +24,10 @@ the client above decides what to retry.
 from __future__ import annotations
 
 import itertools
+import math
 import ssl
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -44,6 +53,10 @@ CLOSE_TIMEOUT = 1.0
 MESSAGE_TOO_BIG = 1009
 
 OnOk = Callable[["Connection", dict[str, Any]], None]
+
+
+class AttemptExpired(Exception):
+    """No response came within the connection's ``attempt_timeout`` (see ``submit``)."""
 
 
 class ConnectionLost(Exception):
@@ -78,18 +91,56 @@ class WatchStream:
         self._send.close()
 
 
-class _Pending:
-    __slots__ = ("cancelled", "done", "encoded", "error", "id", "on_ok", "response", "sent")
+class Countdown:
+    """What the task that submitted a group of requests waits on: it is set when the last
+    of them is answered or failed (each ``_Pending`` of the group calls ``set`` once)."""
 
-    def __init__(self, request_id: int, encoded: bytes, on_ok: OnOk | None) -> None:
+    __slots__ = ("event", "left")
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self.event = trio.Event()
+        if left <= 0:
+            self.event.set()
+
+    def set(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+class _Pending:
+    __slots__ = (
+        "cancelled",
+        "done",
+        "encoded",
+        "error",
+        "expired",
+        "id",
+        "on_ok",
+        "response",
+        "sent",
+    )
+
+    def __init__(
+        self,
+        request_id: int,
+        encoded: bytes,
+        on_ok: OnOk | None,
+        done: trio.Event | Countdown | None = None,
+    ) -> None:
         self.id = request_id
         self.encoded = encoded
         self.on_ok = on_ok
-        self.done = trio.Event()
+        self.done = trio.Event() if done is None else done
         self.response: dict[str, Any] | None = None
         self.error: ConnectionLost | None = None
         self.sent = False
         self.cancelled = False
+        self.expired = False  # unanswered at its deadline: withdrawn
 
 
 class Connection:
@@ -106,6 +157,7 @@ class Connection:
         max_batch: int,
         max_message_bytes: int,
         connect_timeout: float,
+        attempt_timeout: float = math.inf,
     ) -> None:
         self.endpoint = endpoint
         self._ssl_context = ssl_context
@@ -114,6 +166,11 @@ class Connection:
         self._max_batch = max_batch
         self._max_message_bytes = max_message_bytes
         self._connect_timeout = connect_timeout
+        self._attempt_timeout = attempt_timeout
+        # (deadline, id) of the requests submitted with a deadline, oldest first; those
+        # answered meanwhile stay until the timer passes them (light: no _Pending kept)
+        self._timed: deque[tuple[float, int]] = deque()
+        self._timer_wake = trio.Event()
         self._pending: dict[int, _Pending] = {}
         self._outbox: list[_Pending] = []
         self._wake = trio.Event()
@@ -131,14 +188,19 @@ class Connection:
 
     # ---------------------------------------------------------------- requests
 
-    def submit(self, request: Mapping[str, Any], *, on_ok: OnOk | None = None) -> _Pending:
+    def submit(
+        self, request: Mapping[str, Any], *, on_ok: OnOk | None = None, timed: bool = False
+    ) -> _Pending:
         """Queue ``request`` (an ``id`` is added) and return its waiter. Raises TooLarge if
         it cannot fit one message, ConnectionLost if the connection is already gone.
-        ``on_ok`` runs in the reader, before any later message is read, on success."""
+        ``on_ok`` runs in the reader, before any later message is read, on success.
+        ``timed``: if no response comes within ``attempt_timeout`` from now, the request
+        is withdrawn and :meth:`wait` raises AttemptExpired (a deadline kept by one timer
+        task for the whole connection, cheaper than a cancel scope per request)."""
         if not self.alive:
             raise ConnectionLost(self.lost_reason or "not connected", sent=False)
         request_id = next(self._ids)
-        encoded = encode_request({"id": request_id, **request})
+        encoded = encode_request({**request, "id": request_id})
         if len(encoded) > self._max_message_bytes:
             raise TooLarge(
                 f"request of {len(encoded)} bytes exceeds max_message_bytes "
@@ -148,7 +210,41 @@ class Connection:
         self._pending[request_id] = p
         self._outbox.append(p)
         self._wake.set()
+        if timed:
+            # Deadlines of timed requests grow in submit order: the timer needs only
+            # look at the oldest. It sleeps on _timer_wake only when there is none.
+            if not self._timed:
+                self._timer_wake.set()
+            self._timed.append((trio.current_time() + self._attempt_timeout, request_id))
         return p
+
+    def submit_many(self, requests: Sequence[dict[str, Any]]) -> tuple[list[_Pending], Countdown]:
+        """Queue ``requests`` together (they leave in one message, or in consecutive ones
+        past ``max_batch`` or ``max_message_bytes``) and return their waiters and what
+        to wait on for all of them (:meth:`wait_all`). Each request's ``id`` is set in
+        place (a later submit of the same dict sets a new one). Raises TooLarge (a
+        request cannot fit one message) or ConnectionLost (the connection is gone)
+        before queuing any."""
+        if not self.alive:
+            raise ConnectionLost(self.lost_reason or "not connected", sent=False)
+        group = Countdown(len(requests))
+        ids = self._ids
+        limit = self._max_message_bytes
+        batch: list[_Pending] = []
+        for request in requests:
+            request_id = request["id"] = next(ids)
+            encoded = encode_request(request)
+            if len(encoded) > limit:
+                raise TooLarge(
+                    f"request of {len(encoded)} bytes exceeds max_message_bytes ({limit})"
+                )
+            batch.append(_Pending(request_id, encoded, None, group))
+        pending = self._pending
+        for p in batch:
+            pending[p.id] = p
+        self._outbox += batch
+        self._wake.set()
+        return batch, group
 
     def send_and_forget(self, request: Mapping[str, Any]) -> None:
         """Queue a request whose answer nobody waits for (``unwatch``)."""
@@ -169,10 +265,30 @@ class Connection:
             self._pending.pop(p.id, None)
             self._maybe_close()
             raise
+        if p.response is not None:
+            return p.response
         if p.error is not None:
             raise p.error
-        assert p.response is not None
-        return p.response
+        assert p.expired
+        raise AttemptExpired(
+            f"no answer from {self.endpoint.url} within {self._attempt_timeout:g}s"
+        )
+
+    async def wait_all(self, batch: list[_Pending], group: Countdown) -> None:
+        """Wait until every request of ``batch`` (from :meth:`submit_many`) is answered or
+        failed: then each has its ``response`` or ``error``. If the caller is cancelled,
+        the ones still unanswered are withdrawn (those not yet sent are not sent) and
+        keep neither."""
+        try:
+            await group.wait()
+        except BaseException:
+            pending = self._pending
+            for p in batch:
+                if p.response is None and p.error is None:
+                    p.cancelled = True
+                    pending.pop(p.id, None)
+            self._maybe_close()
+            raise
 
     def unsubscribe(self, stream: WatchStream) -> None:
         """Forget a watch (send ``unwatch`` if the connection is still up)."""
@@ -221,6 +337,7 @@ class Connection:
             p.done.set()
         self._pending.clear()
         self._outbox.clear()
+        self._timed.clear()
         for stream in self._watches.values():
             stream.end()
         self._watches.clear()
@@ -246,6 +363,7 @@ class Connection:
                 task_status.started()
                 nursery.start_soon(self._send_loop)
                 nursery.start_soon(self._receive_loop)
+                nursery.start_soon(self._timer_loop)
                 await self._close_requested.wait()
                 # Fail what still waits, then say goodbye while the WebSocket's own reader
                 # task still runs (it completes the close handshake), bounded in time.
@@ -307,24 +425,49 @@ class Connection:
 
     def _take(self) -> list[_Pending]:
         """The next message's worth of queued requests (withdrawn ones dropped)."""
+        outbox = self._outbox
+        max_batch = self._max_batch
+        limit = self._max_message_bytes
         batch: list[_Pending] = []
         size = 0
-        rest = 0
-        for i, p in enumerate(self._outbox):
+        rest = len(outbox)
+        for i, p in enumerate(outbox):
             if p.cancelled:
                 continue
-            grown = packed_size(len(batch) + 1, size + len(p.encoded))
-            if batch and (len(batch) >= self._max_batch or grown > self._max_message_bytes):
+            grown = size + len(p.encoded)
+            if batch and (len(batch) >= max_batch or packed_size(len(batch) + 1, grown) > limit):
                 rest = i
                 break
             batch.append(p)
-            size += len(p.encoded)
-        else:
-            rest = len(self._outbox)
-        del self._outbox[:rest]
-        if self._outbox:
+            size = grown
+        del outbox[:rest]
+        if outbox:
             self._wake.set()
         return batch
+
+    async def _timer_loop(self) -> None:
+        """Withdraw each timed request still unanswered at its deadline (see ``submit``).
+        It wakes at the oldest one's deadline, or when one is submitted if none is."""
+        timed = self._timed
+        pending = self._pending
+        while True:
+            if not timed:
+                await self._timer_wake.wait()
+                self._timer_wake = trio.Event()
+                continue
+            deadline, request_id = timed[0]
+            if request_id not in pending:
+                timed.popleft()  # answered, failed or withdrawn meanwhile
+                continue
+            if deadline > trio.current_time():
+                await trio.sleep_until(deadline)
+                continue
+            timed.popleft()
+            p = pending.pop(request_id)
+            p.cancelled = True  # not sent yet: never sent
+            p.expired = True
+            p.done.set()
+            self._maybe_close()
 
     async def _receive_loop(self) -> None:
         assert self._ws is not None

@@ -128,6 +128,8 @@ def check_key(key: object, what: str = "key") -> str:
     """``key`` if it is a valid key (text, 1..4096 UTF-8 bytes), else InvalidRequest."""
     if not isinstance(key, str):
         raise InvalidRequest(f"{what} must be a str, not {type(key).__name__}")
+    if 0 < len(key) <= MAX_KEY_BYTES // 4:  # at most 4 UTF-8 bytes a character
+        return key
     size = len(key.encode("utf-8", "surrogatepass"))
     if not 1 <= size <= MAX_KEY_BYTES:
         raise InvalidRequest(f"{what} must be 1..{MAX_KEY_BYTES} UTF-8 bytes, got {size}")

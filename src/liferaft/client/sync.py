@@ -135,6 +135,10 @@ class SyncClient:
         """See :meth:`Client.put`."""
         return self._run(self.client.put, key, value)
 
+    def put_many(self, items: Sequence[tuple[str, bytes | str]]) -> list[int]:
+        """See :meth:`Client.put_many`."""
+        return self._run(self.client.put_many, items)
+
     def get(self, key: str, *, serializable: bool = False, revision: int = 0) -> KeyValue | None:
         """See :meth:`Client.get`."""
         return self._run(self.client.get, key, serializable=serializable, revision=revision)

@@ -106,7 +106,11 @@ def pack(encoded: list[bytes]) -> bytes:
 
 def packed_size(count: int, payload_bytes: int) -> int:
     """The size of ``pack`` of ``count`` requests whose encodings total ``payload_bytes``."""
-    return payload_bytes if count == 1 else len(_array_header(count)) + payload_bytes
+    if count == 1:
+        return payload_bytes
+    return payload_bytes + (
+        1 if count < 24 else 2 if count < 0x100 else 3 if count < 0x10000 else 5
+    )
 
 
 # ---------------------------------------------------------------- decoding
@@ -122,6 +126,12 @@ def decode_message(data: bytes) -> list[dict[str, Any]]:
     if not items:
         raise ProtocolError("an empty array")
     for item in items:
-        if not isinstance(item, dict) or not all(isinstance(k, str) for k in item):
+        if not isinstance(item, dict):
             raise ProtocolError("a message holds a map or an array of maps with text keys")
+        try:
+            "".join(item)  # every key a str, checked at C speed (a response is small)
+        except TypeError:
+            raise ProtocolError(
+                "a message holds a map or an array of maps with text keys"
+            ) from None
     return items
