@@ -69,6 +69,8 @@ class Connection:
         self._wake = trio.Event()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._write_slots = trio.Semaphore(MAX_WRITE_BATCHES)
+        # writes answered and not yet audited: (op, result) -> keys (``_audit_answered``)
+        self._audit_writes: dict[tuple[str, str], list[str | None]] = {}
         self._watches: dict[int, _Watch] = {}
         self._claims_changed = trio.Event()  # wakes the expiry guard after a refresh
         self._next_watch = 1
@@ -76,6 +78,12 @@ class Connection:
         self._overflow: Closing | None = None
 
     async def run(self) -> None:
+        try:
+            await self._serve()
+        finally:
+            self._audit_answered()  # writes answered but never sent are audited too
+
+    async def _serve(self) -> None:
         close: Closing | None = None
         gone = False
         try:
@@ -131,7 +139,7 @@ class Connection:
                     nursery.start_soon(self._handle, req, nursery)
             if writes:
                 await self._write_slots.acquire()
-                nursery.start_soon(self._write_batch, writes)
+                nursery.start_soon(self._write_batch, writes, len(data))
 
     def _take_write(self, req: dict[str, Any], writes: list[dict[str, Any]]) -> None:
         """Check a write as it is read: a refused one is answered at once, a good one
@@ -166,12 +174,12 @@ class Connection:
             return
         writes.append(req)
 
-    async def _write_batch(self, reqs: list[dict[str, Any]]) -> None:
+    async def _write_batch(self, reqs: list[dict[str, Any]], size: int) -> None:
         """Propose the checked writes of one message as one entry and answer each with
         its own result (or all with the reason the entry failed)."""
         started = time.perf_counter()
         try:
-            results = await handlers.write_batch(self.server.node, reqs)
+            results = await handlers.write_batch(self.server.node, reqs, size)
         except ApiError as exc:
             results = [{"error": exc.body()}] * len(reqs)
         except Exception as exc:  # a bug of ours: answer it, log it, keep serving
@@ -180,7 +188,7 @@ class Connection:
         finally:
             self._write_slots.release()
         seconds = time.perf_counter() - started
-        outcomes: dict[tuple[str, str], list[str | None]] = {}
+        outcomes = self._audit_writes
         for req, result in zip(reqs, results, strict=True):
             err = result.get("error")
             if err is None:
@@ -197,6 +205,12 @@ class Connection:
             key = req.get("key", req.get("prefix"))
             keys.append(key if isinstance(key, str) else None)  # txn, compact: none
         self._queued()
+
+    def _audit_answered(self) -> None:
+        """One audit record per op and result for the writes answered since the last
+        call: the sender calls it for each message it sends (so a record covers the
+        writes of one response message), and the connection at its end."""
+        outcomes, self._audit_writes = self._audit_writes, {}
         for (op, code), keys in outcomes.items():
             event(
                 audit_log,
@@ -439,6 +453,7 @@ class Connection:
 
     async def _flush(self) -> None:
         while self._out:
+            self._audit_answered()
             batch, self._out = self._out, []
             await self.ws.send_message(dumps(batch[0] if len(batch) == 1 else batch))
 

@@ -3,14 +3,12 @@ fields of docs/client-protocol.md (without ``id``/``ok``) or raises ApiError."""
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from liferaft.api.errors import ApiError, invalid, unavailable
 from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused
-from liferaft.kv.commands import encode_batch
 from liferaft.kv.state import FutureRevision
 from liferaft.kv.watch import Compacted
 from liferaft.node.waiters import ProposalDropped, ReadFailed
@@ -31,20 +29,22 @@ def not_leader(node: Node, leader: str | None) -> ApiError:
     return ApiError("not_leader", f"this node is not the leader (leader: {leader})", **extra)
 
 
-async def write_batch(node: Node, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Replicate checked writes as ONE log entry; returns each one's result from the
-    state machine (a map with ``error`` for one that failed there), in order.
+async def write_batch(
+    node: Node, reqs: list[dict[str, Any]], size: int
+) -> list[dict[str, Any]]:
+    """Replicate checked writes as one unit (with the batches of other connections that
+    reach the core loop at the same time, in ONE log entry); returns each one's result
+    from the state machine (a map with ``error`` for one that failed there), in order.
+    ``size``: about their encoded bytes (the message's).
 
     A follower answers ``not_leader`` with the leader's client URL (the client library
     follows it), rather than forwarding: forwarding would double the leader's work per
     request and hide a misrouted client's cost.
     """
     cmds = [{k: v for k, v in req.items() if k != "id"} for req in reqs]
-    # the leader's clock, carried in the log: the state machine's only notion of time
-    data = encode_batch(cmds, time_ms=int(time.time() * 1000))
     try:
         with trio.fail_after(REQUEST_TIMEOUT):
-            results = await node.propose(data)
+            results = await node.propose_writes(cmds, size)
     except NotLeader as exc:
         raise not_leader(node, exc.leader) from None
     except (ProposalDropped, ProposalRefused, trio.TooSlowError) as exc:

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -54,12 +55,13 @@ from liferaft.core import (
     Status,
 )
 from liferaft.crashpoint import crashpoint
+from liferaft.kv.commands import encode_batch
 from liferaft.kv.state import EventRow
 from liferaft.node import transfer
 from liferaft.node.applyqueue import ApplyQueue
 from liferaft.node.state import StateService
 from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
-from liferaft.node.waiters import Outcome, ReadFailed, Waiters
+from liferaft.node.waiters import Outcome, ReadFailed, Split, Waiters
 from liferaft.observability.http import HealthServer
 from liferaft.observability.logs import event, node_context
 from liferaft.observability.metrics import NodeMetrics
@@ -78,7 +80,9 @@ MAX_APPLY_BYTES = 2 * 1024 * 1024  # ...and about this much entry data
 # Compact the log after this much entry data too (besides ``snapshot_entries``): the log
 # since the last compaction is held in memory, and an entry may hold a batch of writes.
 COMPACT_BYTES = 32 * 1024 * 1024
-MAX_PENDING_PROPOSALS = 1024  # entries proposed here and not yet applied, at most
+MAX_PENDING_PROPOSALS = 1024  # proposals waiting here to be applied, at most
+MAX_MERGED_COMMANDS = 1024  # write commands merged into one entry at most
+MAX_MERGED_BYTES = 1024 * 1024  # ...and about this many bytes
 CHECKPOINT_ENTRIES = 4096  # checkpoint state.db's WAL after this many applied entries
 CHECKPOINT_BYTES = 8 * 1024 * 1024  # ...or this much applied entry data
 
@@ -111,7 +115,17 @@ class _Propose:
     out: Outcome[object]
 
 
-_Input = _Tick | _Messages | _Call | _Propose
+@dataclass(frozen=True, slots=True)
+class _Writes:
+    """Write commands (requests without ``id``) of one caller; the core loop merges the
+    ``_Writes`` waiting together into one batch entry (``liferaft.kv.commands``)."""
+
+    cmds: list[dict[str, Any]]
+    size: int  # bytes, about (at most what the commands' message was)
+    out: Outcome[object]
+
+
+_Input = _Tick | _Messages | _Call | _Propose | _Writes
 
 
 def _compact(raft: Raft, *, index: int, data: bytes) -> Snapshot | None:
@@ -476,14 +490,50 @@ class Node:
             # a message from the leader queued behind ticks (while this loop waited on
             # an fsync) proves the leader alive; timing out before reading it would
             # start an election against a healthy leader.
+            writes: list[_Writes] = []
             for item in items:
                 if isinstance(item, _Tick):
                     self._tick_queued = False
+                elif isinstance(item, _Writes):
+                    writes.append(item)
                 else:
                     self._handle(item)
+            if writes:
+                self._propose_writes(raft, writes)
             self._take_ticks(raft)
             while raft.has_ready():
                 await self._process(raft, raft.ready())
+
+    def _propose_writes(self, raft: Raft, writes: list[_Writes]) -> None:
+        """Append the write batches that arrived together as few entries as the bounds
+        allow (commands and bytes per entry): one log entry, one fsync'd row, one
+        AppendEntries item and one apply step for many callers' writes."""
+        time_ms = int(time.time() * 1000)  # the leader's clock: the log's only time
+        group: list[_Writes] = []
+        count = size = 0
+        for w in writes:
+            if group and (
+                count + len(w.cmds) > MAX_MERGED_COMMANDS or size + w.size > MAX_MERGED_BYTES
+            ):
+                self._append_writes(raft, group, time_ms)
+                group, count, size = [], 0, 0
+            group.append(w)
+            count += len(w.cmds)
+            size += w.size
+        self._append_writes(raft, group, time_ms)
+
+    def _append_writes(self, raft: Raft, group: list[_Writes], time_ms: int) -> None:
+        split = Split()
+        cmds: list[dict[str, Any]] = []
+        for w in group:
+            split.parts.append((w.out, len(cmds), len(w.cmds)))
+            cmds.extend(w.cmds)
+        try:
+            index = raft.propose(encode_batch(cmds, time_ms=time_ms))
+        except Exception as exc:  # NotLeader, ProposalRefused: the callers' answer
+            split.fail(exc)
+        else:
+            self.waiters.proposals[index] = (raft.term, split)
 
     def _handle(self, item: _Input) -> None:
         """Carry out one input other than a tick."""
@@ -731,6 +781,20 @@ class Node:
         out: Outcome[object] = Outcome()
         async with self._proposing:
             await self._inputs_send.send(_Propose(data, out))
+            try:
+                return await out.wait()
+            except BaseException:
+                self.metrics.proposals_failed.inc()
+                raise
+
+    async def propose_writes(self, cmds: list[dict[str, Any]], size: int) -> object:
+        """Replicate write commands (checked requests without ``id``; ``size`` about
+        their encoded bytes); returns their results once applied here, a list in order
+        (or one result with ``error`` if the entry failed as a whole). Batches that
+        reach the core loop together share one entry. Raises like ``propose``."""
+        out: Outcome[object] = Outcome()
+        async with self._proposing:
+            await self._inputs_send.send(_Writes(cmds, size, out))
             try:
                 return await out.wait()
             except BaseException:

@@ -9,7 +9,7 @@ dicts shared by the core loop and the applier are safe.
 from __future__ import annotations
 
 import itertools
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import trio
 
@@ -55,9 +55,38 @@ class Outcome(Generic[T]):
         return self._value  # type: ignore[return-value]
 
 
+class Settable(Protocol):
+    """What a proposal's waiter must do: take the entry's result, or its failure."""
+
+    def set(self, value: object) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+class Split:
+    """The waiter of an entry that merged the write batches of several callers: each
+    gets its own slice of the entry's results (or the entry's failure)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[Outcome[object], int, int]] = []  # (out, start, count)
+
+    def set(self, value: object) -> None:
+        for out, start, count in self.parts:
+            if type(value) is list:
+                out.set(value[start : start + count])
+            else:  # the entry failed as a whole: every caller gets that
+                out.set(value)
+
+    def fail(self, error: BaseException) -> None:
+        for out, _, _ in self.parts:
+            out.fail(error)
+
+
 class Waiters:
     def __init__(self) -> None:
-        self.proposals: dict[int, tuple[int, Outcome[object]]] = {}  # index -> (term, ...)
+        self.proposals: dict[int, tuple[int, Settable]] = {}  # index -> (term, waiter)
         self.reads: dict[bytes, Outcome[int]] = {}  # ctx -> read index
         self.applied: list[tuple[int, Outcome[None]]] = []  # wait for applied >= index
         self._ctx = itertools.count(1)
