@@ -111,6 +111,13 @@ def test_text_has_percentiles_and_histogram() -> None:
     assert any(line.startswith("cpu:") and "n1" in line for line in lines)
 
 
+def test_fast_failover_timing_is_set_up_and_reported() -> None:
+    proc = bench("--heartbeat-ms", "20", "--election-ms", "100", "--seconds", "1")
+    assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()[0]
+    assert "heartbeat 20 ms, election timeout 100 ms" in header, header
+
+
 def test_usage_errors_exit_2() -> None:
     assert bench("--reads", "2").returncode == 2
     assert bench("--serial", "--rate", "10").returncode == 2
@@ -118,6 +125,9 @@ def test_usage_errors_exit_2() -> None:
     assert bench("--token", "t").returncode == 2  # a token without --endpoints
     assert bench("--array", "8", "--reads", "0.5").returncode == 2
     assert bench("--array", "0").returncode == 2
+    assert bench("--heartbeat-ms", "50", "--election-ms", "50").returncode == 2
+    endpoint = ("--endpoints", "wss://127.0.0.1:8001", "--token", "t")
+    assert bench(*endpoint, "--election-ms", "100").returncode == 2  # local cluster only
 
 
 def test_unreachable_cluster_exits_4() -> None:

@@ -218,12 +218,14 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 @contextlib.contextmanager
-def local_cluster(base: Path) -> Iterator[tuple[list[str], str, Path, dict[str, int]]]:
+def local_cluster(
+    base: Path, *, heartbeat_ms: int = 50, election_ms: int = 300
+) -> Iterator[tuple[list[str], str, Path, dict[str, int]]]:
     """Three ``liferaft node`` processes with fresh certificates under ``base``: yields
     the endpoints, a token, the CA file and the node pids; stops the nodes on exit."""
     from liferaft.testing.processes import process_cluster  # the node runtime: only here
 
-    pc = process_cluster(base, IDS)
+    pc = process_cluster(base, IDS, heartbeat_ms=heartbeat_ms, election_ms=election_ms)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for i in IDS:
@@ -568,6 +570,21 @@ def print_text(doc: dict[str, Any]) -> None:
     show_default=True,
     help="Seconds one request may take, retries included (then it counts as an error).",
 )
+@click.option(
+    "--heartbeat-ms",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Local cluster: [raft] heartbeat_interval_ms of the nodes.",
+)
+@click.option(
+    "--election-ms",
+    type=click.IntRange(min=2),
+    default=300,
+    show_default=True,
+    help="Local cluster: [raft] election_timeout_ms (e.g. 100 with --heartbeat-ms 20: "
+    "the fast-failover setting).",
+)
 def bench(
     serial: bool,
     connections: int,
@@ -585,6 +602,8 @@ def bench(
     token_file: Path | None,
     output: str,
     timeout: float,
+    heartbeat_ms: int,
+    election_ms: int,
 ) -> None:
     """Load a cluster and report committed ops/s, latency percentiles and a histogram,
     errors by code, elections during the run and (for a local cluster) CPU per node.
@@ -609,6 +628,7 @@ def bench(
       liferaft bench --batch 1                          # one request per message
       liferaft bench --connections 8 --writers 4 --array 64   # put_many of 64 keys
       liferaft bench --rate 2000 --seconds 10 -o json   # open loop at 2000/s
+      liferaft bench --heartbeat-ms 20 --election-ms 100 --seconds 60   # fast failover
       liferaft bench --reads 0.9 --endpoints wss://127.0.0.1:8001 --cacert certs/ca.pem
 
     Exit codes: 0 done (errors during the run are counted, not fatal), 2 usage error,
@@ -627,6 +647,19 @@ def bench(
         ]
         if given:
             raise click.UsageError(f"{', '.join(given)} go with --endpoints")
+    if endpoints is not None:
+        ctx = click.get_current_context()
+        local_only = [
+            f"--{name.replace('_', '-')}"
+            for name in ("heartbeat_ms", "election_ms")
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ]
+        if local_only:
+            raise click.UsageError(
+                f"{', '.join(local_only)} set up a local cluster, not --endpoints"
+            )
+    if election_ms <= heartbeat_ms:
+        raise click.UsageError("--election-ms must be larger than --heartbeat-ms")
     if serial:
         connections = writers = 1
     mode = "serial" if serial else "open" if rate is not None else "closed"
@@ -641,8 +674,13 @@ def bench(
             base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="liferaft-bench-")))
             if not json_out:
                 click.echo(f"starting a local 3-node cluster in {base}", err=True)
-            urls, jwt, ca, pids = stack.enter_context(local_cluster(base))
-            where = "a local 3-node cluster"
+            urls, jwt, ca, pids = stack.enter_context(
+                local_cluster(base, heartbeat_ms=heartbeat_ms, election_ms=election_ms)
+            )
+            where = (
+                f"a local 3-node cluster (heartbeat {heartbeat_ms} ms, "
+                f"election timeout {election_ms} ms)"
+            )
         shape = Shape(
             mode,
             connections,
