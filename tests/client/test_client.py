@@ -42,7 +42,7 @@ from liferaft.client import (
     op_range,
     open_client,
 )
-from liferaft.client.client import BACKOFF_BASE, BACKOFF_CAP
+from liferaft.client.retry import BACKOFF_BASE, BACKOFF_CAP
 from liferaft.client.wire import decode_message, pack, parse_endpoint
 
 HANG = 60  # seconds: a guard against hangs, not a performance claim
@@ -450,9 +450,9 @@ async def test_writes_cancelled_in_or_waiting_for_the_window_leak_nothing(
             with trio.move_on_after(0.2) as waited:  # no room: waits, then is cancelled
                 await c.put_many([("m/1", b"v"), ("m/2", b"v")])
             assert waited.cancelled_caught
-            assert c._seq_waiters == deque()
+            assert c._window._waiters == deque()
             nursery.cancel_scope.cancel()  # a and b give up too
-        assert not c._open_seqs and not c._done_seqs
+        assert not c._window._open and not c._window._done
         n1.faults.clear()
         assert await c.put_many([("x", b"1"), ("y", b"2"), ("z", b"3")]) == [1, 2, 3]
     # the cancelled put_many took no seq; x, y and z went in turns of the window's 2
@@ -549,7 +549,7 @@ async def test_unavailable_is_retried_with_backoff(
     jitter = Jitter(seed=5)
     with real_time_limit(HANG):
         async with opener(cluster, certs, "n1") as c, trio.open_nursery() as nursery:
-            c._rng = jitter  # open_client takes no rng; Client(rng=...) is the seam
+            c._retrier.rng = jitter  # open_client takes no rng; Client(rng=...) is the seam
             nursery.start_soon(advance_through_backoffs, mock_clock, jitter)
             n1.inject("unavailable", op="put", times=3)
             n1.inject("unavailable", op="get", times=1)

@@ -29,9 +29,7 @@ def not_leader(node: Node, leader: str | None) -> ApiError:
     return ApiError("not_leader", f"this node is not the leader (leader: {leader})", **extra)
 
 
-async def write_batch(
-    node: Node, reqs: list[dict[str, Any]], size: int
-) -> list[dict[str, Any]]:
+async def write_batch(node: Node, reqs: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
     """Replicate checked writes as one unit (with the batches of other connections that
     reach the core loop at the same time, in ONE log entry); returns each one's result
     from the state machine (a map with ``error`` for one that failed there), in order.

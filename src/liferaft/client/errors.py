@@ -24,8 +24,8 @@ from typing import Any
 
 
 class LiferaftError(Exception):
-    """Base class: a request failed. ``code`` is the protocol's error code (or one of the
-    client's own: ``connection_failed``, ``tls``), ``message`` a human-readable reason."""
+    """Base class: a request failed. ``code`` is the protocol's error code (or the
+    client's own ``tls``), ``message`` a human-readable reason."""
 
     code: str = "error"
 

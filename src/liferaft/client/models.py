@@ -224,6 +224,14 @@ def _int(m: Mapping[str, Any], name: str) -> int:
     return value
 
 
+def uint_from_wire(resp: Mapping[str, Any], name: str) -> int:
+    """A response's ``name`` field, which must be an int >= 0; InternalError else."""
+    value = resp.get(name)
+    if type(value) is not int or value < 0:
+        raise InternalError(f"response without an integer {name}")
+    return value
+
+
 def kv_from_wire(m: object) -> KeyValue:
     """A KeyValue from the wire's map; InternalError if the server sent something else."""
     if not isinstance(m, Mapping):

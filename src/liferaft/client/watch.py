@@ -12,24 +12,22 @@ from __future__ import annotations
 
 from collections import deque
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from liferaft.client.connection import Connection, WatchStream
 from liferaft.client.errors import InternalError, error_from_wire
 from liferaft.client.models import WatchEvent, event_from_wire
-
-if TYPE_CHECKING:
-    from liferaft.client.client import Client
+from liferaft.client.retry import Retrier
 
 
 class Watch:
     """An async iterator of :class:`WatchEvent` for one key or prefix; made by
     :meth:`Client.watch`. ``async with`` it to unwatch on exit (or call ``aclose``)."""
 
-    def __init__(self, client: Client, selector: dict[str, Any], start_revision: int) -> None:
-        self._client = client
+    def __init__(self, retrier: Retrier, selector: dict[str, Any], start_revision: int) -> None:
+        self._retrier = retrier
         self._selector = selector
         self._next_revision = start_revision  # where to resume; 0 = "from now"
         self._stream: WatchStream | None = None
@@ -102,7 +100,7 @@ class Watch:
         fields: dict[str, Any] = {"op": "watch", **self._selector}
         if self._next_revision:
             fields["start_revision"] = self._next_revision
-        resp = await self._client._request(fields, on_ok=on_ok)
+        resp = await self._retrier.request(fields, on_ok=on_ok)
         if self._stream is None:
             raise InternalError("watch response without a watch_id")
         revision = resp.get("revision")
