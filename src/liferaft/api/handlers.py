@@ -29,6 +29,11 @@ def not_leader(node: Node, leader: str | None) -> ApiError:
     return ApiError("not_leader", f"this node is not the leader (leader: {leader})", **extra)
 
 
+async def _awaited_leader(node: Node) -> str | None:
+    """During an election: wait (up to two election timeouts) for its outcome."""
+    return await node.wait_for_leader(2 * node.settings.raft.election_timeout_ms / 1000)
+
+
 async def write_batch(node: Node, reqs: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
     """Replicate checked writes as one unit (with the batches of other connections that
     reach the core loop at the same time, in ONE log entry); returns each one's result
@@ -42,7 +47,13 @@ async def write_batch(node: Node, reqs: list[dict[str, Any]], size: int) -> list
     cmds = [{k: v for k, v in req.items() if k != "id"} for req in reqs]
     try:
         with trio.fail_after(REQUEST_TIMEOUT):
-            results = await node.propose_writes(cmds, size)
+            try:
+                results = await node.propose_writes(cmds, size)
+            except NotLeader as exc:
+                leader = exc.leader or await _awaited_leader(node)
+                if leader != node.id:
+                    raise NotLeader(leader) from None
+                results = await node.propose_writes(cmds, size)  # elected meanwhile
     except NotLeader as exc:
         raise not_leader(node, exc.leader) from None
     except (ProposalDropped, ProposalRefused, trio.TooSlowError) as exc:
@@ -61,7 +72,12 @@ async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     if not req.get("serializable", False):
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
-                await node.read_index()
+                try:
+                    await node.read_index()
+                except NotLeader as exc:
+                    if exc.leader is not None or await _awaited_leader(node) is None:
+                        raise
+                    await node.read_index()  # a leader was elected meanwhile
         except (ReadFailed, NotLeader, trio.TooSlowError) as exc:
             raise unavailable(f"could not confirm the read with a quorum: {exc}") from None
     revision = req.get("revision", 0)

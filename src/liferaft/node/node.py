@@ -185,7 +185,10 @@ class Node:
         self._log_bytes = 0  # entry data applied since the last compaction
         self._proposing = trio.Semaphore(MAX_PENDING_PROPOSALS)
         self._slow_persist = settings.raft.election_timeout_ms / 1000  # seconds
-        self._read_round: Outcome[int] | None = None  # a ReadIndex round not yet begun
+        self._read_round: Outcome[int] | None = None
+        self._leader_known = (
+            trio.Event()
+        )  # set while this node knows a leader  # a ReadIndex round not yet begun
         self._lazy_hs: HardState | None = None  # a commit index not yet written
         self._compact_send, self._compact_recv = trio.open_memory_channel[None](1)
         self._checkpoint_send, self._checkpoint_recv = trio.open_memory_channel[None](1)
@@ -657,6 +660,9 @@ class Node:
             if prev[1] != raft.leader:
                 if raft.leader is not None:
                     self.metrics.leader_changes.inc()
+                    self._leader_known.set()
+                elif self._leader_known.is_set():
+                    self._leader_known = trio.Event()
                 event(
                     log, "leader_changed", term=raft.term, leader=raft.leader, role=raft.role.value
                 )
@@ -800,6 +806,15 @@ class Node:
             except BaseException:
                 self.metrics.proposals_failed.inc()
                 raise
+
+    async def wait_for_leader(self, seconds: float) -> str | None:
+        """The leader's id once one is known (at most ``seconds`` from now; None if
+        none by then). Lets a request that meets an election answer with the new
+        leader instead of ``unavailable``, which would send the client round the
+        endpoints with growing back-off."""
+        with trio.move_on_after(seconds):
+            await self._leader_known.wait()
+        return self.raft.leader if self.raft is not None else None
 
     async def read_index(self) -> int:
         """A linearizable read barrier: returns once the local state machine reflects
