@@ -1974,3 +1974,32 @@ def test_physical_compaction_keeps_up_with_batches_of_many_writes(new_db: Dbs) -
     with db.reader() as conn:
         rows = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
     assert rows <= 1024 + 100 + 4096  # newest rows of each key, recent history, one step
+
+
+def test_restart_wal_starts_the_wal_over_under_continuous_writes(new_db: Dbs) -> None:
+    """A PASSIVE checkpoint never catches a writer that keeps writing, so the WAL would
+    grow without bound; restart_wal, between two applies, starts it over: the writes
+    after it fill the WAL from its first frame again."""
+    db = new_db("a.db")
+    index = 0
+
+    def write(n: int) -> None:
+        nonlocal index
+        index += 1
+        cmds = [{"op": "put", "key": f"k{index}/{i}", "value": b"v" * 100} for i in range(n)]
+        db.apply([Entry(index, 1, EntryKind.NORMAL, encode_batch(cmds, time_ms=1))])
+
+    def wal_frames() -> int:
+        conn = sqlite3.connect(db.path)
+        try:
+            return int(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
+        finally:
+            conn.close()
+
+    write(2000)
+    before = wal_frames()
+    write(2000)  # appended after that checkpoint: it is behind again
+    assert wal_frames() > before
+    assert db.restart_wal() == 0
+    write(1)
+    assert 0 < wal_frames() < before

@@ -74,10 +74,14 @@ async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:
             with trio.fail_after(REQUEST_TIMEOUT):
                 try:
                     await node.read_index()
-                except NotLeader as exc:
-                    if exc.leader is not None or await _awaited_leader(node) is None:
+                except (NotLeader, ReadFailed) as exc:
+                    # No leader known (NotLeader) or it was lost under the read
+                    # (ReadFailed): once the election is over, ask again.
+                    if isinstance(exc, NotLeader) and exc.leader is not None:
                         raise
-                    await node.read_index()  # a leader was elected meanwhile
+                    if await _awaited_leader(node) is None:
+                        raise
+                    await node.read_index()
         except (ReadFailed, NotLeader, trio.TooSlowError) as exc:
             raise unavailable(f"could not confirm the read with a quorum: {exc}") from None
     revision = req.get("revision", 0)

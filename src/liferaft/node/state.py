@@ -149,6 +149,11 @@ class StateService:
         db = self.db
         return await self._write(db.sync)
 
+    async def restart_wal(self) -> int:
+        """``StateDB.restart_wal`` on the writer's turn (between two applies)."""
+        db = self.db
+        return await self._write(db.restart_wal)
+
     async def read(self, fn: Callable[[StateDB], T]) -> T:
         """Run ``fn(db)`` on a reader thread (not during an install, never after close)."""
         while self._installing and not self._closed:
