@@ -13,9 +13,9 @@ Along the way (docs/performance.md, "Data that grows"):
   until it is ready (``/readyz``) with that many keys; the same again at the end, with
   all the keys: start-up must not grow with the data;
 - from 40 % to 55 % of the keys a second follower is stopped while writes go on, then
-  restarted: it is behind the leader's compacted log, so it must receive the state file
-  and catch up under load (the time until it has applied what the leader had applied
-  when it came back, and whether its log shows ``snapshot_installed``).
+  restarted: it catches up under load, from the leader's log or, if the leader has
+  compacted past it, from a state file (the time until it has applied what the leader
+  had applied when it came back, and whether its log shows ``snapshot_installed``).
 
 Bounded in count (``--keys``) and time (``--max-seconds``).
 
