@@ -56,10 +56,28 @@ def main() -> None:
             ttl_s=7200,
         )
         load = subprocess.Popen(
-            [sys.executable, "-m", "liferaft", "bench", "--endpoints", ",".join(pc.endpoints)]
-            + ["--cacert", str(pc.certs / "ca.pem"), "--token", token]
-            + ["--connections", "8", "--writers", "4", "--array", "64"]
-            + ["--max-ops", str(args.writes), "--seconds", str(args.max_seconds)],
+            [
+                sys.executable,
+                "-m",
+                "liferaft",
+                "bench",
+                "--endpoints",
+                ",".join(pc.endpoints),
+                "--cacert",
+                str(pc.certs / "ca.pem"),
+                "--token",
+                token,
+                "--connections",
+                "8",
+                "--writers",
+                "4",
+                "--array",
+                "64",
+                "--max-ops",
+                str(args.writes),
+                "--seconds",
+                str(args.max_seconds),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

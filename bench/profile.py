@@ -59,9 +59,12 @@ def puts_answered(metrics_port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
     total = 0.0
     for line in text.decode().splitlines():
-        if line.startswith("liferaft_client_requests_total{") and 'op="put"' in line:
-            if 'code="ok"' in line:
-                total += float(line.rsplit(" ", 1)[1])
+        if (
+            line.startswith("liferaft_client_requests_total{")
+            and 'op="put"' in line
+            and 'code="ok"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
     return total
 
 
@@ -124,9 +127,21 @@ def main() -> None:
         )
         seconds = args.warmup + args.sample + 5
         load = subprocess.Popen(
-            [sys.executable, "-m", "liferaft", "bench", "--endpoints", ",".join(pc.endpoints)]
-            + ["--cacert", str(pc.certs / "ca.pem"), "--token", token]
-            + ["--seconds", str(seconds), *shape],
+            [
+                sys.executable,
+                "-m",
+                "liferaft",
+                "bench",
+                "--endpoints",
+                ",".join(pc.endpoints),
+                "--cacert",
+                str(pc.certs / "ca.pem"),
+                "--token",
+                token,
+                "--seconds",
+                str(seconds),
+                *shape,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -140,8 +155,20 @@ def main() -> None:
         puts0 = puts_answered(metrics[leader])
         spies = [
             subprocess.Popen(
-                [py_spy, "record", "-p", str(procs[i].pid), "-d", str(int(args.sample))]
-                + ["-r", "200", "-f", "raw", "-o", str(raws[role])],
+                [
+                    py_spy,
+                    "record",
+                    "-p",
+                    str(procs[i].pid),
+                    "-d",
+                    str(int(args.sample)),
+                    "-r",
+                    "200",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(raws[role]),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
