@@ -333,7 +333,7 @@ async def test_a_node_restarted_after_compaction_has_the_same_data(
             assert node.storage is not None
             await wait_until(lambda: node.applied >= c.nodes[lead].applied)
             assert node.kv.db.range("")[0] == before
-            assert node._snapshot_index > 0  # it restarted from a snapshot
+            assert node.snapshot_index > 0  # it restarted from a snapshot
         nursery.cancel_scope.cancel()
 
 
@@ -400,8 +400,8 @@ async def test_a_watch_on_a_follower_that_installs_a_snapshot_misses_no_event(
 
                     while len(keys()) < 49:
                         await r._pump()
-                    assert node._snapshot_meta is not None
-                    assert node._snapshot_meta.index > behind  # it did install a snapshot
+                    assert node.snapshot_meta is not None
+                    assert node.snapshot_meta.index > behind  # it did install a snapshot
                     await wait_until(lambda: sender.sent > sent)  # a state file came
                     assert keys() == [f"w/{i}" for i in range(1, 50)]
                     assert all(m["watch_id"] == wid and not m.get("canceled") for m in r.events)

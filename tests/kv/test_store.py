@@ -31,7 +31,7 @@ from liferaft.kv import (
     StateDB,
     encode_command,
 )
-from liferaft.kv import state as state_module
+from liferaft.kv import apply as apply_module
 from liferaft.kv.commands import encode_batch
 from liferaft.kv.state import KV, EventRow, FutureRevision, Result, prefix_end
 from liferaft.kv.watch import Event
@@ -647,7 +647,7 @@ def test_an_internal_failure_is_a_result_not_a_crash(
     def boom(*_args: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(log.db, "_command", boom)
+    monkeypatch.setattr(log.db._applier, "_command", boom)
     result = log("put", key="a", value=b"")
     assert result == {
         "error": {"code": "internal", "message": "applying entry 1 failed: RuntimeError('bug')"}
@@ -967,7 +967,7 @@ def test_reads_at_the_compaction_revision_after_physical_compaction(
     """History below the compaction point is really deleted, yet every read at or after
     the point answers as before, also while physical compaction lags behind (tiny steps)."""
     if step is not None:
-        monkeypatch.setattr(state_module, "COMPACT_STEP", step)
+        monkeypatch.setattr(apply_module, "COMPACT_STEP", step)
     rng = random.Random(5)
     db = new_db(history_revisions=20)
     log = Log(db)
@@ -1303,7 +1303,7 @@ def test_a_failing_command_is_an_internal_error_for_that_entry_only(
     answers alike whatever its batching."""
 
     def buggy(db: StateDB) -> StateDB:
-        real, real_buffered = db._put, db._put_buffered
+        real, real_buffered = db._applier._put, db._applier._put_buffered
 
         def _put(key: str, value: bytes, rev: int) -> None:  # in a txn
             if key == "bad":
@@ -1312,11 +1312,11 @@ def test_a_failing_command_is_an_internal_error_for_that_entry_only(
 
         def _put_buffered(key: str, value: bytes, rows: list[EventRow]) -> dict[str, int]:
             if key == "bad":
-                raise RuntimeError(f"bug at revision {db._revision + 1}")
+                raise RuntimeError(f"bug at revision {db._applier.revision + 1}")
             return real_buffered(key, value, rows)
 
-        monkeypatch.setattr(db, "_put", _put)
-        monkeypatch.setattr(db, "_put_buffered", _put_buffered)
+        monkeypatch.setattr(db._applier, "_put", _put)
+        monkeypatch.setattr(db._applier, "_put_buffered", _put_buffered)
         return db
 
     log = Log(new_db("source.db"))
@@ -1928,7 +1928,7 @@ def test_a_bug_in_one_command_of_a_batch_fails_that_command_alone(
     """A command that hits a bug is rolled back alone; the others of its batch apply,
     and their answers and state are those of a database that never saw it."""
     db = new_db("a.db")
-    real = db._put_buffered
+    real = db._applier._put_buffered
 
     bug = RuntimeError("bug")
 
@@ -1937,7 +1937,7 @@ def test_a_bug_in_one_command_of_a_batch_fails_that_command_alone(
             raise bug
         return real(key, value, rows)
 
-    monkeypatch.setattr(db, "_put_buffered", _put_buffered)
+    monkeypatch.setattr(db._applier, "_put_buffered", _put_buffered)
     cmds = [{"op": "put", "key": k, "value": b"v"} for k in ("a", "bad", "c")]
     applied = db.apply([Entry(1, 1, EntryKind.NORMAL, encode_batch(cmds, time_ms=1))])
     assert applied.results == [

@@ -42,7 +42,7 @@ async def test_a_follower_behind_the_log_catches_up_from_a_streamed_state_file(
                 for i in range(400):  # several compactions: the log no longer has 1..
                     await client.put(f"k{i:03d}", b"v%d" % i)
                 leader = c.nodes[lead]
-                await wait_until(lambda: leader._snapshot_index > 100)
+                await wait_until(lambda: leader.snapshot_index > 100)
                 node = await c.start_node(victim)
                 # More writes while the follower catches up.
                 for i in range(400, 450):

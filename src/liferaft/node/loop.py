@@ -1,0 +1,233 @@
+"""The core loop: the only task that touches the Raft core, and the ticker that drives it.
+
+It takes every input that is waiting (so a burst of proposals or messages becomes one
+Ready), sends the messages that may leave at once, persists the Ready in one SQLite
+transaction, sends the acknowledgements only once the write is durable, and hands
+committed entries to the applier (core.md §1 gives the contract). A storage error
+stops the node (fail-stop): it never goes on after a failed fsync.
+
+Two things keep a busy disk from costing the cluster its leader: ticks are taken while
+a write is outstanding (``_persist``), and a Ready that only moves the commit index is
+not written at all (``_process``; docs/storage.md tells what is on disk when).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import trio
+
+from liferaft.core import HardState, InstallSnapshot, Raft, Ready, Role
+from liferaft.node.addresses import learn_from_entries
+from liferaft.node.applyqueue import ApplyQueue
+from liferaft.node.inputs import Call, Input, Messages, Propose, Tick, Writes, propose_writes
+from liferaft.node.peers import PeerLinks
+from liferaft.node.waiters import ReadFailed
+from liferaft.observability.logs import event
+
+if TYPE_CHECKING:
+    from liferaft.node.node import Node
+
+log = logging.getLogger("liferaft.node")
+
+MAX_INPUTS_PER_ROUND = 4096  # inputs folded into one Ready at most
+
+
+class CoreLoop:
+    def __init__(
+        self,
+        node: Node,
+        *,
+        inputs: trio.MemoryReceiveChannel[Input],
+        ticks: trio.MemorySendChannel[Input],  # the send side of ``inputs``, for ticks
+        peers: PeerLinks,
+        to_apply: ApplyQueue,
+    ) -> None:
+        self._node = node
+        self._inputs = inputs
+        self._ticks = ticks
+        self._peers = peers
+        self._to_apply = to_apply
+        self._ticks_due = 0  # ticks counted by the ticker, not yet given to the core
+        self._tick_queued = False  # a Tick input is on its way to the core loop
+        self._tick_wakeup = trio.Event()
+        self._last_soft: tuple[Role, str | None, int] | None = None
+        self.leader_known = trio.Event()  # set while this node knows a leader
+        self.durable_vote: tuple[int, str | None] = (0, None)  # (term, vote) on disk
+        self._lazy_hs: HardState | None = None  # a commit index not yet written
+        self._slow_persist = node.settings.raft.election_timeout_ms / 1000  # seconds
+
+    async def ticker(self) -> None:
+        """Count ticks due and wake whoever takes them: the core loop (through one
+        ``Tick`` input at a time) or, during a disk write, ``_persist``."""
+        interval = self._node.settings.raft.heartbeat_interval_ms / 1000
+        deadline = trio.current_time()
+        while True:
+            deadline += interval
+            await trio.sleep_until(deadline)
+            deadline = max(deadline, trio.current_time() - interval)  # no catch-up storm
+            self._ticks_due += 1
+            self._tick_wakeup.set()
+            if not self._tick_queued:
+                self._tick_queued = True
+                await self._ticks.send(Tick())
+
+    def _take_ticks(self, raft: Raft) -> None:
+        """Tick the core for every tick due and send the heartbeats that come of it
+        (this may run while a Ready is outstanding: see ``Raft.tick``)."""
+        ticks, self._ticks_due = self._ticks_due, 0
+        for _ in range(ticks):
+            raft.tick()
+        if ticks:
+            self._peers.send(raft.take_messages())
+
+    async def run(self, raft: Raft) -> None:
+        while True:
+            items = [await self._inputs.receive()]
+            while len(items) < MAX_INPUTS_PER_ROUND:
+                try:
+                    items.append(self._inputs.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            # Ticks last: inputs that waited together arrived in the same interval, and
+            # a message from the leader queued behind ticks (while this loop waited on
+            # an fsync) proves the leader alive; timing out before reading it would
+            # start an election against a healthy leader.
+            writes: list[Writes] = []
+            for item in items:
+                if isinstance(item, Tick):
+                    self._tick_queued = False
+                elif isinstance(item, Writes):
+                    writes.append(item)
+                else:
+                    self._handle(raft, item)
+            if writes:
+                propose_writes(raft, writes, self._node.waiters)
+            self._take_ticks(raft)
+            while raft.has_ready():
+                await self._process(raft, raft.ready())
+            self._observe(raft)  # a tick may change the role with nothing to persist
+
+    def _handle(self, raft: Raft, item: Input) -> None:
+        """Carry out one input other than a tick or writes."""
+        if isinstance(item, Propose):
+            try:
+                index = raft.propose(item.data)
+            except Exception as exc:  # NotLeader, ProposalRefused: the caller's answer
+                item.out.fail(exc)
+            else:
+                self._node.waiters.proposals[index] = (raft.term, item.out)
+        elif isinstance(item, Messages):
+            for m in item.msgs:
+                if isinstance(m, InstallSnapshot):
+                    self._peers.step_snapshot(raft, m)
+                else:
+                    raft.step(m)
+        elif isinstance(item, Call):
+            try:
+                item.out.set(item.fn(raft))
+            except Exception as exc:  # reported to the caller, who asked for it
+                item.out.fail(exc)
+
+    async def _process(self, raft: Raft, rd: Ready) -> None:
+        node = self._node
+        assert node.storage is not None
+        self._peers.send(rd.messages)
+        hs = rd.hard_state
+        if hs is not None and not rd.entries and rd.snapshot is None and self._only_commit(hs):
+            # Only the commit index moved: the committed entries are durable on a quorum
+            # already, so they go to the applier now and the new commit index is written
+            # with the next write (a restart learns it again from the leader).
+            self._lazy_hs = hs
+        elif rd.must_persist():
+            save = rd
+            if hs is None and self._lazy_hs is not None:
+                save = replace(rd, hard_state=self._lazy_hs)
+            self._lazy_hs = None
+            started = trio.current_time()
+            try:
+                seconds = await self._persist(raft, save)
+            except Exception:
+                node.storage_ok = False
+                event(log, "storage_failed", level=logging.CRITICAL, term=raft.term)
+                raise
+            node.metrics.fsync_duration.observe(seconds)
+            waited = trio.current_time() - started
+            if waited > self._slow_persist:  # heartbeats waited this long too
+                event(log, "slow_persist", level=logging.WARNING, seconds=round(waited, 4))
+            if save.hard_state is not None:
+                self.durable_vote = (save.hard_state.term, save.hard_state.vote)
+        self._peers.send(rd.persisted_messages)
+        learn_from_entries(node.addresses, rd.entries)
+        if rd.membership is not None:
+            self._peers.dial(rd.membership)
+        if rd.snapshot is not None:
+            self._to_apply.put_snapshot(rd.snapshot)
+        self._to_apply.put_entries(rd.committed_entries)
+        for rs in rd.read_states:
+            out = node.waiters.reads.pop(rs.ctx, None)
+            if out is not None:
+                out.set(rs.index)
+        for ctx in rd.failed_reads:
+            out = node.waiters.reads.pop(ctx, None)
+            if out is not None:
+                out.fail(ReadFailed("leadership lost before the read was confirmed"))
+        raft.advance(rd)
+        self._observe(raft)
+
+    async def _persist(self, raft: Raft, rd: Ready) -> float:
+        """Save ``rd``; meanwhile keep taking ticks, so a leader's heartbeats do not wait
+        for a slow fsync (on this project's machine a busy disk holds one for 150 ms,
+        longer than the fast-failover election timeout). Other inputs wait: the core
+        takes nothing else while a Ready is outstanding."""
+        storage = self._node.storage
+        assert storage is not None
+        result: list[float] = []
+        failed: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+
+            async def save() -> None:
+                try:
+                    result.append(await storage.save(rd))
+                except Exception as exc:  # re-raised below, as itself
+                    failed.append(exc)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(save)
+            while True:
+                await self._tick_wakeup.wait()
+                self._tick_wakeup = trio.Event()
+                self._take_ticks(raft)
+        if failed:
+            raise failed[0]
+        return result[0]
+
+    def _only_commit(self, hs: HardState) -> bool:
+        """Whether ``hs`` differs from what is on disk in its commit index alone (a new
+        term or vote must be durable before anything is sent)."""
+        return (hs.term, hs.vote) == self.durable_vote
+
+    def _observe(self, raft: Raft) -> None:
+        soft = (raft.role, raft.leader, raft.term)
+        if soft != self._last_soft:
+            prev = self._last_soft or (Role.FOLLOWER, None, 0)
+            self._last_soft = soft
+            if prev[1] != raft.leader:
+                if raft.leader is not None:
+                    self._node.metrics.leader_changes.inc()
+                    self.leader_known.set()
+                elif self.leader_known.is_set():
+                    self.leader_known = trio.Event()
+                event(
+                    log, "leader_changed", term=raft.term, leader=raft.leader, role=raft.role.value
+                )
+            elif prev[0] != raft.role:
+                event(log, "role_changed", term=raft.term, role=raft.role.value)
+        m = self._node.metrics
+        m.has_leader.set(1 if raft.leader else 0)
+        m.is_leader.set(1 if raft.role is Role.LEADER else 0)
+        m.term.set(raft.term)
+        m.commit_index.set(raft.commit)
+        m.proposals_pending.set(len(self._node.waiters.proposals))
