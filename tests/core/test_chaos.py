@@ -19,7 +19,13 @@ from liferaft.testing.chaos import PROFILES, ChaosOptions, run_chaos
 from liferaft.testing.checker import SimulationFailure
 
 # Seeds per profile in the default run: about a minute on two cores in all.
-DEFAULT_RUNS = {"three_nodes": 250, "five_nodes": 120, "churn_three": 250, "churn_five": 150}
+DEFAULT_RUNS = {
+    "three_nodes": 250,
+    "five_nodes": 120,
+    "churn_three": 250,
+    "churn_five": 150,
+    "slow_disk": 150,
+}
 
 
 def seeds(config: pytest.Config, default: int) -> range:

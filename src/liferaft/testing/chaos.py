@@ -39,6 +39,7 @@ class ChaosOptions:
     ticks: int = 2000
     faults: Faults = field(default_factory=Faults.lossy)
     crash_in_ready: float = 0.0002
+    slow_disk: float = 0.0  # per Ready, the chance its write takes 1-3 ticks
     election_ticks: int = 10
     heartbeat_ticks: int = 2
     crash: float = 0.003  # per tick, a random node crashes (restarted a while later)
@@ -55,6 +56,8 @@ PROFILES: dict[str, ChaosOptions] = {
     # divergent logs, where Figure 8's commitment hazard lives.
     "churn_three": ChaosOptions(voters=3, ticks=1000, crash=0.02, network=0.03, max_msg_bytes=17),
     "churn_five": ChaosOptions(voters=5, ticks=1000, crash=0.02, network=0.03, max_msg_bytes=17),
+    # Slow disks: time passes (and leaders heartbeat) while Readies are being written.
+    "slow_disk": ChaosOptions(voters=3, ticks=1000, crash=0.01, network=0.02, slow_disk=0.2),
 }
 
 
@@ -126,6 +129,7 @@ class _Run:
             faults=o.faults,
             config=config,
             crash_in_ready=o.crash_in_ready,
+            slow_disk=o.slow_disk,
         )
         self.restart_at: dict[str, int] = {}
         self.counter = 0

@@ -182,6 +182,7 @@ class Cluster:
         disks: dict[str, Disk] | None = None,
         checker: Checker | None = None,
         crash_in_ready: float = 0.0,
+        slow_disk: float = 0.0,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -189,6 +190,10 @@ class Cluster:
         self.base_config = config or RaftConfig(id="_")
         self.checker = checker or Checker()
         self.crash_in_ready = crash_in_ready
+        # The chance that a Ready's disk write is slow: the node takes 1-3 ticks before
+        # it is durable and sends what they produce at once, as the node shell does
+        # (core.md, "Time passes during a slow write").
+        self.slow_disk = slow_disk
         self.now = 0
         self.trace: deque[str] = deque(maxlen=200)  # printed when a check fails
         self.on_note: Callable[[str], None] | None = None
@@ -328,6 +333,11 @@ class Cluster:
         if self._crash_now():
             self.crash(node.id)  # before anything of this Ready is durable
             return
+        if self.slow_disk and self.rng.random() < self.slow_disk:
+            for _ in range(self.rng.randint(1, 3)):
+                raft.tick()
+                for m in raft.take_messages():
+                    self.network.send(self.now, m)
         written, removed = node.disk.write(rd)
         if rd.hard_state is not None:
             self.checker.on_hard_state(node.id, node.disk.hard_state)
