@@ -2003,3 +2003,18 @@ def test_restart_wal_starts_the_wal_over_under_continuous_writes(new_db: Dbs) ->
     assert db.restart_wal() == 0
     write(1)
     assert 0 < wal_frames() < before
+
+
+def test_restart_wal_does_not_wait_for_a_reader_and_leaves_the_busy_timeout_as_it_was(
+    new_db: Dbs,
+) -> None:
+    """A reader on the WAL (a backup, a long range) makes restart_wal report "not now"
+    instead of holding the writer's turn until the reader ends; the next call restarts."""
+    db = new_db("a.db")
+    cmds = [{"op": "put", "key": f"k{i}", "value": b"v" * 100} for i in range(500)]
+    db.apply([Entry(1, 1, EntryKind.NORMAL, encode_batch(cmds, time_ms=1))])
+    with db.reader() as conn:
+        conn.execute("SELECT COUNT(*) FROM kv").fetchone()
+        assert db.restart_wal() > 0  # busy: frames left where they are
+    assert db.restart_wal() == 0
+    assert db._w.execute("PRAGMA busy_timeout").fetchone()[0] == 5000

@@ -446,3 +446,23 @@ def load_helper(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_failed_checkpoint_leaves_a_save_in_progress_alone(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """checkpoint runs on its own connection beside save: its failure is its own, and
+    must not roll back the writer's transaction on another thread."""
+    with Storage.open(data_dir, initial=MEMBERS) as s:
+        writer = s._conn
+        assert writer is not None
+        writer.execute("BEGIN IMMEDIATE")  # a save in progress
+
+        def refuse(*_args: object, **_kwargs: object) -> sqlite3.Connection:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(storage_sqlite.sqlite3, "connect", refuse)
+        with pytest.raises(StorageError, match="checkpoint: disk I/O error"):
+            s.checkpoint()
+        assert writer.in_transaction
+        writer.execute("ROLLBACK")

@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 DB_NAME = "state.db"
+BUSY_TIMEOUT_MS = 5000  # sqlite3.connect's default timeout of 5 s
 HISTORY_REVISIONS = 100_000
 WRITER_CACHE_KIB = 32 * 1024
 READER_CACHE_KIB = 8 * 1024
@@ -330,7 +331,14 @@ class StateDB:
         since and start the WAL over (RESTART), so it stays short. Under continuous
         writes a PASSIVE checkpoint never catches the writer, and the WAL would grow
         without bound (440 MB in 40 s here). Returns the frames left (0: restarted)."""
-        busy, frames, copied = self._w.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        # Busy (a reader on the WAL, e.g. a backup for a snapshot transfer) means "next
+        # time": with the default 5 s busy timeout RESTART would hold the writer's turn,
+        # and every write, until that reader ends.
+        self._w.execute("PRAGMA busy_timeout = 0")
+        try:
+            busy, frames, copied = self._w.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        finally:
+            self._w.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
         return max(0, int(frames) - int(copied)) if not busy else int(frames)
 
     def sync(self) -> int:

@@ -26,6 +26,7 @@ from liferaft.node import transfer
 from liferaft.node.addresses import learn_from_snapshot, snapshot_data
 from liferaft.node.applyqueue import ApplyQueue
 from liferaft.observability.logs import event
+from liferaft.storage.errors import StorageError
 
 if TYPE_CHECKING:
     from liferaft.node.node import Node
@@ -132,7 +133,10 @@ class Applier:
             started = trio.current_time()
             await node.kv.read(lambda db: db.checkpoint())  # the bulk, beside the applier
             left = await node.kv.restart_wal()  # the rest, between two applies
-            await node.storage.checkpoint()
+            try:
+                await node.storage.checkpoint()
+            except StorageError as exc:  # the WAL grows; a failing disk fails the next save
+                event(log, "checkpoint_failed", level=logging.WARNING, error=str(exc)[:300])
             seconds = round(trio.current_time() - started, 3)
             event(log, "checkpointed", level=logging.DEBUG, frames_left=left, seconds=seconds)
 

@@ -71,8 +71,15 @@ class CoreLoop:
             self._ticks_due += 1
             self._tick_wakeup.set()
             if not self._tick_queued:
+                # Never wait here: the inputs channel fills while the loop waits on a
+                # slow disk, and a blocked ticker would stop the heartbeats ``_persist``
+                # sends meanwhile. A full channel only means: try at the next tick (the
+                # loop takes the ticks due every round anyway).
+                try:
+                    self._ticks.send_nowait(Tick())
+                except trio.WouldBlock:
+                    continue
                 self._tick_queued = True
-                await self._ticks.send(Tick())
 
     def _take_ticks(self, raft: Raft) -> None:
         """Tick the core for every tick due and send the heartbeats that come of it

@@ -241,12 +241,16 @@ class Storage:
         """Copy the WAL into the database without blocking the writer (PASSIVE), on a
         connection of its own; any thread, concurrently with ``save``. Keeps the WAL
         short now that commits do not checkpoint."""
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # Not through ``_errors``: that rolls back the *writer's* transaction, which
+        # may be a save in progress on another thread.
         try:
-            with self._errors("checkpoint"):
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        finally:
-            conn.close()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise _wrap("checkpoint", exc) from exc
 
     def size_bytes(self) -> int:
         """The database and WAL file sizes. Touches only the file system, not SQLite."""
