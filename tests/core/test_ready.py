@@ -569,3 +569,23 @@ def test_an_idle_leader_has_nothing_ready_once_a_full_window_was_handled() -> No
     rd = handle(r)
     assert appends_to(rd, "b") == []
     assert not r.has_ready()
+
+
+def test_take_messages_holds_back_a_term_that_is_not_durable_yet() -> None:
+    """A sole voter elects itself in one tick; while the Ready carrying its new term is
+    being written, its heartbeats (to a learner) must not carry that term."""
+    r = Raft(
+        RaftConfig(id="a", election_ticks=3),
+        random.Random(1),
+        Restored(initial_membership=Membership(frozenset({"a"}), frozenset({"l"}))),
+    )
+    while r.role is not Role.LEADER:
+        r.tick()
+    rd = r.ready()
+    assert rd.hard_state is not None and rd.hard_state.term == r.term
+    for _ in range(5):
+        r.tick()
+        assert r.take_messages() == ()
+    r.advance(rd)
+    r.tick()
+    assert any(isinstance(m, Heartbeat) and m.dst == "l" for m in r.take_messages())

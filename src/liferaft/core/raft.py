@@ -184,7 +184,11 @@ class Raft:
     def take_messages(self) -> tuple[AnyMessage, ...]:
         """The messages that may leave at once (those a Ready lists in ``messages``)
         gathered since the last ``ready()``: how a shell sends the heartbeats of ticks
-        taken while a Ready is outstanding."""
+        taken while a Ready is outstanding. None while the current term and vote are
+        not durable yet (a sole voter that just elected itself): they wait for the
+        next Ready."""
+        if (self.term, self.vote) != (self._persisted_hs.term, self._persisted_hs.vote):
+            return ()  # a term not yet durable: nothing may carry it before it is
         msgs, self._msgs = tuple(self._msgs), []
         return msgs
 
