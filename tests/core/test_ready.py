@@ -589,3 +589,21 @@ def test_take_messages_holds_back_a_term_that_is_not_durable_yet() -> None:
     r.advance(rd)
     r.tick()
     assert any(isinstance(m, Heartbeat) and m.dst == "l" for m in r.take_messages())
+
+
+def test_a_sole_voters_first_appends_leave_only_once_its_new_term_is_durable() -> None:
+    """A sole voter elects itself with no vote round (no persist in between), so its
+    appends of the new term must wait for the term on disk: a learner that took them
+    from a leader which then crashed before its fsync would keep entries of a term the
+    restarted leader reuses with different entries."""
+    r = Raft(
+        RaftConfig(id="a", election_ticks=3),
+        random.Random(1),
+        Restored(initial_membership=Membership(frozenset({"a"}), frozenset({"l"}))),
+    )
+    while r.role is not Role.LEADER:
+        r.tick()
+    rd = r.ready()
+    assert rd.hard_state is not None and rd.hard_state.term == r.term
+    assert not any(isinstance(m, AppendEntries) for m in rd.messages)
+    assert any(isinstance(m, AppendEntries) and m.dst == "l" for m in rd.persisted_messages)

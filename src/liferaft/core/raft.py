@@ -184,11 +184,9 @@ class Raft:
     def take_messages(self) -> tuple[AnyMessage, ...]:
         """The messages that may leave at once (those a Ready lists in ``messages``)
         gathered since the last ``ready()``: how a shell sends the heartbeats of ticks
-        taken while a Ready is outstanding. None while the current term and vote are
-        not durable yet (a sole voter that just elected itself): they wait for the
-        next Ready."""
-        if (self.term, self.vote) != (self._persisted_hs.term, self._persisted_hs.vote):
-            return ()  # a term not yet durable: nothing may carry it before it is
+        taken while a Ready is outstanding. (While the current term and vote are not
+        durable, e.g. a sole voter that just elected itself, ``_send`` keeps even these
+        messages for after the write.)"""
         msgs, self._msgs = tuple(self._msgs), []
         return msgs
 
@@ -748,7 +746,10 @@ class Raft:
         return HardState(self.term, self.vote, self.log.committed)
 
     def _send(self, m: AnyMessage) -> None:
-        if isinstance(m, _IMMEDIATE) or (isinstance(m, VoteRequest) and m.pre_vote):
+        if (isinstance(m, _IMMEDIATE) or (isinstance(m, VoteRequest) and m.pre_vote)) and (
+            self.term,
+            self.vote,
+        ) == (self._persisted_hs.term, self._persisted_hs.vote):
             self._msgs.append(m)
         else:
             self._persisted_msgs.append(m)
