@@ -133,7 +133,7 @@ class Connection:
                 if type(op) is str and op in WRITE_OPS:
                     self._take_write(req, writes)
                 elif op == "refresh":  # at once: it applies to the requests after it
-                    self._answer(req, "refresh", self._refresh, req)
+                    self._answer_refresh(req)
                 else:
                     await self._slots.acquire()
                     nursery.start_soon(self._handle, req, nursery)
@@ -161,16 +161,7 @@ class Connection:
         except ApiError as exc:
             self._queue({"id": req["id"], "ok": False, "error": exc.body()})
             self.server.observe(req["op"], exc.code, 0.0)
-            key = req.get("key", req.get("prefix"))
-            event(
-                audit_log,
-                "audit",
-                subject=self.claims.sub,
-                remote=self.remote,
-                op=req["op"],
-                keys=[key if isinstance(key, str) else None],
-                result=exc.code,
-            )
+            self._audit_writes_of(req["op"], exc.code, [_audited_key(req)])
             return
         writes.append(req)
 
@@ -199,11 +190,7 @@ class Connection:
                 code = err["code"]
             op = req["op"]
             self.server.observe(op, code, seconds)
-            keys = outcomes.get((op, code))
-            if keys is None:
-                keys = outcomes[(op, code)] = []
-            key = req.get("key", req.get("prefix"))
-            keys.append(key if isinstance(key, str) else None)  # txn, compact: none
+            outcomes.setdefault((op, code), []).append(_audited_key(req))
         self._queued()
 
     def _audit_answered(self) -> None:
@@ -212,27 +199,30 @@ class Connection:
         writes of one response message), and the connection at its end."""
         outcomes, self._audit_writes = self._audit_writes, {}
         for (op, code), keys in outcomes.items():
-            event(
-                audit_log,
-                "audit",
-                subject=self.claims.sub,
-                remote=self.remote,
-                op=op,
-                keys=keys,
-                result=code,
-            )
+            self._audit_writes_of(op, code, keys)
 
-    def _answer(self, req: dict[str, Any], op: str, fn: Any, *args: Any) -> None:
-        """Answer ``req`` now with ``fn(*args)`` (a synchronous op)."""
+    def _audit_writes_of(self, op: str, code: str, keys: list[str | None]) -> None:
+        """The audit record of writes: one op and result, the keys they touched."""
+        event(
+            audit_log,
+            "audit",
+            subject=self.claims.sub,
+            remote=self.remote,
+            op=op,
+            keys=keys,
+            result=code,
+        )
+
+    def _answer_refresh(self, req: dict[str, Any]) -> None:
         try:
-            self._queue({"id": req["id"], "ok": True, **fn(*args)})
+            self._queue({"id": req["id"], "ok": True, **self._refresh(req)})
             code = "ok"
         except ApiError as exc:
             self._queue({"id": req["id"], "ok": False, "error": exc.body()})
             code = exc.code
-        self.server.observe(op, code, 0.0)
+        self.server.observe("refresh", code, 0.0)
         if code in ("permission_denied", "unauthenticated"):
-            self._audit(req, op, code)
+            self._audit(req, "refresh", code)
 
     async def _handle(self, req: dict[str, Any], nursery: trio.Nursery) -> None:
         rid = req["id"]
@@ -458,16 +448,21 @@ class Connection:
             await self.ws.send_message(dumps(batch[0] if len(batch) == 1 else batch))
 
     def _audit(self, req: dict[str, Any], op: str, code: str) -> None:
-        key = req.get("key", req.get("prefix"))
         event(
             audit_log,
             "audit",
             subject=self.claims.sub,
             remote=self.remote,
             op=op,
-            key=key if isinstance(key, str) else None,
+            key=_audited_key(req),
             result=code,
         )
+
+
+def _audited_key(req: dict[str, Any]) -> str | None:
+    """The key (or prefix) a request names at its top level; None for a txn or compact."""
+    key = req.get("key", req.get("prefix"))
+    return key if isinstance(key, str) else None
 
 
 @dataclass

@@ -271,16 +271,9 @@ class Node:
     async def propose(self, data: bytes) -> object:
         """Replicate ``data``; returns the state machine's result once it is applied
         here. Raises NotLeader on a follower, ProposalDropped if a new leader
-        overwrote the entry. At most MAX_PENDING_PROPOSALS wait at once (the others
-        wait for a turn): the bound on what the core and applier hold for callers."""
+        overwrote the entry."""
         out: Outcome[object] = Outcome()
-        async with self._proposing:
-            await self._inputs_send.send(Propose(data, out))
-            try:
-                return await out.wait()
-            except BaseException:
-                self.metrics.proposals_failed.inc()
-                raise
+        return await self._proposed(Propose(data, out), out)
 
     async def propose_writes(self, cmds: list[dict[str, Any]], size: int) -> object:
         """Replicate write commands (checked requests without ``id``; ``size`` about
@@ -288,8 +281,14 @@ class Node:
         (or one result with ``error`` if the entry failed as a whole). Batches that
         reach the core loop together share one entry. Raises like ``propose``."""
         out: Outcome[object] = Outcome()
+        return await self._proposed(Writes(cmds, size, out), out)
+
+    async def _proposed(self, item: Propose | Writes, out: Outcome[object]) -> object:
+        """Hand ``item`` to the core loop and wait for ``out``. At most
+        MAX_PENDING_PROPOSALS wait at once (the others wait for a turn): the bound on
+        what the core and applier hold for callers."""
         async with self._proposing:
-            await self._inputs_send.send(Writes(cmds, size, out))
+            await self._inputs_send.send(item)
             try:
                 return await out.wait()
             except BaseException:
