@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import bisect
 import contextlib
 import ctypes
 import hashlib
@@ -86,8 +85,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from liferaft.cli.bench import EDGES_MS, histogram, percentile
+from liferaft.cli.bench import latency_summary, open_loop_summary, result_lines
 from liferaft.security.certs import generate
+from liferaft.testing.localcluster import free_ports
 
 HERE = Path(__file__).resolve().parent
 LOAD_SOURCE = HERE / "etcd_load.go"
@@ -186,15 +186,6 @@ def build_load(go: str) -> tuple[Path, str]:
 
 
 # ---------------------------------------------------------------- the cluster
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports the OS reports free right now on 127.0.0.1 (good enough on loopback)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def _die_with_parent() -> None:
@@ -363,10 +354,7 @@ def report(
     version: str,
     load_generator: str,
 ) -> dict[str, Any]:
-    lat = sorted(latencies)
-    counts = [0] * (len(EDGES_MS) + 1)
-    for x in lat:
-        counts[bisect.bisect_left(EDGES_MS, x * 1000)] += 1
+    percentiles, rows = latency_summary(latencies)
     tick = os.sysconf("SC_CLK_TCK")
     ticks: dict[str, int] = result["cpu_ticks"]
     elapsed = float(result["seconds"])
@@ -388,16 +376,12 @@ def report(
     term_after = result["term_after"]
     doc: dict[str, Any] = {
         "system": f"etcd {version}",
-        "ops": len(lat),
+        "ops": len(latencies),
         "seconds": round(elapsed, 3),
-        "ops_per_s": round(len(lat) / elapsed, 1) if elapsed > 0 else 0.0,
-        "puts": len(lat),
+        "ops_per_s": round(len(latencies) / elapsed, 1) if elapsed > 0 else 0.0,
+        "puts": len(latencies),
         "gets": 0,
-        "p50_ms": percentile(lat, 0.5),
-        "p90_ms": percentile(lat, 0.9),
-        "p99_ms": percentile(lat, 0.99),
-        "p999_ms": percentile(lat, 0.999),
-        "max_ms": percentile(lat, 1.0),
+        **percentiles,
         "errors": dict(sorted(result["errors"].items())),
         "elections": None if term_after is None else term_after - result["term_before"],
         "term_before": result["term_before"],
@@ -411,26 +395,19 @@ def report(
         },
         "bench_cpu_s": round(result["self_cpu_ticks"] / tick, 2),
         "machine_busy_cores": busy_cores(result),
-        "leader_disk": leader_disk(result.get("leader_metrics"), len(lat)),
+        "leader_disk": leader_disk(result.get("leader_metrics"), len(latencies)),
         "load_generator": load_generator,
-        "histogram": [
-            {
-                "from_ms": round(EDGES_MS[i - 1], 3) if i else 0.0,
-                "to_ms": round(EDGES_MS[i], 3) if i < len(EDGES_MS) else None,
-                "count": n,
-            }
-            for i, n in enumerate(counts)
-            if n
-        ],
+        "histogram": rows,
     }
     if args.rate is not None:
-        due = min(args.max_ops, math.ceil(args.seconds * args.rate))
-        doc["open_loop"] = {
-            "offered_per_s": args.rate,
-            "max_in_flight": args.connections * args.writers,
-            "late": result["late"],
-            "unsent": max(0, due - result["issued"]),
-        }
+        doc["open_loop"] = open_loop_summary(
+            args.rate,
+            args.seconds,
+            args.max_ops,
+            args.connections * args.writers,
+            result["late"],
+            result["issued"],
+        )
     return doc
 
 
@@ -476,25 +453,8 @@ def print_text(doc: dict[str, Any]) -> None:
         f"ops:        {doc['ops']:,} puts committed in {doc['seconds']:.1f} s = "
         f"{doc['ops_per_s']:,.0f} puts/s"
     )
-    if doc["ops"]:
-        print(
-            "latency:    "
-            + "  ".join(f"{p} {doc[p + '_ms']:.1f} ms" for p in ("p50", "p90", "p99", "p999"))
-            + f"  max {doc['max_ms']:.1f} ms"
-        )
-        print("histogram:")
-        for line in histogram(doc):
-            print(line)
-    errors = ", ".join(f"{code} {n:,}" for code, n in doc["errors"].items()) or "none"
-    print(f"errors:     {errors}")
-    if "open_loop" in doc:
-        ol = doc["open_loop"]
-        print(
-            f"open loop:  offered {ol['offered_per_s']:,g}/s; {ol['late']:,} sent late for want of "
-            f"a free slot (cap {ol['max_in_flight']:,} in flight), {ol['unsent']:,} never sent"
-        )
-    elections = "unknown" if doc["elections"] is None else f"{doc['elections']}"
-    print(f"elections:  {elections} (term {doc['term_before']} -> {doc['term_after']})")
+    for line in result_lines(doc):
+        print(line)
     members = ", ".join(f"{m} {s:.2f} s" for m, s in doc["cpu_s"].items())
     busy = doc["machine_busy_cores"]
     machine = "" if busy is None else f"; machine {busy:.2f} of {os.cpu_count()} cores busy"

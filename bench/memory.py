@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from liferaft.security.tokens import mint
 from liferaft.testing.processes import process_cluster
 
 IDS = ["n1", "n2", "n3"]
@@ -48,24 +46,9 @@ def main() -> None:
         for i in IDS
     }
     try:
-        token = mint(
-            (pc.certs / "jwt-private.pem").read_bytes(),
-            sub="bench",
-            roles=["write"],
-            now=time.time(),
-            ttl_s=7200,
-        )
+        token = pc.token(["write"], ttl_s=7200)
         load = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "liferaft",
-                "bench",
-                "--endpoints",
-                ",".join(pc.endpoints),
-                "--cacert",
-                str(pc.certs / "ca.pem"),
-                "--token",
+            pc.bench_command(
                 token,
                 "--connections",
                 "8",
@@ -77,7 +60,7 @@ def main() -> None:
                 str(args.writes),
                 "--seconds",
                 str(args.max_seconds),
-            ],
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

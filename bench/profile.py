@@ -29,7 +29,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from liferaft.security.tokens import mint
 from liferaft.testing.processes import process_cluster
 
 IDS = ["n1", "n2", "n3"]
@@ -118,30 +117,10 @@ def main() -> None:
     }
     load = None
     try:
-        token = mint(
-            (pc.certs / "jwt-private.pem").read_bytes(),
-            sub="bench",
-            roles=["write"],
-            now=time.time(),
-            ttl_s=3600,
-        )
+        token = pc.token(["write"], ttl_s=3600)
         seconds = args.warmup + args.sample + 5
         load = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "liferaft",
-                "bench",
-                "--endpoints",
-                ",".join(pc.endpoints),
-                "--cacert",
-                str(pc.certs / "ca.pem"),
-                "--token",
-                token,
-                "--seconds",
-                str(seconds),
-                *shape,
-            ],
+            pc.bench_command(token, "--seconds", str(seconds), *shape),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

@@ -41,7 +41,6 @@ from liferaft.cli.client_cmds import (
 )
 from liferaft.client import Client, LiferaftError
 from liferaft.client.wire import MAX_BATCH
-from liferaft.security.tokens import mint
 
 IDS = ["n1", "n2", "n3"]
 KEYSPACE = 100_000  # puts cycle over bench/000000 .. bench/099999
@@ -231,13 +230,7 @@ def local_cluster(
         for i in IDS:
             with (base / f"{i}.log").open("wb") as log:
                 procs[i] = subprocess.Popen(pc.command(i), stdout=log, stderr=log)
-        token = mint(
-            (pc.certs / "jwt-private.pem").read_bytes(),
-            sub="bench",
-            roles=["read", "write"],
-            ttl_s=24 * 3600,
-            now=time.time(),
-        )
+        token = pc.token(["read", "write"], ttl_s=24 * 3600)
         yield pc.endpoints, token, pc.certs / "ca.pem", {i: p.pid for i, p in procs.items()}
     finally:
         for p in procs.values():
@@ -349,6 +342,44 @@ def percentile(ordered: list[float], p: float) -> float | None:
     return round(ordered[max(0, math.ceil(p * len(ordered)) - 1)] * 1000, 3)
 
 
+def latency_summary(latencies: list[float]) -> tuple[dict[str, float | None], list[Any]]:
+    """The percentiles (``p50_ms`` .. ``max_ms``) and histogram rows of latencies given
+    in seconds: the report's figures (bench/etcd.py reports etcd the same way)."""
+    lat = sorted(latencies)
+    counts = [0] * (len(EDGES_MS) + 1)
+    for x in lat:
+        counts[bisect.bisect_left(EDGES_MS, x * 1000)] += 1
+    percentiles = {
+        "p50_ms": percentile(lat, 0.5),
+        "p90_ms": percentile(lat, 0.9),
+        "p99_ms": percentile(lat, 0.99),
+        "p999_ms": percentile(lat, 0.999),
+        "max_ms": percentile(lat, 1.0),
+    }
+    rows = [
+        {
+            "from_ms": round(EDGES_MS[i - 1], 3) if i else 0.0,
+            "to_ms": round(EDGES_MS[i], 3) if i < len(EDGES_MS) else None,
+            "count": n,
+        }
+        for i, n in enumerate(counts)
+        if n
+    ]
+    return percentiles, rows
+
+
+def open_loop_summary(
+    rate: float, seconds: float, max_ops: int, max_in_flight: int, late: int, issued: int
+) -> dict[str, Any]:
+    due = min(max_ops, math.ceil(seconds * rate))
+    return {
+        "offered_per_s": rate,
+        "max_in_flight": max_in_flight,
+        "late": late,
+        "unsent": max(0, due - issued),
+    }
+
+
 def report(
     shape: Shape,
     load: Load,
@@ -358,22 +389,15 @@ def report(
     cpu: dict[str, float] | None,
     own_cpu: float,
 ) -> dict[str, Any]:
-    lat = sorted(load.latencies)
-    counts = [0] * (len(EDGES_MS) + 1)
-    for x in lat:
-        counts[bisect.bisect_left(EDGES_MS, x * 1000)] += 1
+    percentiles, rows = latency_summary(load.latencies)
     doc: dict[str, Any] = {
-        "ops": len(lat),
+        "ops": len(load.latencies),
         "seconds": round(elapsed, 3),
-        "ops_per_s": round(len(lat) / elapsed, 1) if elapsed > 0 else 0.0,
+        "ops_per_s": round(len(load.latencies) / elapsed, 1) if elapsed > 0 else 0.0,
         "puts": load.puts,
         "gets": load.gets,
         "arrays": load.arrays if shape.array is not None else None,
-        "p50_ms": percentile(lat, 0.5),
-        "p90_ms": percentile(lat, 0.9),
-        "p99_ms": percentile(lat, 0.99),
-        "p999_ms": percentile(lat, 0.999),
-        "max_ms": percentile(lat, 1.0),
+        **percentiles,
         "errors": dict(sorted(load.errors.items())),
         "elections": None if term_after is None else term_after - term_before,
         "term_before": term_before,
@@ -381,24 +405,17 @@ def report(
         "shape": vars(shape),
         "cpu_s": cpu,
         "bench_cpu_s": round(own_cpu, 2),
-        "histogram": [
-            {
-                "from_ms": round(EDGES_MS[i - 1], 3) if i else 0.0,
-                "to_ms": round(EDGES_MS[i], 3) if i < len(EDGES_MS) else None,
-                "count": n,
-            }
-            for i, n in enumerate(counts)
-            if n
-        ],
+        "histogram": rows,
     }
     if shape.rate is not None:
-        due = min(shape.max_ops, math.ceil(shape.seconds * shape.rate))
-        doc["open_loop"] = {
-            "offered_per_s": shape.rate,
-            "max_in_flight": shape.connections * shape.writers,
-            "late": load.late,
-            "unsent": max(0, due - load.issued),
-        }
+        doc["open_loop"] = open_loop_summary(
+            shape.rate,
+            shape.seconds,
+            shape.max_ops,
+            shape.connections * shape.writers,
+            load.late,
+            load.issued,
+        )
     return doc
 
 
@@ -422,6 +439,29 @@ def histogram(doc: dict[str, Any], width: int = 40) -> list[str]:
     return lines
 
 
+def result_lines(doc: dict[str, Any]) -> list[str]:
+    """The report's lines from latency to elections (bench/etcd.py prints them too)."""
+    lines = []
+    if doc["ops"]:
+        lines.append(
+            "latency:    "
+            + "  ".join(f"{p} {doc[p + '_ms']:.1f} ms" for p in ("p50", "p90", "p99", "p999"))
+            + f"  max {doc['max_ms']:.1f} ms"
+        )
+        lines += ["histogram:", *histogram(doc)]
+    errors = ", ".join(f"{code} {n:,}" for code, n in doc["errors"].items()) or "none"
+    lines.append(f"errors:     {errors}")
+    if "open_loop" in doc:
+        ol = doc["open_loop"]
+        lines.append(
+            f"open loop:  offered {ol['offered_per_s']:,g}/s; {ol['late']:,} sent late for want of "
+            f"a free slot (cap {ol['max_in_flight']:,} in flight), {ol['unsent']:,} never sent"
+        )
+    elections = "unknown" if doc["elections"] is None else f"{doc['elections']}"
+    lines.append(f"elections:  {elections} (term {doc['term_before']} -> {doc['term_after']})")
+    return lines
+
+
 def print_text(doc: dict[str, Any]) -> None:
     sh = doc["shape"]
     if sh["mode"] == "serial":
@@ -441,25 +481,8 @@ def print_text(doc: dict[str, Any]) -> None:
         f"ops:        {doc['ops']:,} committed in {doc['seconds']:.1f} s = "
         f"{doc['ops_per_s']:,.0f} ops/s ({doc['puts']:,} puts{arrays}, {doc['gets']:,} gets)"
     )
-    if doc["ops"]:
-        click.echo(
-            "latency:    "
-            + "  ".join(f"{p} {doc[p + '_ms']:.1f} ms" for p in ("p50", "p90", "p99", "p999"))
-            + f"  max {doc['max_ms']:.1f} ms"
-        )
-        click.echo("histogram:")
-        for line in histogram(doc):
-            click.echo(line)
-    errors = ", ".join(f"{code} {n:,}" for code, n in doc["errors"].items()) or "none"
-    click.echo(f"errors:     {errors}")
-    if "open_loop" in doc:
-        ol = doc["open_loop"]
-        click.echo(
-            f"open loop:  offered {ol['offered_per_s']:,g}/s; {ol['late']:,} sent late for want of "
-            f"a free slot (cap {ol['max_in_flight']:,} in flight), {ol['unsent']:,} never sent"
-        )
-    elections = "unknown" if doc["elections"] is None else f"{doc['elections']}"
-    click.echo(f"elections:  {elections} (term {doc['term_before']} -> {doc['term_after']})")
+    for line in result_lines(doc):
+        click.echo(line)
     if doc["cpu_s"] is not None:
         nodes = ", ".join(f"{i} {s:.2f} s" for i, s in doc["cpu_s"].items())
         click.echo(f"cpu:        {nodes}; bench {doc['bench_cpu_s']:.2f} s")

@@ -5,10 +5,13 @@ processes their own way (Trio in tests, a profiler in benchmarks)."""
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from liferaft.security.certs import generate
+from liferaft.security.tokens import mint
 from liferaft.testing.localcluster import free_ports, write_config
 
 
@@ -22,6 +25,20 @@ class ProcessCluster:
     @property
     def endpoints(self) -> list[str]:
         return [f"wss://127.0.0.1:{self.members[i][1]}/v1" for i in self.ids]
+
+    def token(self, roles: Sequence[str], *, ttl_s: int = 3600, sub: str = "bench") -> str:
+        """A client token signed with the cluster's own key."""
+        key = (self.certs / "jwt-private.pem").read_bytes()
+        return mint(key, sub=sub, roles=roles, ttl_s=ttl_s, now=time.time())
+
+    def bench_command(self, token: str, *args: str) -> list[str]:
+        """``liferaft bench`` aimed at this cluster, with ``args`` (the load's shape)."""
+        return [
+            sys.executable,
+            *("-m", "liferaft", "bench", "--endpoints", ",".join(self.endpoints)),
+            *("--cacert", str(self.certs / "ca.pem"), "--token", token),
+            *args,
+        ]
 
     def command(self, node_id: str, *python_args: str) -> list[str]:
         """``python [python_args] -m liferaft node --config <its file>``."""
