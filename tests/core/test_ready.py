@@ -571,9 +571,9 @@ def test_an_idle_leader_has_nothing_ready_once_a_full_window_was_handled() -> No
     assert not r.has_ready()
 
 
-def test_take_messages_holds_back_a_term_that_is_not_durable_yet() -> None:
-    """A sole voter elects itself in one tick; while the Ready carrying its new term is
-    being written, its heartbeats (to a learner) must not carry that term."""
+def sole_voter_just_elected() -> tuple[Raft, Ready]:
+    """Voter ``a`` with learner ``l``, leader of a new term by its own vote, and the
+    Ready that writes that term, outstanding."""
     r = Raft(
         RaftConfig(id="a", election_ticks=3),
         random.Random(1),
@@ -583,6 +583,13 @@ def test_take_messages_holds_back_a_term_that_is_not_durable_yet() -> None:
         r.tick()
     rd = r.ready()
     assert rd.hard_state is not None and rd.hard_state.term == r.term
+    return r, rd
+
+
+def test_take_messages_holds_back_a_term_that_is_not_durable_yet() -> None:
+    """A sole voter elects itself in one tick; while the Ready carrying its new term is
+    being written, its heartbeats (to a learner) must not carry that term."""
+    r, rd = sole_voter_just_elected()
     for _ in range(5):
         r.tick()
         assert r.take_messages() == ()
@@ -596,14 +603,6 @@ def test_a_sole_voters_first_appends_leave_only_once_its_new_term_is_durable() -
     appends of the new term must wait for the term on disk: a learner that took them
     from a leader which then crashed before its fsync would keep entries of a term the
     restarted leader reuses with different entries."""
-    r = Raft(
-        RaftConfig(id="a", election_ticks=3),
-        random.Random(1),
-        Restored(initial_membership=Membership(frozenset({"a"}), frozenset({"l"}))),
-    )
-    while r.role is not Role.LEADER:
-        r.tick()
-    rd = r.ready()
-    assert rd.hard_state is not None and rd.hard_state.term == r.term
+    _, rd = sole_voter_just_elected()
     assert not any(isinstance(m, AppendEntries) for m in rd.messages)
     assert any(isinstance(m, AppendEntries) and m.dst == "l" for m in rd.persisted_messages)
