@@ -113,9 +113,12 @@ class CoreLoop:
             if writes:
                 propose_writes(raft, writes, self._node.waiters)
             self._take_ticks(raft)
+            # Observe before the first await: health and metrics are read while the
+            # Ready is being written, and must agree with the core (a sole voter that
+            # just elected itself is ready, and its is_leader gauge must say so).
+            self._observe(raft)
             while raft.has_ready():
                 await self._process(raft, raft.ready())
-            self._observe(raft)  # a tick may change the role with nothing to persist
 
     def _handle(self, raft: Raft, item: Input) -> None:
         """Carry out one input other than a tick or writes."""
