@@ -44,7 +44,7 @@ LAYERS = [
     ("peer transport: CBOR, links", re.compile(r"liferaft/transport/")),
     ("client API: decode, checks, answers", re.compile(r"liferaft/api/|liferaft/safecbor")),
     ("node loop: core loop, applier, waiters", re.compile(r"liferaft/node/")),
-    ("TLS + WebSocket", re.compile(r"ssl\.py|trio/_ssl|wsproto|trio_websocket")),
+    ("TLS + WebSocket", re.compile(r"ssl\.py|trio/_ssl|liferaft/websocket|h11")),
 ]
 IDLE = re.compile(r"get_events \(|_thread_cache\.py:211|Condition\.wait|Event\.wait \(threading")
 

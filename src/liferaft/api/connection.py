@@ -19,7 +19,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
-import trio_websocket
 
 from liferaft.api import access, handlers
 from liferaft.api.errors import ApiError, invalid
@@ -30,6 +29,7 @@ from liferaft.kv.watch import Compacted
 from liferaft.observability.logs import event
 from liferaft.safecbor import CBORError, dumps, loads
 from liferaft.security.tokens import Claims, Role, TokenError
+from liferaft.websocket import INVALID_PAYLOAD, UNSUPPORTED_DATA, ConnectionClosed, WebSocket
 
 if TYPE_CHECKING:
     from liferaft.api.server import ClientServer
@@ -41,7 +41,7 @@ MAX_BATCH = 1024  # requests in one array message (docs/client-protocol.md, "Mes
 MAX_IN_FLIGHT = 4096  # requests other than writes being handled per connection
 MAX_WRITE_BATCHES = 256  # messages' writes waiting for the log per connection
 MAX_QUEUED = 65536  # responses and events waiting to be sent before we give up
-UNSUPPORTED_DATA, INVALID_PAYLOAD, TRY_LATER = 1003, 1007, 1013
+TRY_LATER = 1013  # WebSocket close code (RFC 6455 §7.4.1, IANA registry)
 
 
 class Closing(Exception):
@@ -57,7 +57,7 @@ class Connection:
     def __init__(
         self,
         server: ClientServer,
-        ws: trio_websocket.WebSocketConnection,
+        ws: WebSocket,
         claims: Claims,
         remote: str,
     ) -> None:
@@ -96,7 +96,7 @@ class Connection:
                 except Closing as c:
                     close = c
                 nursery.cancel_scope.cancel()
-        except* trio_websocket.ConnectionClosed:
+        except* ConnectionClosed:
             gone = True  # the client went away; its pending requests die with it
         if gone:
             return
@@ -111,35 +111,56 @@ class Connection:
 
     async def _receive(self, nursery: trio.Nursery) -> None:
         while True:
-            data = await self.ws.get_message()
-            if not isinstance(data, bytes):
-                raise Closing(UNSUPPORTED_DATA, "binary CBOR messages only")
-            try:
-                obj = loads(data, max_depth=24)
-            except CBORError as exc:
-                raise Closing(INVALID_PAYLOAD, str(exc)[:120]) from None
-            if isinstance(obj, dict):
-                batch = [obj]
-            elif isinstance(obj, list) and 1 <= len(obj) <= MAX_BATCH:
-                batch = obj
-            else:
-                raise Closing(INVALID_PAYLOAD, "a message is a request map or 1..1024 of them")
+            # Every message one read brought: their writes go to the log as one batch.
             writes: list[dict[str, Any]] = []
-            for req in batch:
-                rid = req.get("id") if isinstance(req, dict) else None
-                if type(rid) is not int or rid < 0:
-                    raise Closing(INVALID_PAYLOAD, "every request needs an unsigned integer id")
-                op = req.get("op")
-                if type(op) is str and op in WRITE_OPS:
-                    self._take_write(req, writes)
-                elif op == "refresh":  # at once: it applies to the requests after it
-                    self._answer_refresh(req)
-                else:
-                    await self._slots.acquire()
-                    nursery.start_soon(self._handle, req, nursery)
-            if writes:
-                await self._write_slots.acquire()
-                nursery.start_soon(self._write_batch, writes, len(data))
+            size = 0
+            try:
+                for data in await self.ws.get_messages():
+                    await self._take_message(data, writes, nursery)
+                    size += len(data)
+                    if len(writes) >= MAX_BATCH:  # an entry stays within the core's bounds
+                        await self._start_writes(writes, size, nursery)
+                        writes, size = [], 0
+            finally:  # also when a later message was malformed: these were accepted
+                if writes:
+                    await self._start_writes(writes, size, nursery)
+
+    async def _take_message(
+        self, data: bytes | str, writes: list[dict[str, Any]], nursery: trio.Nursery
+    ) -> None:
+        if not isinstance(data, bytes):
+            raise Closing(UNSUPPORTED_DATA, "binary CBOR messages only")
+        try:
+            obj = loads(data, max_depth=24)
+        except CBORError as exc:
+            raise Closing(INVALID_PAYLOAD, str(exc)[:120]) from None
+        if isinstance(obj, dict):
+            batch = [obj]
+        elif isinstance(obj, list) and 1 <= len(obj) <= MAX_BATCH:
+            batch = obj
+        else:
+            raise Closing(INVALID_PAYLOAD, "a message is a request map or 1..1024 of them")
+        for req in batch:
+            rid = req.get("id") if isinstance(req, dict) else None
+            if type(rid) is not int or rid < 0:
+                raise Closing(INVALID_PAYLOAD, "every request needs an unsigned integer id")
+            op = req.get("op")
+            if type(op) is str and op in WRITE_OPS:
+                self._take_write(req, writes)
+            elif op == "refresh":  # at once: it applies to the requests after it
+                self._answer_refresh(req)
+            else:
+                try:
+                    self._slots.acquire_nowait()  # no trip through the scheduler
+                except trio.WouldBlock:
+                    await self._slots.acquire()  # too many in flight: stop reading
+                nursery.start_soon(self._handle, req, nursery)
+
+    async def _start_writes(
+        self, writes: list[dict[str, Any]], size: int, nursery: trio.Nursery
+    ) -> None:
+        await self._write_slots.acquire()
+        nursery.start_soon(self._write_batch, writes, size)
 
     def _take_write(self, req: dict[str, Any], writes: list[dict[str, Any]]) -> None:
         """Check a write as it is read: a refused one is answered at once, a good one

@@ -5,7 +5,7 @@ A missing, malformed, expired, not-yet-valid, wrongly signed or wrongly addresse
 gets HTTP 401 and no connection, an audit record and
 ``liferaft_auth_failures_total{reason}``. The TLS handshake and the upgrade must finish
 within ``handshake_timeout_ms``; connections beyond ``max_connections`` are closed at
-accept (trio-websocket has neither limit of its own).
+accept.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import trio
-import trio_websocket
 
 from liferaft.api.connection import Connection
 from liferaft.api.watch import WatchHub
 from liferaft.observability.logs import event
 from liferaft.security.tls import client_server_context
 from liferaft.security.tokens import Claims, TokenError, TokenVerifier
+from liferaft.websocket import HandshakeFailed, WebSocket, WebSocketError, read_request
 
 if TYPE_CHECKING:
     from liferaft.config import Settings
@@ -30,8 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("liferaft.api")
 audit_log = logging.getLogger("liferaft.audit")
 PATH = "/v1"
-RECEIVE_BUFFER = 64 * 1024
-MESSAGE_QUEUE = 16  # messages the WebSocket's reader may read ahead of the handler
+RECEIVE_BUFFER = 64 * 1024  # bytes read from TLS at a time: a 60 KiB array in one read
 
 
 class ClientServer:
@@ -86,16 +85,13 @@ class ClientServer:
         self.open_connections += 1
         stream = trio.SSLStream(tcp, self.ssl_ctx, server_side=True)
         try:
-            async with trio.open_nursery() as nursery:  # trio-websocket's reader task
-                accepted = None
-                with trio.move_on_after(self.handshake_timeout):
-                    accepted = await self._upgrade(nursery, stream, remote)
-                if accepted is not None:
-                    await Connection(self, accepted[0], accepted[1], remote).run()
-                await trio.aclose_forcefully(stream)
-                nursery.cancel_scope.cancel()
-        except* (trio.BrokenResourceError, trio_websocket.ConnectionClosed, OSError):
-            pass  # the client went away mid-handshake or mid-connection
+            accepted = None
+            with trio.move_on_after(self.handshake_timeout):
+                accepted = await self._upgrade(stream, remote)
+            if accepted is not None:
+                await Connection(self, accepted[0], accepted[1], remote).run()
+        except* (trio.BrokenResourceError, WebSocketError, OSError):
+            pass  # the client went away mid-handshake or mid-connection, or spoke no WebSocket
         except* Exception as group:  # the edge of one connection: log it, keep serving
             event(log, "client_connection_error", remote=remote, error=repr(group)[:300])
         finally:
@@ -103,22 +99,20 @@ class ClientServer:
             await trio.aclose_forcefully(stream)
 
     async def _upgrade(
-        self, nursery: trio.Nursery, stream: trio.SSLStream[trio.SocketStream], remote: str
-    ) -> tuple[trio_websocket.WebSocketConnection, Claims] | None:
+        self, stream: trio.SSLStream[trio.SocketStream], remote: str
+    ) -> tuple[WebSocket, Claims] | None:
         await stream.do_handshake()
-        request = await trio_websocket.wrap_server_stream(
-            nursery,
-            stream,
-            max_message_size=self.max_message_bytes,
-            # trio-websocket reads 4 KiB at a time by default: a 60 KiB array of writes
-            # would cost 15 reads through TLS and wsproto instead of one.
-            receive_buffer_size=RECEIVE_BUFFER,
-            message_queue_size=MESSAGE_QUEUE,
-        )
+        try:
+            request = await read_request(
+                stream, max_message_size=self.max_message_bytes, receive_buffer=RECEIVE_BUFFER
+            )
+        except HandshakeFailed as exc:  # answered with 400 already
+            event(log, "client_rejected", reason="upgrade", remote=remote, error=str(exc)[:200])
+            return None
         if request.path != PATH:
             await request.reject(404, body=b"not found: the client API is at /v1\n")
             return None
-        header = dict(request.headers).get(b"authorization", b"").decode("latin-1")
+        header = (request.header(b"authorization") or b"").decode("latin-1")
         token = header[7:].strip() if header[:7].lower() == "bearer " else None
         try:
             claims = self.verifier.verify(token, now=time.time())

@@ -31,7 +31,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
-import trio_websocket
 
 from liferaft.client.errors import TooLarge
 from liferaft.client.wire import (
@@ -42,15 +41,19 @@ from liferaft.client.wire import (
     pack,
     packed_size,
 )
+from liferaft.websocket import (
+    MESSAGE_TOO_BIG,
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocket,
+    connect,
+)
 
-RECEIVE_BUFFER = 64 * 1024  # trio-websocket reads 4 KiB at a time by default
+RECEIVE_BUFFER = 64 * 1024  # bytes read from TLS at a time
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a range over many keys can be large
-WS_QUEUE = 16  # server messages trio-websocket may read ahead of the reader task
 WATCH_BUFFER = 1024  # event messages a watch may hold before it is resubscribed
 CLOSE_TIMEOUT = 1.0
-
-# WebSocket close codes (RFC 6455 §7.4.1).
-MESSAGE_TOO_BIG = 1009
+_CLOSE_NAMES = {1000: "normal closure", 1001: "going away", 1006: "abnormal closure"}
 
 OnOk = Callable[["Connection", dict[str, Any]], None]
 
@@ -179,7 +182,7 @@ class Connection:
         self._closing = False  # a graceful close is under way: _die must not cancel it
         self._scope: trio.CancelScope | None = None
         self._stream: trio.SSLStream[trio.SocketStream] | None = None
-        self._ws: trio_websocket.WebSocketConnection | None = None
+        self._ws: WebSocket | None = None
         self.alive = False  # True between a successful upgrade and the first failure
         self.retired = False  # no new requests; closes once idle
         self.lost_reason = ""
@@ -354,9 +357,9 @@ class Connection:
                 self._scope = nursery.cancel_scope
                 try:
                     with trio.fail_after(self._connect_timeout):
-                        await self._open(nursery)
+                        await self._open()
                 except BaseException:
-                    nursery.cancel_scope.cancel()  # stop trio-websocket's reader task
+                    nursery.cancel_scope.cancel()
                     raise
                 self.alive = True
                 started = True
@@ -365,8 +368,8 @@ class Connection:
                 nursery.start_soon(self._receive_loop)
                 nursery.start_soon(self._timer_loop)
                 await self._close_requested.wait()
-                # Fail what still waits, then say goodbye while the WebSocket's own reader
-                # task still runs (it completes the close handshake), bounded in time.
+                # Fail what still waits, then say goodbye while the receive loop still
+                # runs (it reads the server's Close, which ends the handshake), bounded.
                 self._closing = True
                 self._die("connection closed by the client")
                 with trio.move_on_after(CLOSE_TIMEOUT):
@@ -383,22 +386,20 @@ class Connection:
             if self._stream is not None:
                 await trio.aclose_forcefully(self._stream)
 
-    async def _open(self, nursery: trio.Nursery) -> None:
+    async def _open(self) -> None:
         ep = self.endpoint
         tcp = await trio.open_tcp_stream(ep.host, ep.port)
         self._stream = trio.SSLStream(
             tcp, self._ssl_context, server_hostname=ep.host, https_compatible=True
         )
         await self._stream.do_handshake()
-        self._ws = await trio_websocket.wrap_client_stream(
-            nursery,
+        self._ws = await connect(
             self._stream,
             ep.host_header,
             ep.path,
             extra_headers=[(b"authorization", f"Bearer {self._token}".encode())],
-            message_queue_size=WS_QUEUE,
             max_message_size=MAX_RESPONSE_BYTES,
-            receive_buffer_size=RECEIVE_BUFFER,
+            receive_buffer=RECEIVE_BUFFER,
         )
 
     # ---------------------------------------------------------------- the two tasks
@@ -420,7 +421,7 @@ class Connection:
                 await self._ws.send_message(pack([p.encoded for p in batch]))
                 self.messages_sent += 1
                 self._maybe_close()
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError) as exc:
+        except (ConnectionClosed, trio.BrokenResourceError) as exc:
             self._die(f"connection to {self.endpoint.url} lost while sending: {describe(exc)}")
 
     def _take(self) -> list[_Pending]:
@@ -473,14 +474,14 @@ class Connection:
         assert self._ws is not None
         try:
             while True:
-                data = await self._ws.get_message()
-                if not isinstance(data, bytes):
-                    raise ProtocolError("a text message")
-                for item in decode_message(data):
-                    self._dispatch(item)
+                for data in await self._ws.get_messages():
+                    if not isinstance(data, bytes):
+                        raise ProtocolError("a text message")
+                    for item in decode_message(data):
+                        self._dispatch(item)
                 self._maybe_close()
-        except trio_websocket.ConnectionClosed as exc:
-            code = exc.reason.code if exc.reason is not None else None
+        except ConnectionClosed as exc:
+            code = exc.code
             self._die(
                 f"connection to {self.endpoint.url} closed: {describe(exc)}",
                 too_big=code == MESSAGE_TOO_BIG,
@@ -512,10 +513,9 @@ def describe(exc: BaseException) -> str:
     """A short description of a connection failure, looking into groups and causes."""
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(describe(e) for e in exc.exceptions if not isinstance(e, trio.Cancelled))
-    if isinstance(exc, trio_websocket.ConnectionClosed):
-        r = exc.reason
-        return f"code {r.code} {r.reason or r.name}" if r is not None else "closed"
-    if isinstance(exc, trio_websocket.ConnectionRejected):
+    if isinstance(exc, ConnectionClosed):
+        return f"code {exc.code} {exc.reason or _CLOSE_NAMES.get(exc.code, '')}".rstrip()
+    if isinstance(exc, ConnectionRejected):
         return f"HTTP {exc.status_code} at the WebSocket upgrade"
     if isinstance(exc, trio.TooSlowError):
         return "timed out connecting"

@@ -14,7 +14,6 @@ import itertools
 import ssl
 
 import trio
-import trio_websocket
 
 from liferaft.client.connection import Connection, describe, find
 from liferaft.client.errors import (
@@ -25,6 +24,7 @@ from liferaft.client.errors import (
     Unauthenticated,
 )
 from liferaft.client.wire import Endpoint
+from liferaft.websocket import ConnectionRejected
 
 CLOSE_WAIT = 2.0  # how long aclose() waits for connections to say goodbye
 
@@ -176,8 +176,8 @@ class _Attempt:
 
 def _connect_error(endpoint: Endpoint, exc: BaseException) -> LiferaftError:
     """The typed error for a failed connection attempt."""
-    rejected = find(exc, trio_websocket.ConnectionRejected)
-    if isinstance(rejected, trio_websocket.ConnectionRejected):
+    rejected = find(exc, ConnectionRejected)
+    if isinstance(rejected, ConnectionRejected):
         status = rejected.status_code
         body = (rejected.body or b"").decode("utf-8", "replace")[:200]
         detail = f"{endpoint.url}: HTTP {status} at the WebSocket upgrade" + (

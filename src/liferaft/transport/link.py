@@ -24,7 +24,6 @@ import ssl
 from collections import deque
 
 import trio
-import trio_websocket
 
 from liferaft.core.messages import (
     AppendEntries,
@@ -35,11 +34,12 @@ from liferaft.core.messages import (
 from liferaft.transport.codec import encode
 from liferaft.transport.files import PeerMessage, SnapshotChunk
 from liferaft.transport.stats import LogFn, TransportStats
+from liferaft.websocket import WebSocket, connect
 
 PATH = "/raft"
 BACKOFF_MIN = 0.05  # seconds; doubles per failed attempt up to BACKOFF_MAX, full jitter
 BACKOFF_MAX = 2.0
-RECEIVE_BUFFER = 64 * 1024  # trio-websocket reads 4 KiB at a time by default
+RECEIVE_BUFFER = 64 * 1024  # bytes read from TLS at a time
 _FIXED_SIZE = 48  # estimated wire bytes of a message apart from its payloads
 
 
@@ -226,20 +226,18 @@ class PeerLink:
     async def _session(self) -> None:
         host, port = self.address
         stream: trio.SSLStream[trio.SocketStream] | None = None
-        async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
+        async with trio.open_nursery() as nursery:  # holds the task that watches for a close
             try:
                 with trio.fail_after(self._handshake_timeout):
                     tcp = await trio.open_tcp_stream(host, port)
                     stream = trio.SSLStream(tcp, self._client_ctx, server_hostname=self.peer_id)
                     await stream.do_handshake()
-                    ws = await trio_websocket.wrap_client_stream(
-                        nursery,
+                    ws = await connect(
                         stream,
                         f"{host}:{port}",
                         PATH,
-                        message_queue_size=1,  # the server never sends us messages
-                        max_message_size=1024,
-                        receive_buffer_size=RECEIVE_BUFFER,
+                        max_message_size=1024,  # the server never sends us messages
+                        receive_buffer=RECEIVE_BUFFER,
                     )
                 self.connected = True
                 self._stats.connects += 1
@@ -253,7 +251,7 @@ class PeerLink:
                     await trio.aclose_forcefully(stream)
                 nursery.cancel_scope.cancel()
 
-    async def _pump(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _pump(self, ws: WebSocket) -> None:
         while True:
             if not self._queue:
                 # Wait for the doorbell; after ``keepalive`` of silence send an empty batch,
@@ -263,24 +261,25 @@ class PeerLink:
                         await self._wake.wait()
                         self._wake = trio.Event()
             if ws.closed is not None:  # the server closed; keep the queue for the next link
-                raise trio_websocket.ConnectionClosed(ws.closed)
+                raise ws.closed
             batch = self._take()
             try:
-                for payload in self._payloads(batch):
-                    await ws.send_message(payload)
-                    self._stats.sent_bytes[self.peer_id] += len(payload)
-                    self._stats.sent_batches[self.peer_id] += 1
+                payloads = self._payloads(batch)
+                if payloads:
+                    await ws.send_messages(payloads)  # one write
+                self._stats.sent_bytes[self.peer_id] += sum(map(len, payloads))
+                self._stats.sent_batches[self.peer_id] += len(payloads)
             except BaseException:
                 # In flight when the link failed: lost (or, rarely, delivered and counted).
                 self._stats.dropped[self.peer_id] += len(batch)
                 raise
 
 
-async def _until_closed(ws: trio_websocket.WebSocketConnection) -> None:
+async def _until_closed(ws: WebSocket) -> None:
     """Raise ConnectionClosed as soon as the server closes the link, so that an idle
     sender redials at once instead of finding out on its next send."""
     while True:
-        await ws.get_message()  # the server sends no messages; discard any that come
+        await ws.get_messages()  # the server sends no messages; discard any that come
 
 
 def _describe(error: BaseException | None) -> str:

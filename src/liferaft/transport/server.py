@@ -1,12 +1,10 @@
 """The peer listener: mutual TLS, identity from the certificate, then a WebSocket on /raft
 whose every message is one encoded batch.
 
-trio-websocket's own server has no connection cap, no idle timeout and a 60-second default
-handshake timeout, and it cannot look at the TLS session before the upgrade; so we accept
-TCP ourselves, do the TLS handshake under our handshake timeout, map the certificate's
-DNS SAN to a member id, and only then hand the stream to ``wrap_server_stream``. A
-connection that misbehaves is closed on its own; nothing it sends can disturb another
-link or the node.
+We accept TCP ourselves, do the TLS handshake under our handshake timeout (with a cap on
+connections and an idle timeout), map the certificate's DNS SAN to a member id, and only
+then read the WebSocket upgrade. A connection that misbehaves is closed on its own;
+nothing it sends can disturb another link or the node.
 """
 
 from __future__ import annotations
@@ -15,22 +13,24 @@ import ssl
 from collections.abc import Callable, Collection
 
 import trio
-import trio_websocket
 
 from liferaft.security.tls import dns_names, peer_node_id
 from liferaft.transport.codec import CodecError, decode
 from liferaft.transport.files import PeerMessage
 from liferaft.transport.link import PATH, RECEIVE_BUFFER
 from liferaft.transport.stats import LogFn, TransportStats
+from liferaft.websocket import (
+    GOING_AWAY,
+    INVALID_PAYLOAD,
+    MESSAGE_TOO_BIG,
+    UNSUPPORTED_DATA,
+    ConnectionClosed,
+    HandshakeFailed,
+    WebSocket,
+    read_request,
+)
 
 CLOSE_TIMEOUT = 1.0  # how long a WebSocket close handshake may take before we hang up
-WS_QUEUE = 2  # batches trio-websocket may read ahead of us on one connection
-
-# WebSocket close codes (RFC 6455 §7.4.1).
-GOING_AWAY = 1001
-UNSUPPORTED_DATA = 1003
-INVALID_PAYLOAD = 1007
-MESSAGE_TOO_BIG = 1009
 
 
 class PeerServer:
@@ -87,24 +87,22 @@ class PeerServer:
 
     async def _serve(self, tcp: trio.SocketStream, remote: str) -> None:
         stream = trio.SSLStream(tcp, self._server_ctx, server_side=True)
-        async with trio.open_nursery() as nursery:  # holds trio-websocket's reader task
-            try:
-                accepted = None
-                with trio.move_on_after(self._handshake_timeout) as handshake:
-                    accepted = await self._handshake(nursery, stream, remote)
-                if handshake.cancelled_caught:
-                    self._reject("handshake_timeout", remote)
-                if accepted is not None:
-                    peer_id, ws = accepted
-                    await self._receive(peer_id, ws, nursery.cancel_scope)
-            finally:
-                # Close first, cancel second (see PeerLink._session).
-                await trio.aclose_forcefully(stream)
-                nursery.cancel_scope.cancel()
+        try:
+            accepted = None
+            with trio.move_on_after(self._handshake_timeout) as handshake:
+                accepted = await self._handshake(stream, remote)
+            if handshake.cancelled_caught:
+                self._reject("handshake_timeout", remote)
+            if accepted is not None:
+                peer_id, ws = accepted
+                with trio.CancelScope() as scope:
+                    await self._receive(peer_id, ws, scope)
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _handshake(
-        self, nursery: trio.Nursery, stream: trio.SSLStream[trio.SocketStream], remote: str
-    ) -> tuple[str, trio_websocket.WebSocketConnection] | None:
+        self, stream: trio.SSLStream[trio.SocketStream], remote: str
+    ) -> tuple[str, WebSocket] | None:
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:  # not TLS, no certificate, another CA, ...
@@ -114,13 +112,13 @@ class PeerServer:
         if peer_id is None:
             self._reject("not_member", remote, names=dns_names(stream)[:8])
             return None
-        request = await trio_websocket.wrap_server_stream(
-            nursery,
-            stream,
-            message_queue_size=WS_QUEUE,
-            max_message_size=self._max_message_bytes,
-            receive_buffer_size=RECEIVE_BUFFER,
-        )
+        try:
+            request = await read_request(
+                stream, max_message_size=self._max_message_bytes, receive_buffer=RECEIVE_BUFFER
+            )
+        except (HandshakeFailed, ConnectionClosed) as exc:
+            self._reject("upgrade", remote, peer=peer_id, error=str(exc)[:200])
+            return None
         if request.path != PATH:
             self._reject("path", remote, peer=peer_id, path=request.path[:100])
             await request.reject(404)
@@ -128,9 +126,7 @@ class PeerServer:
         ws = await request.accept()
         return peer_id, ws
 
-    async def _receive(
-        self, peer_id: str, ws: trio_websocket.WebSocketConnection, scope: trio.CancelScope
-    ) -> None:
+    async def _receive(self, peer_id: str, ws: WebSocket, scope: trio.CancelScope) -> None:
         old = self._current.get(peer_id)
         if old is not None:  # one incoming link per peer: the newest wins
             self._stats.closes["replaced"] += 1
@@ -141,28 +137,30 @@ class PeerServer:
         try:
             while True:
                 with trio.move_on_after(self._idle_timeout) as idle:
-                    data = await ws.get_message()
+                    batches = await ws.get_messages()
                 if idle.cancelled_caught:
                     self._stats.closes["idle"] += 1
                     self._log("peer_idle", {"peer": peer_id, "seconds": self._idle_timeout})
                     await _close(ws, GOING_AWAY, "idle")
                     return
-                if not isinstance(data, bytes):
-                    self._malformed(peer_id, "text message")
-                    await _close(ws, UNSUPPORTED_DATA, "binary messages only")
-                    return
-                self._stats.received_bytes[peer_id] += len(data)
-                self._stats.received_batches[peer_id] += 1
-                try:
-                    msgs = decode(data, max_bytes=self._max_message_bytes)
-                except CodecError as exc:
-                    self._malformed(peer_id, str(exc)[:200])
-                    await _close(ws, INVALID_PAYLOAD, "malformed batch")
-                    return
+                msgs: list[PeerMessage] = []
+                for data in batches:  # every batch that one read brought: one delivery
+                    if not isinstance(data, bytes):
+                        self._malformed(peer_id, "text message")
+                        await _close(ws, UNSUPPORTED_DATA, "binary messages only")
+                        return
+                    self._stats.received_bytes[peer_id] += len(data)
+                    self._stats.received_batches[peer_id] += 1
+                    try:
+                        msgs += decode(data, max_bytes=self._max_message_bytes)
+                    except CodecError as exc:
+                        self._malformed(peer_id, str(exc)[:200])
+                        await _close(ws, INVALID_PAYLOAD, "malformed batch")
+                        return
                 if msgs:  # an empty batch is a keepalive
                     await self._deliver.send((peer_id, msgs))
-        except trio_websocket.ConnectionClosed as exc:
-            code = exc.reason.code if exc.reason is not None else None
+        except ConnectionClosed as exc:
+            code = exc.code
             if code == MESSAGE_TOO_BIG:
                 self._malformed(peer_id, "message too big")
             self._log("peer_disconnected", {"peer": peer_id, "direction": "in", "code": code})
@@ -179,7 +177,7 @@ class PeerServer:
         self._log("peer_rejected", {"reason": reason, "remote": remote, **fields})
 
 
-async def _close(ws: trio_websocket.WebSocketConnection, code: int, reason: str) -> None:
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
     with trio.move_on_after(CLOSE_TIMEOUT):
         await ws.aclose(code, reason)
 
