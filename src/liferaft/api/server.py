@@ -22,6 +22,7 @@ from liferaft.observability.logs import event
 from liferaft.security.tls import client_server_context
 from liferaft.security.tokens import Claims, TokenError, TokenVerifier
 from liferaft.websocket import HandshakeFailed, WebSocket, WebSocketError, read_request
+from liferaft.websocket.tls import TLSStream
 
 if TYPE_CHECKING:
     from liferaft.config import Settings
@@ -83,7 +84,7 @@ class ClientServer:
             await trio.aclose_forcefully(tcp)
             return
         self.open_connections += 1
-        stream = trio.SSLStream(tcp, self.ssl_ctx, server_side=True)
+        stream = TLSStream(tcp, self.ssl_ctx, server_side=True)
         try:
             accepted = None
             with trio.move_on_after(self.handshake_timeout):
@@ -98,9 +99,7 @@ class ClientServer:
             self.open_connections -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _upgrade(
-        self, stream: trio.SSLStream[trio.SocketStream], remote: str
-    ) -> tuple[WebSocket, Claims] | None:
+    async def _upgrade(self, stream: TLSStream, remote: str) -> tuple[WebSocket, Claims] | None:
         await stream.do_handshake()
         try:
             request = await read_request(

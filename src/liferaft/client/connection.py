@@ -48,6 +48,7 @@ from liferaft.websocket import (
     WebSocket,
     connect,
 )
+from liferaft.websocket.tls import TLSStream
 
 RECEIVE_BUFFER = 64 * 1024  # bytes read from TLS at a time
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a range over many keys can be large
@@ -181,7 +182,7 @@ class Connection:
         self._close_requested = trio.Event()
         self._closing = False  # a graceful close is under way: _die must not cancel it
         self._scope: trio.CancelScope | None = None
-        self._stream: trio.SSLStream[trio.SocketStream] | None = None
+        self._stream: TLSStream | None = None
         self._ws: WebSocket | None = None
         self.alive = False  # True between a successful upgrade and the first failure
         self.retired = False  # no new requests; closes once idle
@@ -389,9 +390,7 @@ class Connection:
     async def _open(self) -> None:
         ep = self.endpoint
         tcp = await trio.open_tcp_stream(ep.host, ep.port)
-        self._stream = trio.SSLStream(
-            tcp, self._ssl_context, server_hostname=ep.host, https_compatible=True
-        )
+        self._stream = TLSStream(tcp, self._ssl_context, server_side=False, server_hostname=ep.host)
         await self._stream.do_handshake()
         self._ws = await connect(
             self._stream,

@@ -35,6 +35,7 @@ from liferaft.transport.codec import encode
 from liferaft.transport.files import PeerMessage, SnapshotChunk
 from liferaft.transport.stats import LogFn, TransportStats
 from liferaft.websocket import WebSocket, connect
+from liferaft.websocket.tls import TLSStream
 
 PATH = "/raft"
 BACKOFF_MIN = 0.05  # seconds; doubles per failed attempt up to BACKOFF_MAX, full jitter
@@ -225,12 +226,14 @@ class PeerLink:
 
     async def _session(self) -> None:
         host, port = self.address
-        stream: trio.SSLStream[trio.SocketStream] | None = None
+        stream: TLSStream | None = None
         async with trio.open_nursery() as nursery:  # holds the task that watches for a close
             try:
                 with trio.fail_after(self._handshake_timeout):
                     tcp = await trio.open_tcp_stream(host, port)
-                    stream = trio.SSLStream(tcp, self._client_ctx, server_hostname=self.peer_id)
+                    stream = TLSStream(
+                        tcp, self._client_ctx, server_side=False, server_hostname=self.peer_id
+                    )
                     await stream.do_handshake()
                     ws = await connect(
                         stream,

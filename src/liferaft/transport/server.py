@@ -29,6 +29,7 @@ from liferaft.websocket import (
     WebSocket,
     read_request,
 )
+from liferaft.websocket.tls import TLSStream
 
 CLOSE_TIMEOUT = 1.0  # how long a WebSocket close handshake may take before we hang up
 
@@ -86,7 +87,7 @@ class PeerServer:
             await trio.aclose_forcefully(tcp)
 
     async def _serve(self, tcp: trio.SocketStream, remote: str) -> None:
-        stream = trio.SSLStream(tcp, self._server_ctx, server_side=True)
+        stream = TLSStream(tcp, self._server_ctx, server_side=True)
         try:
             accepted = None
             with trio.move_on_after(self._handshake_timeout) as handshake:
@@ -100,9 +101,7 @@ class PeerServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handshake(
-        self, stream: trio.SSLStream[trio.SocketStream], remote: str
-    ) -> tuple[str, WebSocket] | None:
+    async def _handshake(self, stream: TLSStream, remote: str) -> tuple[str, WebSocket] | None:
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:  # not TLS, no certificate, another CA, ...
