@@ -1,8 +1,9 @@
 """One client connection: pipelined requests answered by id, responses batched.
 
 The writes of one message stay one unit (docs/architecture.md, "The life of a write"): they
-are checked as they are read, become ONE log entry proposed by ONE task, and are
-answered together, with one audit record per kind of outcome. Every other request runs
+are checked as they are read, become ONE log entry proposed without a task of their
+own (``api.writes``), and are answered together, with one audit record per kind of
+outcome. The writes of all the messages one read brought are one such unit. Every other request runs
 as its own task (so a slow linearizable read holds up nothing behind it), bounded by a
 per-connection semaphore. Responses ready at the same moment leave as one WebSocket
 message (an array), because a message costs the server far more than a response inside
@@ -23,6 +24,7 @@ import trio
 from liferaft.api import access, handlers
 from liferaft.api.errors import ApiError, invalid
 from liferaft.api.watch import RESET, Subscription
+from liferaft.api.writes import ConnectionWrites
 from liferaft.kv.commands import WRITE_OPS, RequestError, plain_put, validate_request
 from liferaft.kv.state import StateDB
 from liferaft.kv.watch import Compacted
@@ -39,7 +41,6 @@ audit_log = logging.getLogger("liferaft.audit")
 
 MAX_BATCH = 1024  # requests in one array message (docs/client-protocol.md, "Messages")
 MAX_IN_FLIGHT = 4096  # requests other than writes being handled per connection
-MAX_WRITE_BATCHES = 256  # messages' writes waiting for the log per connection
 MAX_QUEUED = 65536  # responses and events waiting to be sent before we give up
 TRY_LATER = 1013  # WebSocket close code (RFC 6455 §7.4.1, IANA registry)
 
@@ -68,7 +69,8 @@ class Connection:
         self._out: list[dict[str, Any]] = []
         self._wake = trio.Event()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
-        self._write_slots = trio.Semaphore(MAX_WRITE_BATCHES)
+        self._writes = ConnectionWrites(self)
+        self._ended = False  # run() has returned
         # writes answered and not yet audited: (op, result) -> keys (``_audit_answered``)
         self._audit_writes: dict[tuple[str, str], list[str | None]] = {}
         self._watches: dict[int, _Watch] = {}
@@ -81,6 +83,7 @@ class Connection:
         try:
             await self._serve()
         finally:
+            self._ended = True
             self._audit_answered()  # writes answered but never sent are audited too
 
     async def _serve(self) -> None:
@@ -91,6 +94,7 @@ class Connection:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._sender)
                 nursery.start_soon(self._expiry_guard)
+                await nursery.start(self._writes.run)
                 try:
                     await self._receive(nursery)
                 except Closing as c:
@@ -119,11 +123,11 @@ class Connection:
                     await self._take_message(data, writes, nursery)
                     size += len(data)
                     if len(writes) >= MAX_BATCH:  # an entry stays within the core's bounds
-                        await self._start_writes(writes, size, nursery)
+                        await self._writes.submit(writes, size)
                         writes, size = [], 0
             finally:  # also when a later message was malformed: these were accepted
                 if writes:
-                    await self._start_writes(writes, size, nursery)
+                    await self._writes.submit(writes, size)
 
     async def _take_message(
         self, data: bytes | str, writes: list[dict[str, Any]], nursery: trio.Nursery
@@ -156,12 +160,6 @@ class Connection:
                     await self._slots.acquire()  # too many in flight: stop reading
                 nursery.start_soon(self._handle, req, nursery)
 
-    async def _start_writes(
-        self, writes: list[dict[str, Any]], size: int, nursery: trio.Nursery
-    ) -> None:
-        await self._write_slots.acquire()
-        nursery.start_soon(self._write_batch, writes, size)
-
     def _take_write(self, req: dict[str, Any], writes: list[dict[str, Any]]) -> None:
         """Check a write as it is read: a refused one is answered at once, a good one
         joins the message's batch."""
@@ -186,19 +184,12 @@ class Connection:
             return
         writes.append(req)
 
-    async def _write_batch(self, reqs: list[dict[str, Any]], size: int) -> None:
-        """Propose the checked writes of one message as one entry and answer each with
-        its own result (or all with the reason the entry failed)."""
-        started = time.perf_counter()
-        try:
-            results = await handlers.write_batch(self.server.node, reqs, size)
-        except ApiError as exc:
-            results = [{"error": exc.body()}] * len(reqs)
-        except Exception as exc:  # a bug of ours: answer it, log it, keep serving
-            event(log, "request_failed", level=logging.ERROR, op="write", error=repr(exc)[:300])
-            results = [{"error": {"code": "internal", "message": "internal error"}}] * len(reqs)
-        finally:
-            self._write_slots.release()
+    def answer_writes(
+        self, reqs: list[dict[str, Any]], results: list[dict[str, Any]], started: float
+    ) -> None:
+        """Queue each write's answer (``api.writes`` calls this, from whatever task the
+        results came in). Writes answered after the connection ended are audited at
+        once: every write that reached the log has its record."""
         seconds = time.perf_counter() - started
         outcomes = self._audit_writes
         for req, result in zip(reqs, results, strict=True):
@@ -212,6 +203,10 @@ class Connection:
             op = req["op"]
             self.server.observe(op, code, seconds)
             outcomes.setdefault((op, code), []).append(_audited_key(req))
+        if self._ended:
+            self._out.clear()
+            self._audit_answered()
+            return
         self._queued()
 
     def _audit_answered(self) -> None:

@@ -38,13 +38,14 @@ async def write_batch(node: Node, reqs: list[dict[str, Any]], size: int) -> list
     """Replicate checked writes as one unit (with the batches of other connections that
     reach the core loop at the same time, in ONE log entry); returns each one's result
     from the state machine (a map with ``error`` for one that failed there), in order.
-    ``size``: about their encoded bytes (the message's).
+    ``size``: about their encoded bytes (the message's). The connection's usual path
+    is ``api.writes`` (no task, no waiting); this one waits out elections.
 
     A follower answers ``not_leader`` with the leader's client URL (the client library
     follows it), rather than forwarding: forwarding would double the leader's work per
     request and hide a misrouted client's cost.
     """
-    cmds = [{k: v for k, v in req.items() if k != "id"} for req in reqs]
+    cmds = write_commands(reqs)
     try:
         with trio.fail_after(REQUEST_TIMEOUT):
             try:
@@ -54,15 +55,36 @@ async def write_batch(node: Node, reqs: list[dict[str, Any]], size: int) -> list
                 if leader != node.id:
                     raise NotLeader(leader) from None
                 results = await node.propose_writes(cmds, size)  # elected meanwhile
-    except NotLeader as exc:
-        raise not_leader(node, exc.leader) from None
-    except (ProposalDropped, ProposalRefused, trio.TooSlowError) as exc:
+    except trio.TooSlowError as exc:
         raise unavailable(f"the write may or may not have happened: {exc}") from None
-    if type(results) is list and len(results) == len(reqs):
+    except Exception as exc:
+        raise write_failure(node, exc) from None
+    return write_results(results, len(reqs))
+
+
+def write_commands(reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The log's commands of checked write requests: the request without its ``id``."""
+    return [{k: v for k, v in req.items() if k != "id"} for req in reqs]
+
+
+def write_results(results: object, count: int) -> list[dict[str, Any]]:
+    """Each write's result from what the state machine returned for the batch."""
+    if type(results) is list and len(results) == count:
         return results
     if isinstance(results, dict) and "error" in results:  # the entry as a whole failed
-        return [results] * len(reqs)
+        return [results] * count
     raise ApiError("internal", "the state machine gave no result")
+
+
+def write_failure(node: Node, exc: BaseException) -> ApiError:
+    """The answer for writes whose proposal failed with ``exc``."""
+    if isinstance(exc, NotLeader):
+        return not_leader(node, exc.leader)
+    if isinstance(exc, (ProposalDropped, ProposalRefused)):
+        return unavailable(f"the write may or may not have happened: {exc}")
+    if isinstance(exc, ApiError):
+        return exc
+    raise exc
 
 
 async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from liferaft.core import AnyMessage, Raft
 from liferaft.kv.commands import encode_batch
-from liferaft.node.waiters import Outcome, Split, Waiters
+from liferaft.node.waiters import Outcome, Settable, Split, Waiters
 
 MAX_MERGED_COMMANDS = 1024  # write commands merged into one entry at most
 MAX_MERGED_BYTES = 1024 * 1024  # ...and about this many bytes
@@ -58,7 +58,7 @@ class Writes:
 
     cmds: list[dict[str, Any]]
     size: int  # bytes, about (at most what the commands' message was)
-    out: Outcome[object]
+    out: Settable
 
 
 Input = Tick | Messages | Call | Propose | Writes

@@ -52,7 +52,7 @@ from liferaft.node.loop import MAX_INPUTS_PER_ROUND, CoreLoop
 from liferaft.node.peers import PeerLinks, log_transport_event
 from liferaft.node.state import StateService
 from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
-from liferaft.node.waiters import Outcome, ReadFailed, Waiters
+from liferaft.node.waiters import Outcome, ReadFailed, Settable, Waiters
 from liferaft.observability.http import HealthServer
 from liferaft.observability.logs import event, node_context
 from liferaft.observability.metrics import NodeMetrics
@@ -78,6 +78,32 @@ log = logging.getLogger("liferaft.node")
 T = TypeVar("T")
 
 MAX_PENDING_PROPOSALS = 1024  # proposals waiting here to be applied, at most
+
+
+class _Held:
+    """A submitted proposal's waiter that holds one of the node's proposal places until
+    the proposal is answered or its caller gives up, whichever comes first."""
+
+    __slots__ = ("_failed", "_out", "_places")
+
+    def __init__(self, out: Settable, places: trio.Semaphore, failed: Any) -> None:
+        self._out = out
+        self._places: trio.Semaphore | None = places
+        self._failed = failed  # the proposals_failed counter
+
+    def give_up(self) -> None:
+        if self._places is not None:
+            self._places.release()
+            self._places = None
+
+    def set(self, value: object) -> None:
+        self.give_up()
+        self._out.set(value)
+
+    def fail(self, error: BaseException) -> None:
+        self.give_up()
+        self._failed.inc()
+        self._out.fail(error)
 
 
 def raft_config(settings: Settings) -> RaftConfig:
@@ -282,6 +308,28 @@ class Node:
         reach the core loop together share one entry. Raises like ``propose``."""
         out: Outcome[object] = Outcome()
         return await self._proposed(Writes(cmds, size, out), out)
+
+    def submit_writes(
+        self, cmds: list[dict[str, Any]], size: int, out: Settable
+    ) -> Callable[[], None] | None:
+        """``propose_writes`` without waiting and without a task: ``out`` is given the
+        results (``set``, the same value ``propose_writes`` returns) or the failure
+        (``fail``: NotLeader, ProposalDropped, ...), later, from the core loop or the
+        applier; it must not block or raise. Returns a function that gives up the
+        proposal's place among the MAX_PENDING_PROPOSALS (for a caller that stops
+        waiting; harmless once ``out`` was called), or None if submitting would have to
+        wait: then nothing was submitted, and the caller uses ``propose_writes``."""
+        try:
+            self._proposing.acquire_nowait()
+        except trio.WouldBlock:
+            return None
+        held = _Held(out, self._proposing, self.metrics.proposals_failed)
+        try:
+            self._inputs_send.send_nowait(Writes(cmds, size, held))
+        except trio.WouldBlock:
+            held.give_up()
+            return None
+        return held.give_up
 
     async def _proposed(self, item: Propose | Writes, out: Outcome[object]) -> object:
         """Hand ``item`` to the core loop and wait for ``out``. At most

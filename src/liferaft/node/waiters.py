@@ -70,7 +70,7 @@ class Split:
     __slots__ = ("parts",)
 
     def __init__(self) -> None:
-        self.parts: list[tuple[Outcome[object], int, int]] = []  # (out, start, count)
+        self.parts: list[tuple[Settable, int, int]] = []  # (out, start, count)
 
     def set(self, value: object) -> None:
         for out, start, count in self.parts:
