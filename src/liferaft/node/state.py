@@ -30,6 +30,7 @@ import trio
 
 from liferaft.kv.state import DB_NAME, Applied, EntryLike, StateCorrupt, StateDB, read_applied
 from liferaft.storage.sqlite import fsync_dir
+from liferaft.storage.worker import WorkerThread
 
 T = TypeVar("T")
 
@@ -98,12 +99,14 @@ def open_state(
 
 
 class StateService:
-    def __init__(self, data_dir: Path, db: StateDB, history_revisions: int) -> None:
+    def __init__(
+        self, data_dir: Path, db: StateDB, history_revisions: int, writer: WorkerThread
+    ) -> None:
         """Use ``StateService.open``."""
         self.data_dir = data_dir
         self.db = db
         self._history = history_revisions
-        self._writer = trio.CapacityLimiter(1)
+        self._writer = writer  # every write, one at a time, on one thread
         self._readers = trio.CapacityLimiter(READ_THREADS)
         self._reading = 0
         self._installing = False
@@ -120,27 +123,27 @@ class StateService:
         transfer: int | None,
         history_revisions: int,
     ) -> StateService:
-        db = await trio.to_thread.run_sync(
-            lambda: open_state(
-                data_dir,
-                snapshot_index=snapshot_index,
-                transfer=transfer,
-                history_revisions=history_revisions,
-            ),
-            abandon_on_cancel=False,
-        )
-        return cls(data_dir, db, history_revisions)
+        writer = WorkerThread("liferaft-state.db")
+        try:
+            db = await writer.run(
+                lambda: open_state(
+                    data_dir,
+                    snapshot_index=snapshot_index,
+                    transfer=transfer,
+                    history_revisions=history_revisions,
+                )
+            )
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(data_dir, db, history_revisions, writer)
 
     @property
     def snapshot_dir(self) -> Path:
         return self.data_dir / SNAPSHOT_DIR
 
     async def _write(self, fn: Callable[[], T]) -> T:
-        with trio.CancelScope(shield=True):
-            result = await trio.to_thread.run_sync(
-                fn, limiter=self._writer, abandon_on_cancel=False
-            )
-        return result
+        return await self._writer.run(fn)
 
     async def apply(self, entries: list[EntryLike]) -> Applied:
         """Apply a run of committed entries. A small run (at most INLINE_APPLY_BYTES of
@@ -153,15 +156,8 @@ class StateService:
         (``synchronous=NORMAL``), so this never waits for the disk."""
         db = self.db
         if sum(len(e.data) for e in entries) <= INLINE_APPLY_BYTES:
-            try:
-                self._writer.acquire_nowait()
-            except trio.WouldBlock:
-                pass  # a sync or WAL restart is running: take the thread, after it
-            else:
-                try:
-                    return db.apply(entries)
-                finally:
-                    self._writer.release()
+            with contextlib.suppress(trio.WouldBlock):  # else a sync or WAL restart runs
+                return self._writer.run_now(lambda: db.apply(entries))
         return await self._write(lambda: db.apply(entries))
 
     async def sync(self) -> int:
@@ -227,7 +223,7 @@ class StateService:
         self._installed.set()  # reads held by an install see the close
         with trio.CancelScope(shield=True):
             await self._readers_done()
-            await self._write(self.db.close)
+            await self._writer.close(self.db.close)
 
 
 __all__ = ["StateBehind", "StateCorrupt", "StateService", "install_path"]

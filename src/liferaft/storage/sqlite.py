@@ -8,11 +8,10 @@ Durability: WAL mode with ``synchronous=FULL``, so each COMMIT fsyncs the WAL; a
 is one transaction, hence one fsync, however many entries it carries. A ``kill -9`` at any
 instant leaves either all of a ``save`` or none of it.
 
-Threads: the API is synchronous and blocking. The connection is made with
-``check_same_thread=False`` because ``StorageWriter`` calls it from Trio's worker threads,
-which need not be the same OS thread from one call to the next; what makes that safe is
-that exactly one thread uses a ``Storage`` at any moment (the writer's
-``CapacityLimiter(1)``). Never call one ``Storage`` from two threads at once.
+Threads: the API is synchronous and blocking. ``StorageWriter`` calls it from its one
+storage thread (``WorkerThread``); the connection is made with
+``check_same_thread=False`` for tests and tools that open it on one thread and use it
+on another. Never call one ``Storage`` from two threads at once.
 
 Processes: one data dir belongs to one process. ``open`` takes an exclusive ``flock`` on
 ``<data_dir>/raft.lock`` (released by the kernel when the process dies, so a ``kill -9``

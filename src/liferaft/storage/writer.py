@@ -1,20 +1,15 @@
-"""``StorageWriter``: the Trio face of ``Storage``, running every call on a worker thread.
+"""``StorageWriter``: the Trio face of ``Storage``, running every call on the node's
+storage thread.
 
-Every call goes through ``trio.to_thread.run_sync`` with one ``CapacityLimiter(1)`` per
-writer. Trio may run successive calls on different OS threads (it keeps a cache of idle
-workers), so the SQLite connection is opened with ``check_same_thread=False``; the
-limiter is what makes that safe, since it lets exactly one call use the connection at a
-time, and its acquire/release hand-off orders one call's effects before the next's.
-The limiter belongs to the writer, not the process: several nodes in one test process
+Every call that touches the log runs on one long-lived ``WorkerThread`` (``worker.py``),
+in the order made, one at a time, so the SQLite connection is only ever used by that
+thread. It belongs to the writer, not the process: several nodes in one test process
 fsync in parallel, as separate processes would.
 
-Cancellation: a write that was asked for is carried out whole. ``save``,
-``save_snapshot`` and ``close`` wait for their turn and for the thread in a shielded
-scope, and the thread is never abandoned (``abandon_on_cancel=False``), so cancelling the
-caller never leaves a write half-done, nor a write running while the next caller already
-believes the storage idle. The cancellation is delivered at the caller's next checkpoint,
-once the write is durable. (``load`` and ``size_bytes`` change nothing and may be
-cancelled while waiting for their turn.)
+Cancellation: a write that was asked for is carried out whole. The wait for the thread
+is shielded, so cancelling the caller never leaves a write half-done, nor a write
+running while the next caller already believes the storage idle. The cancellation is
+delivered at the caller's next checkpoint, once the write is durable.
 """
 
 from __future__ import annotations
@@ -27,36 +22,32 @@ import trio
 
 from liferaft.core import Membership, Ready, Restored, Snapshot
 from liferaft.storage.sqlite import Storage
+from liferaft.storage.worker import WorkerThread
 
 T = TypeVar("T")
 
 
 class StorageWriter:
-    def __init__(self, storage: Storage, limiter: trio.CapacityLimiter | None = None) -> None:
+    def __init__(self, storage: Storage, worker: WorkerThread) -> None:
         self.storage = storage
-        self._limiter = limiter or trio.CapacityLimiter(1)
+        self._worker = worker
 
     @classmethod
     async def open(cls, data_dir: Path, *, initial: Membership | None = None) -> StorageWriter:
-        """``Storage.open`` (with its integrity check) on the worker thread."""
-        limiter = trio.CapacityLimiter(1)
-        storage = await trio.to_thread.run_sync(
-            lambda: Storage.open(data_dir, initial=initial),
-            limiter=limiter,
-            abandon_on_cancel=False,
-        )
-        return cls(storage, limiter)
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await trio.to_thread.run_sync(fn, limiter=self._limiter, abandon_on_cancel=False)
+        """``Storage.open`` (with its integrity check) on the storage thread."""
+        worker = WorkerThread("liferaft-raft.db")
+        try:
+            storage = await worker.run(lambda: Storage.open(data_dir, initial=initial))
+        except BaseException:
+            await worker.close()
+            raise
+        return cls(storage, worker)
 
     async def _write(self, fn: Callable[[], T]) -> T:
-        with trio.CancelScope(shield=True):
-            result = await self._run(fn)
-        return result
+        return await self._worker.run(fn)
 
     async def load(self) -> Restored:
-        return await self._run(self.storage.load)
+        return await self._worker.run(self.storage.load)
 
     async def save(self, rd: Ready) -> float:
         """Persist ``rd`` (one transaction, one fsync); returns the COMMIT's duration in
@@ -75,14 +66,14 @@ class StorageWriter:
         await self._write(lambda: self.storage.save_snapshot(snap))
 
     async def checkpoint(self) -> None:
-        """``Storage.checkpoint`` on its own thread, outside the limiter: it runs beside
-        the writes instead of between them."""
+        """``Storage.checkpoint`` on a thread of its own (its own connection): it runs
+        beside the writes instead of between them."""
         await trio.to_thread.run_sync(self.storage.checkpoint, abandon_on_cancel=False)
 
     async def size_bytes(self) -> int:
-        """File sizes only; runs outside the limiter so a metrics scrape never waits
+        """File sizes only; off the storage thread, so a metrics scrape never waits
         behind a long write."""
         return await trio.to_thread.run_sync(self.storage.size_bytes, abandon_on_cancel=False)
 
     async def close(self) -> None:
-        await self._write(self.storage.close)
+        await self._worker.close(self.storage.close)
