@@ -245,6 +245,21 @@ async def test_max_batch_splits_messages(cluster: FakeCluster, certs: Path) -> N
         assert len(server.requests) == 35 and len(server.messages) >= 4
 
 
+async def test_max_batch_one_sends_one_request_per_message_even_when_written_together(
+    cluster: FakeCluster, certs: Path
+) -> None:
+    """Requests queued together leave in one write, but still as one message each."""
+    server = cluster["n1"]
+    async with opener(cluster, certs, max_batch=1) as c:
+        server.messages.clear()
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(c.put, f"one/{i}", b"v")
+        assert len(server.messages) == 40
+        assert all(isinstance(m, dict) for m in server.messages)  # a request, not an array
+        assert sorted(r["key"] for r in server.requests) == sorted(f"one/{i}" for i in range(40))
+
+
 async def test_pipelined_responses_out_of_order(cluster: FakeCluster, certs: Path) -> None:
     server = cluster["n1"]
     async with opener(cluster, certs) as c:
