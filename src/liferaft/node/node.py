@@ -221,6 +221,7 @@ class Node:
                 nursery.start_soon(self._applier.run)
                 nursery.start_soon(self._applier.compactor)
                 nursery.start_soon(self._applier.checkpointer)
+                nursery.start_soon(self._loop.persister)
                 nursery.start_soon(self._loop.run, self.raft)
                 nursery.start_soon(self._loop.ticker)
                 nursery.start_soon(self._sync_metrics)
