@@ -138,3 +138,38 @@ async def test_a_write_whose_answer_is_lost_is_retried_and_applied_exactly_once(
             puts = [p for p in session_puts(leader, client.session) if p["key"] == "once"]
             assert len(puts) == 2 and len({p["seq"] for p in puts}) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_reads_from_followers_go_to_a_follower_and_see_every_acknowledged_write(
+    tmp_path: Path, certs: Path
+) -> None:
+    """reads="followers": gets and ranges travel over a second connection, to a node that
+    is not the leader, and still see each write acknowledged before them (the follower
+    confirms its read index with the leader). Given only the leader's endpoint, reads
+    go to the leader."""
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"])
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            lead = await c.wait_leader()
+            leader_url = c.endpoints()[c.ids.index(lead)]
+            async with open_client(
+                c.endpoints(), token=c.token(), cacert=certs / "ca.pem", reads="followers"
+            ) as client:
+                for i in range(20):
+                    await client.put(f"f/{i}", f"v{i}")
+                    kv = await client.get(f"f/{i}")
+                    assert kv is not None and kv.value == f"v{i}".encode()
+                kvs, more = await client.range("f/", limit=50)
+                assert len(kvs) == 20 and not more
+                assert client.endpoint == leader_url  # writes: the leader
+                read_pool = client._read_pool
+                assert read_pool is not None and read_pool.conn is not None
+                assert read_pool.conn.endpoint.url != leader_url  # reads: a follower
+            async with open_client(
+                [leader_url], token=c.token(), cacert=certs / "ca.pem", reads="followers"
+            ) as client:
+                await client.put("only", "leader")
+                kv = await client.get("only")
+                assert kv is not None and kv.value == b"leader"
+        nursery.cancel_scope.cancel()

@@ -4,10 +4,12 @@ a crash interrupted is finished at the next start."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from liferaft.client import open_client
 from liferaft.kv.commands import encode_command
@@ -97,3 +99,45 @@ def test_a_start_drops_an_install_file_the_log_does_not_need(tmp_path: Path) -> 
     assert db.applied == 5
     db.close()
     assert list((data / "snapshots").iterdir()) == []
+
+
+async def test_an_inline_read_waits_for_an_install_and_then_reads_the_new_state(
+    tmp_path: Path,
+) -> None:
+    """A get runs on the event loop (``read_now``), but never beside an install, which
+    closes the database under it: during one it is refused (the caller takes ``read``,
+    which waits), and after it sees the installed state."""
+    from liferaft.node.state import StateService
+
+    data = tmp_path / "n1"
+    data.mkdir()
+    state = await StateService.open(data, snapshot_index=0, transfer=None, history_revisions=10)
+    try:
+        await state.apply([_put(1, "a", b"old")])  # type: ignore[list-item]
+        assert state.read_now(lambda db: db.get("a"))[0]["value"] == b"old"  # type: ignore[index]
+        other = StateDB.open(tmp_path / "leader.db")
+        other.apply([_put(i, "a", b"new") for i in range(1, 4)])  # type: ignore[misc]
+        other.backup(install_path(data, 5))
+        other.close()
+        seen: list[bytes] = []
+        hold = threading.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(state._writer.run, hold.wait)  # the writer thread: busy
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(state.install, 5)
+            await trio.testing.wait_all_tasks_blocked()  # the install waits for its turn
+            with pytest.raises(trio.WouldBlock):
+                state.read_now(lambda db: db.get("a"))
+
+            async def read() -> None:
+                kv, _ = await state.read(lambda db: db.get("a"))
+                seen.append(kv["value"])  # type: ignore[index]
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen == []  # held off until the install is done
+            hold.set()
+        assert seen == [b"new"]
+        assert state.read_now(lambda db: db.get("a"))[0]["value"] == b"new"  # type: ignore[index]
+    finally:
+        await state.close()

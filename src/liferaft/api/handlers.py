@@ -9,7 +9,7 @@ import trio
 
 from liferaft.api.errors import ApiError, invalid, unavailable
 from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused
-from liferaft.kv.state import FutureRevision
+from liferaft.kv.state import FutureRevision, StateDB
 from liferaft.kv.watch import Compacted
 from liferaft.node.waiters import ProposalDropped, ReadFailed
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from liferaft.node.node import Node
 
 REQUEST_TIMEOUT = 5.0  # seconds a request may wait for the cluster before `unavailable`
+INLINE_RANGE_LIMIT = 64  # a range with a limit up to this runs on the event loop, as a get
 
 
 def not_leader(node: Node, leader: str | None) -> ApiError:
@@ -90,7 +91,9 @@ def write_failure(node: Node, exc: BaseException) -> ApiError:
 async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     """Linearizable unless ``serializable``: confirm the read index with a quorum (the
     leader does it; a follower asks the leader), wait to apply it, then read the state
-    database on a reader thread (a read never blocks the event loop, however large)."""
+    database: a get or a range of at most INLINE_RANGE_LIMIT keys right away (bounded
+    and cheaper than a thread hop), anything larger on a reader thread (a big read
+    never blocks the event loop)."""
     if not req.get("serializable", False):
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
@@ -110,12 +113,28 @@ async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     try:
         if req["op"] == "get":
             key = req["key"]
-            kv, current = await node.kv.read(lambda db: db.get(key, revision=revision))
+
+            def get(db: StateDB) -> tuple[dict[str, Any] | None, int]:
+                return db.get(key, revision=revision)
+
+            # A get is one indexed lookup: on the event loop, unless an install runs.
+            try:
+                kv, current = node.kv.read_now(get)
+            except trio.WouldBlock:
+                kv, current = await node.kv.read(get)
             return {"kv": kv, "revision": current}
         prefix, limit, after = req["prefix"], req.get("limit", 0), req.get("after")
-        kvs, more, current = await node.kv.read(
-            lambda db: db.range(prefix, limit=limit, after=after, revision=revision)
-        )
+
+        def scan(db: StateDB) -> tuple[list[dict[str, Any]], bool, int]:
+            return db.range(prefix, limit=limit, after=after, revision=revision)
+
+        if 0 < limit <= INLINE_RANGE_LIMIT:
+            try:
+                kvs, more, current = node.kv.read_now(scan)
+            except trio.WouldBlock:
+                kvs, more, current = await node.kv.read(scan)
+        else:  # possibly the whole store: on a reader thread
+            kvs, more, current = await node.kv.read(scan)
     except Compacted as exc:
         raise compacted(exc) from None
     except FutureRevision as exc:

@@ -63,6 +63,7 @@ class Shape:
     reads: float
     cluster: str  # "a local 3-node cluster" or the endpoints
     array: int | None = None  # each operation: put_many of this many keys (None: one put)
+    read_from: str = "leader"  # where gets go: "leader" or "followers" (Client reads=)
 
 
 @dataclass
@@ -300,6 +301,7 @@ async def run(
                     cacert=cacert,
                     timeout=call_timeout,
                     max_batch=shape.batch,
+                    reads=shape.read_from,
                 )
             )
         load = Load(shape, math.inf, os.urandom(shape.value_size))
@@ -481,7 +483,9 @@ def print_text(doc: dict[str, Any]) -> None:
         how += f", put_many arrays of {sh['array']} puts"
     click.echo(
         f"liferaft bench: {how}, batch {sh['batch']}, {sh['value_size']}-byte values, "
-        f"{sh['reads'] * 100:g} % reads, {sh['seconds']:g} s on {sh['cluster']}"
+        f"{sh['reads'] * 100:g} % reads"
+        + (" (from followers)" if sh.get("read_from") == "followers" else "")
+        + f", {sh['seconds']:g} s on {sh['cluster']}"
     )
     arrays = f" in {doc['arrays']:,} arrays" if doc["arrays"] is not None else ""
     click.echo(
@@ -566,6 +570,14 @@ def print_text(doc: dict[str, Any]) -> None:
     help="Fraction of requests that are linearizable gets of keys written before.",
 )
 @click.option(
+    "--read-from",
+    type=click.Choice(["leader", "followers"]),
+    default="leader",
+    show_default=True,
+    help="Where the gets go: the leader, or a follower (still linearizable: it confirms "
+    "its read index with the leader).",
+)
+@click.option(
     "--endpoints",
     envvar="LIFERAFT_ENDPOINTS",
     help="Load this cluster (comma-separated URLs) instead of starting a local one "
@@ -626,6 +638,7 @@ def bench(
     max_ops: int,
     value_size: int,
     reads: float,
+    read_from: str,
     endpoints: str | None,
     cacert: Path | None,
     token: str | None,
@@ -723,6 +736,7 @@ def bench(
             reads,
             where,
             array,
+            read_from,
         )
         show = not json_out and sys.stderr.isatty()
         try:

@@ -80,6 +80,9 @@ class Client:
     it, at most 2 s) bounds one try, and the connection handshake: a node that is paused
     or partitioned keeps its TCP connection open, and only this moves the call on to
     another node (a retried write keeps its session and seq, so it is applied once).
+    ``reads="followers"`` sends gets and ranges over a second connection, to a node other
+    than the leader where there is one: still linearizable (the node confirms its read
+    index with the leader, docs/client-protocol.md), and the leader's CPU goes to writes.
     ``max_batch`` caps the requests per message (the protocol allows 1..1024),
     ``max_message_bytes`` the size of one message (keep it at or below the server's
     ``max_message_bytes``). ``session_window`` bounds
@@ -98,6 +101,7 @@ class Client:
         max_batch: int = MAX_BATCH,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         session_window: int = SESSION_WINDOW,
+        reads: str = "leader",
         rng: random.Random | None = None,
     ) -> None:
         """Configure a client without connecting: use :meth:`connect` or
@@ -115,6 +119,8 @@ class Client:
             raise ValueError("timeouts must be positive")
         if session_window < 1:
             raise ValueError("session_window must be at least 1")
+        if reads not in ("leader", "followers"):
+            raise ValueError("reads must be 'leader' or 'followers'")
         ssl_context = ssl.create_default_context(cafile=str(cacert) if cacert is not None else None)
         if attempt_timeout is None:
             attempt_timeout = min(timeout / 2, 2.0)
@@ -127,12 +133,28 @@ class Client:
             max_message_bytes=max_message_bytes,
             attempt_timeout=attempt_timeout,
         )
+        rng = rng if rng is not None else random.Random()
         self._retrier = Retrier(
-            self._pool,
-            timeout=timeout,
-            attempt_timeout=attempt_timeout,
-            rng=rng if rng is not None else random.Random(),
+            self._pool, timeout=timeout, attempt_timeout=attempt_timeout, rng=rng
         )
+        # Reads (get, range) go through this one: the same as writes, or with
+        # reads="followers" a connection of their own to a node other than the leader.
+        self._reads = self._retrier
+        self._read_pool: ConnectionPool | None = None
+        if reads == "followers":
+            self._read_pool = ConnectionPool(
+                parsed,
+                ssl_context=ssl_context,
+                token=token.strip(),
+                max_batch=max_batch,
+                max_message_bytes=max_message_bytes,
+                attempt_timeout=attempt_timeout,
+                avoid_leader=True,
+                first=rng.randrange(len(parsed)),  # clients spread over the followers
+            )
+            self._reads = Retrier(
+                self._read_pool, timeout=timeout, attempt_timeout=attempt_timeout, rng=rng
+            )
         #: the exactly-once session of this client's writes (docs/client-protocol.md)
         self.session = os.urandom(16)
         self._window = SessionWindow(session_window, timeout)
@@ -151,6 +173,7 @@ class Client:
         attempt_timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         session_window: int = SESSION_WINDOW,
+        reads: str = "leader",
     ) -> Client:
         """A connected client. Raises Unauthenticated (HTTP 401), TLSError (the server's
         certificate does not verify) or ConnectionFailed (no endpoint answered within
@@ -170,8 +193,11 @@ class Client:
             max_batch=max_batch,
             max_message_bytes=max_message_bytes,
             session_window=session_window,
+            reads=reads,
         )
         await client._pool.start()
+        if client._read_pool is not None:
+            await client._read_pool.start()
         try:
             await client._retrier.first_connection()
         except BaseException:
@@ -182,6 +208,8 @@ class Client:
     async def aclose(self) -> None:
         """Close the connections (in-flight requests fail) and stop; safe to call twice."""
         await self._pool.aclose()
+        if self._read_pool is not None:
+            await self._read_pool.aclose()
 
     async def __aenter__(self) -> Client:
         return self
@@ -268,7 +296,7 @@ class Client:
             fields["serializable"] = True
         if check_revision(revision):
             fields["revision"] = revision
-        kv = (await self._retrier.request(fields)).get("kv")
+        kv = (await self._reads.request(fields)).get("kv")
         return None if kv is None else kv_from_wire(kv)
 
     async def range(
@@ -292,7 +320,7 @@ class Client:
             fields["after"] = check_key(after, "after")
         if check_revision(revision):
             fields["revision"] = revision
-        resp = await self._retrier.request(fields)
+        resp = await self._reads.request(fields)
         kvs = resp.get("kvs")
         if not isinstance(kvs, list):
             raise InternalError("range response without a kvs list")
@@ -464,6 +492,7 @@ async def open_client(
     attempt_timeout: float | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     session_window: int = SESSION_WINDOW,
+    reads: str = "leader",
 ) -> AsyncIterator[Client]:
     """``async with open_client(endpoints, token=..., cacert=...) as client:`` connects
     like :meth:`Client.connect` and closes the client on exit."""
@@ -476,6 +505,7 @@ async def open_client(
         attempt_timeout=attempt_timeout,
         max_message_bytes=max_message_bytes,
         session_window=session_window,
+        reads=reads,
     )
     try:
         yield client

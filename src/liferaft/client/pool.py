@@ -42,15 +42,22 @@ class ConnectionPool:
         max_batch: int,
         max_message_bytes: int,
         attempt_timeout: float,
+        avoid_leader: bool = False,
+        first: int = 0,
     ) -> None:
         self.endpoints = endpoints
+        # Connect to a node other than the leader where one answers (for reads): after
+        # the upgrade the pool asks the node's status and moves on if it leads, unless
+        # every endpoint was tried since the last connection.
+        self._avoid_leader = avoid_leader and len(endpoints) > 1
+        self._leaders_skipped = 0
         self._ssl_context = ssl_context
         self.token = token  # presented by every connection opened from now on
         self._max_batch = max_batch
         self._max_message_bytes = max_message_bytes
         self._attempt_timeout = attempt_timeout
         self._ids = itertools.count(1)
-        self._index = 0  # the endpoint to try next
+        self._index = first  # the endpoint to try next (modulo their number)
         self._override: Endpoint | None = None  # a leader_endpoint to try next
         self.conn: Connection | None = None
         self._connecting: _Attempt | None = None
@@ -140,8 +147,28 @@ class ConnectionPool:
                 pending.done.set()
             self._conns = [c for c in self._conns if not c.finished.is_set()]
             self._conns.append(conn)
+            if await self._is_leader_to_skip(conn):
+                continue
             self.conn = conn
             return conn
+
+    async def _is_leader_to_skip(self, conn: Connection) -> bool:
+        """With ``avoid_leader``: whether ``conn`` reached the leader and another
+        endpoint is left to try (then ``conn`` is closed and the next one is up)."""
+        if not self._avoid_leader or self._leaders_skipped >= len(self.endpoints) - 1:
+            self._leaders_skipped = 0
+            return False
+        try:
+            resp = await conn.wait(conn.submit({"op": "status"}))
+        except LiferaftError:
+            return False  # the requests will find out what is wrong
+        if resp.get("ok") is not True or resp.get("node_id") != resp.get("leader_id"):
+            self._leaders_skipped = 0
+            return False
+        self._leaders_skipped += 1
+        self._index += 1
+        conn.close()
+        return True
 
     def lost(self, conn: Connection) -> None:
         """``conn`` broke: the next request connects to the next endpoint."""

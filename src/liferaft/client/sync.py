@@ -51,6 +51,7 @@ class SyncClient:
         max_batch: int = MAX_BATCH,
         attempt_timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        reads: str = "leader",
     ) -> None:
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -69,6 +70,7 @@ class SyncClient:
                     max_batch=max_batch,
                     attempt_timeout=attempt_timeout,
                     max_message_bytes=max_message_bytes,
+                    reads=reads,
                 )
             except BaseException as exc:  # handed to the constructor's thread
                 self._error = exc

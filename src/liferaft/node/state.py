@@ -170,6 +170,16 @@ class StateService:
         db = self.db
         return await self._write(db.restart_wal)
 
+    def read_now(self, fn: Callable[[StateDB], T]) -> T:
+        """Run ``fn(db)`` right here, on the event loop: for a read of bounded, small
+        cost (a get), where the trip to a reader thread and back costs several times
+        the read (docs/performance.md). Raises ``trio.WouldBlock`` while a snapshot is
+        being installed (use ``read``, which waits for it); an install cannot start
+        during the call, which never yields."""
+        if self._installing or self._closed:
+            raise trio.WouldBlock
+        return fn(self.db)
+
     async def read(self, fn: Callable[[StateDB], T]) -> T:
         """Run ``fn(db)`` on a reader thread (not during an install, never after close)."""
         while self._installing and not self._closed:
