@@ -59,12 +59,16 @@ class _Batch:
     def set(self, value: object) -> None:
         if self.waiting:
             self.waiting = False
+            self.give_up = None  # (a reference cycle through the node's waiter)
             self.owner.answered(self, value)
+            self.reqs = []  # the timer keeps an answered batch until its deadline: light
 
     def fail(self, error: BaseException) -> None:
         if self.waiting:
             self.waiting = False
-            self.owner.failed(self, error)
+            give_up, self.give_up = self.give_up, None
+            self.owner.failed(self, error, give_up)
+            self.reqs = []
 
 
 class ConnectionWrites:
@@ -128,7 +132,9 @@ class ConnectionWrites:
             results = [{"error": exc.body()}] * len(batch.reqs)
         self._conn.answer_writes(batch.reqs, results, batch.started)
 
-    def failed(self, batch: _Batch, error: BaseException) -> None:
+    def failed(
+        self, batch: _Batch, error: BaseException, give_up: Callable[[], None] | None
+    ) -> None:
         if isinstance(error, NotLeader) and error.leader in (None, self._node.id):
             # An election is under way, or this node won it since the batch left: wait
             # for its outcome and propose again, as write_batch does.
@@ -153,17 +159,17 @@ class ConnectionWrites:
         and releases its slot."""
         if self._nursery is None:
             raise RuntimeError("ConnectionWrites.run is not running")
-        self._nursery.start_soon(self._wait_and_write, batch)
+        self._nursery.start_soon(self._wait_and_write, batch.reqs, batch.size, batch.started)
 
-    async def _wait_and_write(self, batch: _Batch) -> None:
+    async def _wait_and_write(self, reqs: list[dict[str, Any]], size: int, started: float) -> None:
         try:
-            results = await handlers.write_batch(self._node, batch.reqs, batch.size)
+            results = await handlers.write_batch(self._node, reqs, size)
         except ApiError as exc:
-            results = [{"error": exc.body()}] * len(batch.reqs)
+            results = [{"error": exc.body()}] * len(reqs)
         except Exception as exc:  # a bug of ours: answer it, log it, keep serving
             event(log, "request_failed", level=logging.ERROR, op="write", error=repr(exc)[:300])
             internal = {"error": {"code": "internal", "message": "internal error"}}
-            results = [internal] * len(batch.reqs)
+            results = [internal] * len(reqs)
         finally:
             self._slots.release()
-        self._conn.answer_writes(batch.reqs, results, batch.started)
+        self._conn.answer_writes(reqs, results, started)
