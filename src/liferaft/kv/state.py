@@ -344,9 +344,17 @@ class StateDB:
     def sync(self) -> int:
         """Make everything applied so far durable (fsync the database and its WAL);
         returns the applied index that is now safe from a power loss. Call it on the
-        writer's turn."""
+        writer's turn (or take ``applied`` there and call ``fsync_files`` after)."""
         applied = self._applier.applied
-        for p in (self.path, self.path.with_name(self.path.name + "-wal")):
+        self.fsync_files()
+        return applied
+
+    def fsync_files(self) -> None:
+        """fsync the database file and its WAL. Every commit made before the call is
+        durable after it: its frames are in the WAL, or were copied into the database
+        by a checkpoint, which SQLite syncs before it lets the WAL be written over. So
+        this may run beside the writer, on any thread."""
+        for p in (self.path.with_name(self.path.name + "-wal"), self.path):
             try:
                 fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -355,7 +363,6 @@ class StateDB:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        return applied
 
     def close(self) -> None:
         for conn in self._all_readers:

@@ -161,9 +161,14 @@ class StateService:
         return await self._write(lambda: db.apply(entries))
 
     async def sync(self) -> int:
-        """Everything applied so far made durable; returns that applied index."""
+        """Everything applied so far made durable; returns that applied index. The
+        applied index is taken on the writer's turn, the fsyncs run beside it on another
+        thread (``StateDB.fsync_files``): fsyncing a large WAL took 0.4 s here, and on
+        the writer's turn every apply, and so every answer, waited for it."""
         db = self.db
-        return await self._write(db.sync)
+        applied = await self._write(lambda: db.applied)
+        await trio.to_thread.run_sync(db.fsync_files, abandon_on_cancel=False)
+        return applied
 
     async def restart_wal(self) -> int:
         """``StateDB.restart_wal`` on the writer's turn (between two applies)."""
