@@ -46,7 +46,12 @@ LAYERS = [
     ("node loop: core loop, applier, waiters", re.compile(r"liferaft/node/")),
     ("TLS + WebSocket", re.compile(r"ssl\.py|trio/_ssl|liferaft/websocket|h11")),
 ]
-IDLE = re.compile(r"get_events \(|_thread_cache\.py:211|Condition\.wait|Event\.wait \(threading")
+# Waiting, not working: the event loop in epoll, Trio's idle worker threads, and the
+# node's storage threads waiting for their next call (storage/worker.py, ``_serve``).
+IDLE = re.compile(
+    r"get_events \(|_thread_cache\.py:211|Condition\.wait|Event\.wait \(threading"
+    r"|_serve \(liferaft/storage/worker\.py:53\)"
+)
 
 
 def cpu_seconds(pid: int) -> float:
