@@ -25,7 +25,7 @@ from liferaft.testing.localcluster import wait_until as wait_for_nodes
 HANG_GUARD = 10.0  # seconds; only there so that a bug fails the test instead of hanging it
 
 # name -> (type, label names) as docs/operations.md lists them ("Health and metrics"),
-# apart from the two in EXTRA_SERIES.
+# apart from those in EXTRA_SERIES.
 SERIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "liferaft_server_has_leader": ("gauge", ()),
     "liferaft_server_is_leader": ("gauge", ()),
@@ -47,6 +47,7 @@ SERIES: dict[str, tuple[str, tuple[str, ...]]] = {
 EXTRA_SERIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "liferaft_storage_db_size_bytes": ("gauge", ()),
     "liferaft_server_info": ("gauge", ("node_id", "version")),
+    "liferaft_gc_pause_seconds": ("histogram", ()),
 }
 
 
@@ -62,6 +63,7 @@ def exercise(m: NodeMetrics) -> None:
     m.proposals_failed.inc()
     m.proposals_pending.set(2)
     m.fsync_duration.observe(0.003)
+    m.gc_pause.observe(0.001)
     m.db_size_bytes.set(4096)
     m.peer_sent_bytes.labels(peer="n2").inc(100)
     m.peer_received_bytes.labels(peer="n2").inc(50)

@@ -53,6 +53,7 @@ from liferaft.node.peers import PeerLinks, log_transport_event
 from liferaft.node.state import StateService
 from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
 from liferaft.node.waiters import Outcome, ReadFailed, Settable, Waiters
+from liferaft.observability.gcwatch import GcWatch
 from liferaft.observability.http import HealthServer
 from liferaft.observability.logs import event, node_context
 from liferaft.observability.metrics import NodeMetrics
@@ -153,6 +154,7 @@ class Node:
         self._read_round: Outcome[int] | None = None  # a ReadIndex round not yet begun
         self.sender: SnapshotSender | None = None
         self.receiver: SnapshotReceiver | None = None
+        self._gc_watch: GcWatch | None = None
         self._peers = PeerLinks(self, self._inputs_send)
         self._applier = Applier(self)
         self._loop = CoreLoop(
@@ -212,6 +214,10 @@ class Node:
             )
             self.receiver = SnapshotReceiver(self.id, self.transport, self.state)
             health = HealthServer(self.metrics, self.healthy, self.ready)
+            # A collection longer than a heartbeat interval delays a heartbeat: say so.
+            gc_watch = GcWatch(self.metrics.gc_pause, warn_s=s.raft.heartbeat_interval_ms / 1000)
+            gc_watch.install()
+            self._gc_watch = gc_watch
             async with trio.open_nursery() as nursery:
                 self._peers.nursery = nursery
                 await nursery.start(self.transport.run, (s.peer.listen.host, s.peer.listen.port))
@@ -228,6 +234,8 @@ class Node:
                 event(log, "node_started", term=self.raft.term, peer=str(s.peer.listen))
                 task_status.started()
         finally:
+            if self._gc_watch is not None:
+                self._gc_watch.remove()
             self.waiters.fail_all(ReadFailed("node stopped"))
             with trio.CancelScope(shield=True):
                 try:

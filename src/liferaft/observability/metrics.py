@@ -99,6 +99,12 @@ class NodeMetrics:
             buckets=FSYNC_BUCKETS,
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "liferaft_gc_pause_seconds",
+            "Time each Python garbage collection held the process (event loop included).",
+            buckets=FSYNC_BUCKETS,
+            registry=r,
+        )
         self.db_size_bytes = Gauge(
             "liferaft_storage_db_size_bytes", "Size of the node's database files.", registry=r
         )
