@@ -245,3 +245,42 @@ async def test_a_storage_error_stops_the_node(tmp_path: Path, certs: Path) -> No
                 await node.propose(b"never durable")
     assert info.group_contains(StorageError)
     assert node is not None and not node.healthy()
+
+
+async def test_a_proposal_covered_by_an_installed_snapshot_is_answered_not_left_waiting(
+    tmp_path: Path, certs: Path
+) -> None:
+    """A deposed leader's proposal that never committed, when the node catches up by a
+    snapshot past its index (no entry at that index is ever applied there), fails with
+    ProposalDropped at the install instead of waiting for its caller's timeout; and no
+    waiter is left behind (issue: proposal waiters leaked at snapshot installs)."""
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"], snapshot_entries=5)
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            old = await c.wait_leader()
+            await write(c, b"before")
+            c.faults.isolate(old, c.ids)
+            outcome: list[BaseException | object] = []
+
+            async def stranded() -> None:
+                try:
+                    outcome.append(await c.nodes[old].propose(b"stranded"))
+                except (ProposalDropped, NotLeader) as exc:
+                    outcome.append(exc)
+
+            nursery.start_soon(stranded)
+            await wait_until(lambda: len(c.nodes[old].waiters.proposals) == 1)
+            await wait_until(lambda: c.leader() not in (None, old))
+            for i in range(30):  # the others compact their logs well past that index
+                await write(c, b"during %d" % i)
+            new = c.leader()
+            assert new is not None
+            await wait_until(lambda: c.nodes[new].snapshot_index > 10)
+            c.faults.heal()
+            await wait_until(lambda: c.nodes[old].snapshot_index > 10)  # it installed one
+            with trio.fail_after(10):  # a hang guard: a propose has no timeout of its own
+                await wait_until(lambda: bool(outcome))
+            assert isinstance(outcome[0], ProposalDropped), outcome
+            assert c.nodes[old].waiters.proposals == {}
+        nursery.cancel_scope.cancel()

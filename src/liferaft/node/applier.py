@@ -26,6 +26,7 @@ from liferaft.crashpoint import crashpoint
 from liferaft.node import transfer
 from liferaft.node.addresses import learn_from_snapshot, snapshot_data
 from liferaft.node.applyqueue import ApplyQueue
+from liferaft.node.waiters import ProposalDropped
 from liferaft.observability.logs import event
 from liferaft.storage.errors import StorageError
 
@@ -131,6 +132,16 @@ class Applier:
         await node.kv.install(about["transfer"])
         learn_from_snapshot(node.addresses, about)
         node.snapshot_meta = snap.meta  # the core restores only past its own snapshot
+        # Proposals of ours at indexes the snapshot covers never apply here: if ours
+        # was committed it is in the snapshot, if not it was replaced; either way this
+        # node cannot tell which, and the caller hears so now, not at its timeout.
+        node.waiters.fail_through(
+            snap.meta.index,
+            ProposalDropped(
+                f"a snapshot up to {snap.meta.index} was installed over the entry: "
+                "it may or may not have been applied"
+            ),
+        )
         if node.on_restore is not None:
             node.on_restore()
         event(log, "snapshot_installed", index=snap.meta.index, applied=node.kv.db.applied)

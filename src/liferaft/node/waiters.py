@@ -105,6 +105,12 @@ class Waiters:
             else:
                 w[1].fail(ProposalDropped(f"entry {index} was replaced by a new leader"))
 
+    def fail_through(self, index: int, error: BaseException) -> None:
+        """Fail the proposals at ``index`` or below: a snapshot installed past them
+        means no entry at their index will ever be applied here to answer them."""
+        for i in [i for i in self.proposals if i <= index]:
+            self.proposals.pop(i)[1].fail(error)
+
     def on_applied_index(self, applied: int) -> None:
         if not self.applied:
             return
