@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from liferaft.core import NotLeader, Role
+from liferaft.core import AnyMessage, NotLeader, Role
 from liferaft.node.node import Node
 from liferaft.node.waiters import ProposalDropped
 from liferaft.security.tls import peer_client_context
@@ -284,3 +284,38 @@ async def test_a_proposal_covered_by_an_installed_snapshot_is_answered_not_left_
             assert isinstance(outcome[0], ProposalDropped), outcome
             assert c.nodes[old].waiters.proposals == {}
         nursery.cancel_scope.cancel()
+
+
+async def test_a_read_whose_request_was_lost_is_failed_by_the_next_answered_read(
+    tmp_path: Path, certs: Path
+) -> None:
+    """A follower's ReadIndex request that never reaches the leader leaves its waiter
+    behind once its caller gives up (issue: read waiters leak during a partition).
+    Reads are answered in the order asked, so the next answered read proves the older
+    one lost: it is failed then, and no waiter is left."""
+    from liferaft.core import ReadIndexRequest
+
+    async with running(tmp_path, certs, 3) as c:
+        leader = await c.wait_leader()
+        await write(c, b"x")
+        follower = next(i for i in c.ids if i != leader)
+        node = c.nodes[follower]
+        normal = node._send_filter
+        assert normal is not None
+        dropped: list[object] = []
+
+        def drop_first_read_request(msgs: list[AnyMessage]) -> list[AnyMessage]:
+            kept = []
+            for m in msgs:
+                if isinstance(m, ReadIndexRequest) and not dropped:
+                    dropped.append(m)
+                else:
+                    kept.append(m)
+            return normal(kept)
+
+        node._send_filter = drop_first_read_request
+        with trio.move_on_after(0.3):  # the caller gives up: its request was lost
+            await node.read_index()
+        assert dropped and len(node.waiters.reads) == 1
+        assert await node.read_index() >= 1  # the next read is answered...
+        assert node.waiters.reads == {}  # ...and the lost one is gone with it

@@ -190,9 +190,7 @@ class CoreLoop:
             self._to_apply.put_snapshot(rd.snapshot)
         self._to_apply.put_entries(rd.committed_entries)
         for rs in rd.read_states:
-            out = node.waiters.reads.pop(rs.ctx, None)
-            if out is not None:
-                out.set(rs.index)
+            node.waiters.answer_read(rs.ctx, rs.index)
         for ctx in rd.failed_reads:
             out = node.waiters.reads.pop(ctx, None)
             if out is not None:

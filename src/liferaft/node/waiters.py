@@ -97,6 +97,25 @@ class Waiters:
         self.reads[ctx] = out
         return ctx, out
 
+    def answer_read(self, ctx: bytes, index: int) -> None:
+        """The read ``ctx`` is confirmed at ``index``. Reads are answered in the order
+        they were asked (the leader releases them in order, over one ordered link), so
+        any read asked before it and still waiting was lost on the way (its request or
+        answer dropped, or sent to a leader that was deposed): it fails now instead of
+        waiting forever once its caller has given up."""
+        out = self.reads.pop(ctx, None)
+        if out is None:
+            return
+        number = int(ctx[1:])
+        lost = []
+        for older in self.reads:  # oldest first: the order they were asked in
+            if int(older[1:]) > number:
+                break
+            lost.append(older)
+        for older in lost:
+            self.reads.pop(older).fail(ReadFailed("the read's request or answer was lost"))
+        out.set(index)
+
     def on_applied(self, index: int, term: int, result: object) -> None:
         w = self.proposals.pop(index, None)
         if w is not None:
