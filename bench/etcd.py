@@ -85,7 +85,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from liferaft.cli.bench import latency_summary, open_loop_summary, result_lines
+from liferaft.cli.bench import latency_summary, open_loop_summary, result_lines, stop_processes
 from liferaft.security.certs import generate
 from liferaft.testing.localcluster import free_ports
 
@@ -256,16 +256,7 @@ def etcd_cluster(
         wait_listening(base, procs, [ports[2 * i + 1] for i in range(len(MEMBERS))])
         yield urls, {name: p.pid for name, p in procs.items()}
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        stop_by = time.monotonic() + STOP_WAIT_S
-        for p in procs.values():
-            try:
-                p.wait(timeout=max(0.0, stop_by - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs.values(), STOP_WAIT_S)
 
 
 def wait_listening(base: Path, procs: dict[str, subprocess.Popen[bytes]], ports: list[int]) -> None:

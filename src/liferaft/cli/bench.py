@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,15 +241,23 @@ def local_cluster(
         token = pc.token(["read", "write"], ttl_s=24 * 3600)
         yield pc.endpoints, token, pc.certs / "ca.pem", {i: p.pid for i, p in procs.items()}
     finally:
-        for p in procs.values():
+        stop_processes(procs.values(), STOP_WAIT_S)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], wait_s: float) -> None:
+    """SIGTERM every process still running, then SIGKILL what has not ended within
+    ``wait_s`` seconds of that."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-        stop_by = time.monotonic() + STOP_WAIT_S
-        for p in procs.values():
-            try:
-                p.wait(timeout=max(0.0, stop_by - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+    stop_by = time.monotonic() + wait_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, stop_by - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 async def leader_status(
