@@ -56,8 +56,6 @@ async def write_batch(node: Node, reqs: list[dict[str, Any]], size: int) -> list
                 if leader != node.id:
                     raise NotLeader(leader) from None
                 results = await node.propose_writes(cmds, size)  # elected meanwhile
-    except trio.TooSlowError as exc:
-        raise unavailable(f"the write may or may not have happened: {exc}") from None
     except Exception as exc:
         raise write_failure(node, exc) from None
     return write_results(results, len(reqs))
@@ -81,7 +79,7 @@ def write_failure(node: Node, exc: BaseException) -> ApiError:
     """The answer for writes whose proposal failed with ``exc``."""
     if isinstance(exc, NotLeader):
         return not_leader(node, exc.leader)
-    if isinstance(exc, (ProposalDropped, ProposalRefused)):
+    if isinstance(exc, (ProposalDropped, ProposalRefused, trio.TooSlowError)):
         return unavailable(f"the write may or may not have happened: {exc}")
     if isinstance(exc, ApiError):
         return exc
@@ -111,17 +109,9 @@ async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:
             raise unavailable(f"could not confirm the read with a quorum: {exc}") from None
     revision = req.get("revision", 0)
     try:
-        if req["op"] == "get":
+        if req["op"] == "get":  # one indexed lookup: on the event loop
             key = req["key"]
-
-            def get(db: StateDB) -> tuple[dict[str, Any] | None, int]:
-                return db.get(key, revision=revision)
-
-            # A get is one indexed lookup: on the event loop, unless an install runs.
-            try:
-                kv, current = node.kv.read_now(get)
-            except trio.WouldBlock:
-                kv, current = await node.kv.read(get)
+            kv, current = await node.kv.read_small(lambda db: db.get(key, revision=revision))
             return {"kv": kv, "revision": current}
         prefix, limit, after = req["prefix"], req.get("limit", 0), req.get("after")
 
@@ -129,10 +119,7 @@ async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:
             return db.range(prefix, limit=limit, after=after, revision=revision)
 
         if 0 < limit <= INLINE_RANGE_LIMIT:
-            try:
-                kvs, more, current = node.kv.read_now(scan)
-            except trio.WouldBlock:
-                kvs, more, current = await node.kv.read(scan)
+            kvs, more, current = await node.kv.read_small(scan)
         else:  # possibly the whole store: on a reader thread
             kvs, more, current = await node.kv.read(scan)
     except Compacted as exc:

@@ -66,8 +66,8 @@ class _Batch:
     def fail(self, error: BaseException) -> None:
         if self.waiting:
             self.waiting = False
-            give_up, self.give_up = self.give_up, None
-            self.owner.failed(self, error, give_up)
+            self.give_up = None
+            self.owner.failed(self, error)
             self.reqs = []
 
 
@@ -132,23 +132,18 @@ class ConnectionWrites:
             results = [{"error": exc.body()}] * len(batch.reqs)
         self._conn.answer_writes(batch.reqs, results, batch.started)
 
-    def failed(
-        self, batch: _Batch, error: BaseException, give_up: Callable[[], None] | None
-    ) -> None:
+    def failed(self, batch: _Batch, error: BaseException) -> None:
         if isinstance(error, NotLeader) and error.leader in (None, self._node.id):
             # An election is under way, or this node won it since the batch left: wait
             # for its outcome and propose again, as write_batch does.
             self._slow(batch)
             return
         self._slots.release()
-        if isinstance(error, trio.TooSlowError):
-            err = handlers.unavailable(f"the write may or may not have happened: {error}")
-        else:
-            try:
-                err = handlers.write_failure(self._node, error)
-            except Exception as exc:  # a bug of ours: answer it, log it, keep serving
-                event(log, "request_failed", level=logging.ERROR, op="write", error=repr(exc))
-                err = ApiError("internal", "internal error")
+        try:
+            err = handlers.write_failure(self._node, error)
+        except Exception as exc:  # a bug of ours: answer it, log it, keep serving
+            event(log, "request_failed", level=logging.ERROR, op="write", error=repr(exc))
+            err = ApiError("internal", "internal error")
         failure = [{"error": err.body()}] * len(batch.reqs)
         self._conn.answer_writes(batch.reqs, failure, batch.started)
 

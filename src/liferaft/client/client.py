@@ -15,6 +15,7 @@ import random
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -125,7 +126,9 @@ class Client:
         if attempt_timeout is None:
             attempt_timeout = min(timeout / 2, 2.0)
         self._max_message_bytes = max_message_bytes
-        self._pool = ConnectionPool(
+        rng = rng if rng is not None else random.Random()
+        pool = partial(
+            ConnectionPool,
             parsed,
             ssl_context=ssl_context,
             token=token.strip(),
@@ -133,28 +136,17 @@ class Client:
             max_message_bytes=max_message_bytes,
             attempt_timeout=attempt_timeout,
         )
-        rng = rng if rng is not None else random.Random()
-        self._retrier = Retrier(
-            self._pool, timeout=timeout, attempt_timeout=attempt_timeout, rng=rng
-        )
+        retrier = partial(Retrier, timeout=timeout, attempt_timeout=attempt_timeout, rng=rng)
+        self._pool = pool()
+        self._retrier = retrier(self._pool)
         # Reads (get, range) go through this one: the same as writes, or with
         # reads="followers" a connection of their own to a node other than the leader.
         self._reads = self._retrier
         self._read_pool: ConnectionPool | None = None
         if reads == "followers":
-            self._read_pool = ConnectionPool(
-                parsed,
-                ssl_context=ssl_context,
-                token=token.strip(),
-                max_batch=max_batch,
-                max_message_bytes=max_message_bytes,
-                attempt_timeout=attempt_timeout,
-                avoid_leader=True,
-                first=rng.randrange(len(parsed)),  # clients spread over the followers
-            )
-            self._reads = Retrier(
-                self._read_pool, timeout=timeout, attempt_timeout=attempt_timeout, rng=rng
-            )
+            # clients start at random endpoints, so that they spread over the followers
+            self._read_pool = pool(avoid_leader=True, first=rng.randrange(len(parsed)))
+            self._reads = retrier(self._read_pool)
         #: the exactly-once session of this client's writes (docs/client-protocol.md)
         self.session = os.urandom(16)
         self._window = SessionWindow(session_window, timeout)

@@ -185,6 +185,13 @@ class StateService:
             raise trio.WouldBlock
         return fn(self.db)
 
+    async def read_small(self, fn: Callable[[StateDB], T]) -> T:
+        """``read_now`` for a read of bounded cost, or ``read`` while an install runs."""
+        try:
+            return self.read_now(fn)
+        except trio.WouldBlock:
+            return await self.read(fn)
+
     async def read(self, fn: Callable[[StateDB], T]) -> T:
         """Run ``fn(db)`` on a reader thread (not during an install, never after close)."""
         while self._installing and not self._closed:

@@ -127,8 +127,7 @@ class WebSocket:
         try:
             events = self._reader.events()
         except ProtocolError as exc:
-            await self._fail(exc.code, exc.reason)
-            raise AssertionError("unreachable") from None  # _fail raises
+            raise await self._fail(exc.code, exc.reason) from None
         messages: list[bytes | str] = []
         for ev in events:
             if type(ev) is bytes or type(ev) is str:
@@ -160,12 +159,13 @@ class WebSocket:
             await self._write_quietly(encode_close(code, "", masked=self._masked))
         self._closed(ev.code, ev.reason)
 
-    async def _fail(self, code: int, reason: str) -> None:
+    async def _fail(self, code: int, reason: str) -> ConnectionClosed:
+        """Close with ``code`` after a protocol error; returns the error to raise."""
         if not self._close_sent:
             self._close_sent = True
             await self._write_quietly(encode_close(code, reason, masked=self._masked))
         self._closed(code, reason)
-        raise self._closed_error()
+        return self._closed_error()
 
     def _closed(self, code: int, reason: str) -> None:
         if self.closed is None:
