@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -86,8 +87,25 @@ class ClientServer:
         self.open_connections += 1
         stream = TLSStream(tcp, self.ssl_ctx, server_side=True)
         try:
+            await self.serve_stream(stream, remote, stream.do_handshake)
+        finally:
+            self.open_connections -= 1
+
+    async def serve_stream(
+        self,
+        stream: trio.abc.Stream,
+        remote: str,
+        handshake: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """One client over ``stream`` (after ``handshake``, the TLS one): the WebSocket
+        upgrade with its token, then the connection's requests until it ends; the
+        stream is closed in the end. The whole-node simulator calls this directly with
+        an in-memory stream."""
+        try:
             accepted = None
             with trio.move_on_after(self.handshake_timeout):
+                if handshake is not None:
+                    await handshake()
                 accepted = await self._upgrade(stream, remote)
             if accepted is not None:
                 await Connection(self, accepted[0], accepted[1], remote).run()
@@ -96,11 +114,11 @@ class ClientServer:
         except* Exception as group:  # the edge of one connection: log it, keep serving
             event(log, "client_connection_error", remote=remote, error=repr(group)[:300])
         finally:
-            self.open_connections -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _upgrade(self, stream: TLSStream, remote: str) -> tuple[WebSocket, Claims] | None:
-        await stream.do_handshake()
+    async def _upgrade(
+        self, stream: trio.abc.Stream, remote: str
+    ) -> tuple[WebSocket, Claims] | None:
         try:
             request = await read_request(
                 stream, max_message_size=self.max_message_bytes, receive_buffer=RECEIVE_BUFFER

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from liferaft.client import put_many
-from liferaft.client.connection import ConnectionLost
+from liferaft.client.connection import ConnectionLost, Dial, tls_dialer
 from liferaft.client.errors import InternalError, InvalidRequest, error_from_wire
 from liferaft.client.models import (
     KeyValue,
@@ -89,6 +89,8 @@ class Client:
     ``max_message_bytes``). ``session_window`` bounds
     the span of seqs in flight at once; keep it at or below the number of results per
     session the server remembers (128 in liferaft), or retries of old writes are refused.
+    ``rng`` seeds the retry back-off; ``dial`` opens the byte stream to an endpoint in
+    place of TCP and TLS (the whole-node simulator's in-memory streams).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Client:
         session_window: int = SESSION_WINDOW,
         reads: str = "leader",
         rng: random.Random | None = None,
+        dial: Dial | None = None,
     ) -> None:
         """Configure a client without connecting: use :meth:`connect` or
         :func:`open_client` instead, which also start it."""
@@ -122,7 +125,9 @@ class Client:
             raise ValueError("session_window must be at least 1")
         if reads not in ("leader", "followers"):
             raise ValueError("reads must be 'leader' or 'followers'")
-        ssl_context = ssl.create_default_context(cafile=str(cacert) if cacert is not None else None)
+        if dial is None:
+            cafile = str(cacert) if cacert is not None else None
+            dial = tls_dialer(ssl.create_default_context(cafile=cafile))
         if attempt_timeout is None:
             attempt_timeout = min(timeout / 2, 2.0)
         self._max_message_bytes = max_message_bytes
@@ -130,7 +135,7 @@ class Client:
         pool = partial(
             ConnectionPool,
             parsed,
-            ssl_context=ssl_context,
+            dial=dial,
             token=token.strip(),
             max_batch=max_batch,
             max_message_bytes=max_message_bytes,
@@ -166,6 +171,8 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         session_window: int = SESSION_WINDOW,
         reads: str = "leader",
+        rng: random.Random | None = None,
+        dial: Dial | None = None,
     ) -> Client:
         """A connected client. Raises Unauthenticated (HTTP 401), TLSError (the server's
         certificate does not verify) or ConnectionFailed (no endpoint answered within
@@ -186,6 +193,8 @@ class Client:
             max_message_bytes=max_message_bytes,
             session_window=session_window,
             reads=reads,
+            rng=rng,
+            dial=dial,
         )
         await client._pool.start()
         if client._read_pool is not None:

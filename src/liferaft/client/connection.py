@@ -27,7 +27,7 @@ import itertools
 import math
 import ssl
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -149,6 +149,25 @@ class _Pending:
         self.expired = False  # unanswered at its deadline: withdrawn
 
 
+# Opens the byte stream to an endpoint: TCP and TLS (``tls_dialer``), or the whole-node
+# simulator's in-memory streams.
+Dial = Callable[[Endpoint], Awaitable[trio.abc.Stream]]
+
+
+def tls_dialer(ctx: ssl.SSLContext) -> Dial:
+    async def dial(ep: Endpoint) -> trio.abc.Stream:
+        tcp = await trio.open_tcp_stream(ep.host, ep.port)
+        stream = TLSStream(tcp, ctx, server_side=False, server_hostname=ep.host)
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    return dial
+
+
 class Connection:
     """A pipelined connection to one endpoint. Start it with ``await nursery.start(
     conn.run)``: that returns once the upgrade succeeded, or raises what failed."""
@@ -157,7 +176,7 @@ class Connection:
         self,
         endpoint: Endpoint,
         *,
-        ssl_context: ssl.SSLContext,
+        dial: Dial,
         token: str,
         ids: itertools.count[int],
         max_batch: int,
@@ -166,7 +185,7 @@ class Connection:
         attempt_timeout: float = math.inf,
     ) -> None:
         self.endpoint = endpoint
-        self._ssl_context = ssl_context
+        self._dial = dial
         self._token = token
         self._ids = ids
         self._max_batch = max_batch
@@ -184,7 +203,7 @@ class Connection:
         self._close_requested = trio.Event()
         self._closing = False  # a graceful close is under way: _die must not cancel it
         self._scope: trio.CancelScope | None = None
-        self._stream: TLSStream | None = None
+        self._stream: trio.abc.Stream | None = None
         self._ws: WebSocket | None = None
         self.alive = False  # True between a successful upgrade and the first failure
         self.retired = False  # no new requests; closes once idle
@@ -391,9 +410,7 @@ class Connection:
 
     async def _open(self) -> None:
         ep = self.endpoint
-        tcp = await trio.open_tcp_stream(ep.host, ep.port)
-        self._stream = TLSStream(tcp, self._ssl_context, server_side=False, server_hostname=ep.host)
-        await self._stream.do_handshake()
+        self._stream = await self._dial(ep)
         self._ws = await connect(
             self._stream,
             ep.host_header,

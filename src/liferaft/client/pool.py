@@ -15,7 +15,7 @@ import ssl
 
 import trio
 
-from liferaft.client.connection import Connection, describe, find
+from liferaft.client.connection import Connection, Dial, describe, find
 from liferaft.client.errors import (
     ConnectionFailed,
     LiferaftError,
@@ -37,7 +37,7 @@ class ConnectionPool:
         self,
         endpoints: list[Endpoint],
         *,
-        ssl_context: ssl.SSLContext,
+        dial: Dial,
         token: str,
         max_batch: int,
         max_message_bytes: int,
@@ -51,7 +51,7 @@ class ConnectionPool:
         # every endpoint was tried since the last connection.
         self._avoid_leader = avoid_leader and len(endpoints) > 1
         self._leaders_skipped = 0
-        self._ssl_context = ssl_context
+        self._dial = dial
         self.token = token  # presented by every connection opened from now on
         self._max_batch = max_batch
         self._max_message_bytes = max_message_bytes
@@ -123,7 +123,7 @@ class ConnectionPool:
             self._override = None
             conn = Connection(
                 endpoint,
-                ssl_context=self._ssl_context,
+                dial=self._dial,
                 token=self.token,
                 ids=self._ids,
                 max_batch=self._max_batch,

@@ -10,7 +10,6 @@ callers' writes (docs/architecture.md, "The life of a write").
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from liferaft.core import AnyMessage, Raft
 from liferaft.kv.commands import encode_batch
 from liferaft.node.waiters import Outcome, Settable, Split, Waiters
+from liferaft.storage import offload
 
 MAX_MERGED_COMMANDS = 1024  # write commands merged into one entry at most
 MAX_MERGED_BYTES = 1024 * 1024  # ...and about this many bytes
@@ -67,7 +67,7 @@ Input = Tick | Messages | Call | Propose | Writes
 def propose_writes(raft: Raft, writes: list[Writes], waiters: Waiters) -> None:
     """Append the write batches that arrived together as few entries as the bounds
     allow (commands and bytes per entry)."""
-    time_ms = int(time.time() * 1000)  # the leader's clock: the log's only time
+    time_ms = offload.wall_ms()  # the leader's clock: the log's only time
     group: list[Writes] = []
     count = size = 0
     for w in writes:

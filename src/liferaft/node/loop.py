@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("liferaft.node")
 
 MAX_INPUTS_PER_ROUND = 4096  # inputs folded into one Ready at most
+READ_ROUNDS_MAX = 4  # election timeouts a ReadIndex round may take before it is failed
 
 
 class _Save:
@@ -70,6 +71,9 @@ class CoreLoop:
         self.durable_vote: tuple[int, str | None] = (0, None)  # (term, vote) on disk
         self._lazy_hs: HardState | None = None  # a commit index not yet written
         self._slow_persist = node.settings.raft.election_timeout_ms / 1000  # seconds
+        # A ReadIndex round not answered in this long was lost (its request or answer,
+        # or the leader): failed, the caller asks again (docs/architecture.md).
+        self._read_max_age = READ_ROUNDS_MAX * node.settings.raft.election_timeout_ms / 1000
         self._saves, self._saves_recv = trio.open_memory_channel[_Save](1)
 
     async def ticker(self) -> None:
@@ -102,6 +106,7 @@ class CoreLoop:
             raft.tick()
         if ticks:
             self._peers.send(raft.take_messages())
+            self._node.waiters.expire_reads(self._read_max_age)
 
     async def run(self, raft: Raft) -> None:
         while True:
@@ -192,7 +197,7 @@ class CoreLoop:
         for rs in rd.read_states:
             node.waiters.answer_read(rs.ctx, rs.index)
         for ctx in rd.failed_reads:
-            out = node.waiters.reads.pop(ctx, None)
+            out = node.waiters.pop_read(ctx)
             if out is not None:
                 out.fail(ReadFailed("leadership lost before the read was confirmed"))
         raft.advance(rd)

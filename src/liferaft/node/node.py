@@ -58,7 +58,9 @@ from liferaft.observability.http import HealthServer
 from liferaft.observability.logs import event, node_context
 from liferaft.observability.metrics import NodeMetrics
 from liferaft.security.tls import peer_client_context, peer_server_context
+from liferaft.storage import offload
 from liferaft.storage.writer import StorageWriter
+from liferaft.transport.base import Transport
 from liferaft.transport.peer import PeerTransport
 
 __all__ = [
@@ -127,7 +129,12 @@ class Node:
         *,
         rng: random.Random | None = None,
         send_filter: Callable[[list[AnyMessage]], list[AnyMessage]] | None = None,
+        transport: Callable[[Node], Transport] | None = None,
+        serve_health: bool = True,
     ) -> None:
+        """``transport`` makes the peer links in place of ``PeerTransport`` and
+        ``serve_health=False`` leaves out the metrics and health HTTP server: both for
+        the whole-node simulator (``liferaft.testing.nodesim``)."""
         self.settings = settings
         self.id = settings.node.id
         self.state: StateService | None = None
@@ -140,13 +147,15 @@ class Node:
         self.on_events: list[Callable[[list[EventRow]], object]] = []  # per applied run
         self._rng = rng or random.Random()
         self._send_filter = send_filter  # tests' fault layer sits here
+        self._make_transport = transport
+        self._serve_health = serve_health
         self.metrics = NodeMetrics(self.id)
         self.waiters = Waiters()
         self.stopped = trio.Event()  # set once every database of the node is closed
         self._inputs_send, inputs = trio.open_memory_channel[Input](1024)
         self.raft: Raft | None = None
         self.storage: StorageWriter | None = None
-        self.transport: PeerTransport | None = None
+        self.transport: Transport | None = None
         self.applied = 0
         self.storage_ok = True
         self.snapshot_meta: SnapshotMeta | None = None  # where the stored log starts
@@ -193,18 +202,8 @@ class Node:
                 self.snapshot_meta = snap.meta
             self.applied = self.state.db.applied
             addresses.learn_from_entries(self.addresses, restored.entries)
-            tls = s.tls
-            self.transport = PeerTransport(
-                self.id,
-                server_ctx=peer_server_context(tls.ca, tls.cert, tls.key),
-                client_ctx=peer_client_context(tls.ca, tls.cert, tls.key),
-                peers={
-                    m.id: (m.peer.host, m.peer.port) for m in s.cluster.members if m.id != self.id
-                },
-                handshake_timeout=s.client.handshake_timeout_ms / 1000,
-                rng=random.Random(self._rng.getrandbits(64)),
-                log=log_transport_event,
-            )
+            make = self._make_transport
+            self.transport = self._peer_transport() if make is None else make(self)
             self.sender = SnapshotSender(
                 self.id,
                 self.transport,
@@ -221,7 +220,8 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._peers.nursery = nursery
                 await nursery.start(self.transport.run, (s.peer.listen.host, s.peer.listen.port))
-                await nursery.start(health.run, s.metrics.listen.host, s.metrics.listen.port)
+                if self._serve_health:
+                    await nursery.start(health.run, s.metrics.listen.host, s.metrics.listen.port)
                 nursery.start_soon(self._peers.forward_inbound)
                 nursery.start_soon(self.receiver.run)
                 nursery.start_soon(self._applier.run)
@@ -245,6 +245,19 @@ class Node:
                     await self.storage.close()
                     self.stopped.set()
 
+    def _peer_transport(self) -> PeerTransport:
+        s = self.settings
+        tls = s.tls
+        return PeerTransport(
+            self.id,
+            server_ctx=peer_server_context(tls.ca, tls.cert, tls.key),
+            client_ctx=peer_client_context(tls.ca, tls.cert, tls.key),
+            peers={m.id: (m.peer.host, m.peer.port) for m in s.cluster.members if m.id != self.id},
+            handshake_timeout=s.client.handshake_timeout_ms / 1000,
+            rng=random.Random(self._rng.getrandbits(64)),
+            log=log_transport_event,
+        )
+
     async def _sync_metrics(self) -> None:
         """Copy the transport's and storage's counters into Prometheus once a second
         (they are plain integers on the hot path)."""
@@ -264,7 +277,7 @@ class Node:
             if self.storage is not None:
                 size = await self.storage.size_bytes()
                 if self.state is not None:
-                    size += await trio.to_thread.run_sync(self._state_bytes)
+                    size += await offload.run_sync(self._state_bytes)
                 self.db_size = size
                 self.metrics.db_size_bytes.set(self.db_size)
             await trio.sleep(1)
@@ -379,7 +392,7 @@ class Node:
                 try:
                     raft.read_index(ctx)
                 except Exception as exc:  # NotLeader: every read of the round fails
-                    self.waiters.reads.pop(ctx, None)
+                    self.waiters.pop_read(ctx)
                     round_out.fail(exc)
 
             with trio.CancelScope(shield=True):  # the round's other reads depend on it

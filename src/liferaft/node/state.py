@@ -29,8 +29,9 @@ from typing import TypeVar
 import trio
 
 from liferaft.kv.state import DB_NAME, Applied, EntryLike, StateCorrupt, StateDB, read_applied
+from liferaft.storage import offload
+from liferaft.storage.offload import Worker
 from liferaft.storage.sqlite import fsync_dir
-from liferaft.storage.worker import WorkerThread
 
 T = TypeVar("T")
 
@@ -99,9 +100,7 @@ def open_state(
 
 
 class StateService:
-    def __init__(
-        self, data_dir: Path, db: StateDB, history_revisions: int, writer: WorkerThread
-    ) -> None:
+    def __init__(self, data_dir: Path, db: StateDB, history_revisions: int, writer: Worker) -> None:
         """Use ``StateService.open``."""
         self.data_dir = data_dir
         self.db = db
@@ -123,7 +122,7 @@ class StateService:
         transfer: int | None,
         history_revisions: int,
     ) -> StateService:
-        writer = WorkerThread("liferaft-state.db")
+        writer = offload.new_worker("liferaft-state.db")
         try:
             db = await writer.run(
                 lambda: open_state(
@@ -167,7 +166,7 @@ class StateService:
         the writer's turn every apply, and so every answer, waited for it."""
         db = self.db
         applied = await self._write(lambda: db.applied)
-        await trio.to_thread.run_sync(db.fsync_files, abandon_on_cancel=False)
+        await offload.run_sync(db.fsync_files)
         return applied
 
     async def restart_wal(self) -> int:
@@ -201,6 +200,8 @@ class StateService:
         self._reading += 1
         try:
             db = self.db
+            if offload.inline():
+                return await offload.run_sync(lambda: fn(db))
             return await trio.to_thread.run_sync(
                 lambda: fn(db), limiter=self._readers, abandon_on_cancel=False
             )

@@ -40,9 +40,10 @@ from liferaft.crashpoint import crashpoint
 from liferaft.node.state import StateService, install_path
 from liferaft.observability.logs import event
 from liferaft.safecbor import CBORError, dumps, loads
+from liferaft.storage import offload
 from liferaft.storage.sqlite import fsync_dir
+from liferaft.transport.base import Transport
 from liferaft.transport.files import SnapshotAck, SnapshotChunk, file_hasher
-from liferaft.transport.peer import PeerTransport
 
 log = logging.getLogger("liferaft.node")
 
@@ -87,7 +88,7 @@ class SnapshotSender:
     def __init__(
         self,
         node_id: str,
-        transport: PeerTransport,
+        transport: Transport,
         state: StateService,
         finish: Callable[[InstallSnapshot, int, int], InstallSnapshot | None],
         rng: random.Random,
@@ -140,13 +141,13 @@ class SnapshotSender:
                     self.sent += 1
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+                await offload.run_sync(lambda: path.unlink(missing_ok=True))
             del self._running[peer]
 
     async def _stream(self, msg: InstallSnapshot, out: _Outgoing, path: Path) -> bool:
         send_acks, acks = trio.open_memory_channel[SnapshotAck](4 * WINDOW)
         out.acks = send_acks
-        f: BinaryIO = await trio.to_thread.run_sync(lambda: open(path, "rb"))  # noqa: SIM115
+        f: BinaryIO = await offload.run_sync(lambda: open(path, "rb"))  # noqa: SIM115
         size = os.fstat(f.fileno()).st_size
         hasher = file_hasher()
         event(log, "snapshot_send_started", peer=msg.dst, applied=out.applied, bytes=size)
@@ -154,7 +155,7 @@ class SnapshotSender:
             offset = acked = 0
             while True:
                 while offset < size and offset - acked < WINDOW * CHUNK_BYTES:
-                    data = await trio.to_thread.run_sync(f.read, CHUNK_BYTES)
+                    data = await offload.run_sync(partial(f.read, CHUNK_BYTES))
                     hasher.update(data)
                     done = offset + len(data) >= size
                     self._transport.send(
@@ -214,7 +215,7 @@ class _Incoming:
 class SnapshotReceiver:
     """The follower's side: one transfer at a time; a new one replaces an unfinished one."""
 
-    def __init__(self, node_id: str, transport: PeerTransport, state: StateService) -> None:
+    def __init__(self, node_id: str, transport: Transport, state: StateService) -> None:
         self.id = node_id
         self._transport = transport
         self._state = state
@@ -248,7 +249,7 @@ class SnapshotReceiver:
             async for item in self._recv:
                 if isinstance(item, int):
                     path = install_path(self._state.data_dir, item)
-                    await trio.to_thread.run_sync(partial(path.unlink, missing_ok=True))
+                    await offload.run_sync(partial(path.unlink, missing_ok=True))
                 else:
                     await self._handle(item)
         finally:
@@ -275,14 +276,14 @@ class SnapshotReceiver:
                     cur.file.close()
                 cur.path.unlink(missing_ok=True)
 
-            await trio.to_thread.run_sync(drop)
+            await offload.run_sync(drop)
 
     async def _handle(self, chunk: SnapshotChunk) -> None:
         cur = self._current
         if chunk.offset == 0 and (cur is None or cur.transfer != chunk.transfer):
             await self._drop()
             path = self._state.snapshot_dir / f"incoming-{chunk.transfer:d}.part"
-            f: BinaryIO = await trio.to_thread.run_sync(lambda: open(path, "wb"))  # noqa: SIM115
+            f: BinaryIO = await offload.run_sync(lambda: open(path, "wb"))  # noqa: SIM115
             cur = self._current = _Incoming(
                 chunk.transfer, chunk.src, chunk.term, chunk.size, path, f, 0, file_hasher()
             )
@@ -300,7 +301,7 @@ class SnapshotReceiver:
             return
         f = cur.file
         try:
-            await trio.to_thread.run_sync(f.write, chunk.data)
+            await offload.run_sync(partial(f.write, chunk.data))
         except OSError as exc:  # disk full: give this transfer up, the node goes on
             event(log, "snapshot_receive_failed", leader=chunk.src, reason=repr(exc)[:200])
             await self._drop()
@@ -329,7 +330,7 @@ class SnapshotReceiver:
         self._current = None
         try:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(finish)
+                await offload.run_sync(finish)
         except OSError as exc:  # e.g. the file was cleaned away by an install meanwhile
             event(log, "snapshot_receive_failed", leader=chunk.src, reason=repr(exc)[:200])
             self._ack(chunk, 0, ok=False)

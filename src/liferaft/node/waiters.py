@@ -88,6 +88,7 @@ class Waiters:
     def __init__(self) -> None:
         self.proposals: dict[int, tuple[int, Settable]] = {}  # index -> (term, waiter)
         self.reads: dict[bytes, Outcome[int]] = {}  # ctx -> read index
+        self._read_times: dict[bytes, float] = {}  # ctx -> when it was asked (Trio time)
         self.applied: list[tuple[int, Outcome[None]]] = []  # wait for applied >= index
         self._ctx = itertools.count(1)
 
@@ -95,7 +96,30 @@ class Waiters:
         ctx = b"r%d" % next(self._ctx)
         out: Outcome[int] = Outcome()
         self.reads[ctx] = out
+        self._read_times[ctx] = trio.current_time()
         return ctx, out
+
+    def pop_read(self, ctx: bytes) -> Outcome[int] | None:
+        self._read_times.pop(ctx, None)
+        return self.reads.pop(ctx, None)
+
+    def expire_reads(self, max_age: float) -> None:
+        """Fail the reads asked more than ``max_age`` seconds ago. A read whose request
+        or answer was lost is otherwise failed only by the next answered read, and with
+        no other read (or a follower that keeps losing its requests one way) it would
+        stay here for good: one per round, growing through a partition."""
+        if not self._read_times:
+            return
+        oldest = trio.current_time() - max_age
+        old = []
+        for ctx, t in self._read_times.items():  # oldest first
+            if t > oldest:
+                break
+            old.append(ctx)
+        for ctx in old:
+            out = self.pop_read(ctx)
+            if out is not None:
+                out.fail(ReadFailed("the read was not confirmed in time"))
 
     def answer_read(self, ctx: bytes, index: int) -> None:
         """The read ``ctx`` is confirmed at ``index``. Reads are answered in the order
@@ -103,7 +127,7 @@ class Waiters:
         any read asked before it and still waiting was lost on the way (its request or
         answer dropped, or sent to a leader that was deposed): it fails now instead of
         waiting forever once its caller has given up."""
-        out = self.reads.pop(ctx, None)
+        out = self.pop_read(ctx)
         if out is None:
             return
         number = int(ctx[1:])
@@ -113,7 +137,9 @@ class Waiters:
                 break
             lost.append(older)
         for older in lost:
-            self.reads.pop(older).fail(ReadFailed("the read's request or answer was lost"))
+            lost_out = self.pop_read(older)
+            assert lost_out is not None
+            lost_out.fail(ReadFailed("the read's request or answer was lost"))
         out.set(index)
 
     def on_applied(self, index: int, term: int, result: object) -> None:
@@ -150,4 +176,5 @@ class Waiters:
             a.fail(error)
         self.proposals.clear()
         self.reads.clear()
+        self._read_times.clear()
         self.applied.clear()

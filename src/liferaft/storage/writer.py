@@ -21,21 +21,22 @@ from typing import TypeVar
 import trio
 
 from liferaft.core import Membership, Ready, Restored, Snapshot
+from liferaft.storage import offload
+from liferaft.storage.offload import Worker
 from liferaft.storage.sqlite import Storage
-from liferaft.storage.worker import WorkerThread
 
 T = TypeVar("T")
 
 
 class StorageWriter:
-    def __init__(self, storage: Storage, worker: WorkerThread) -> None:
+    def __init__(self, storage: Storage, worker: Worker) -> None:
         self.storage = storage
         self._worker = worker
 
     @classmethod
     async def open(cls, data_dir: Path, *, initial: Membership | None = None) -> StorageWriter:
         """``Storage.open`` (with its integrity check) on the storage thread."""
-        worker = WorkerThread("liferaft-raft.db")
+        worker = offload.new_worker("liferaft-raft.db")
         try:
             storage = await worker.run(lambda: Storage.open(data_dir, initial=initial))
         except BaseException:
@@ -68,12 +69,12 @@ class StorageWriter:
     async def checkpoint(self) -> None:
         """``Storage.checkpoint`` on a thread of its own (its own connection): it runs
         beside the writes instead of between them."""
-        await trio.to_thread.run_sync(self.storage.checkpoint, abandon_on_cancel=False)
+        await offload.run_sync(self.storage.checkpoint)
 
     async def size_bytes(self) -> int:
         """File sizes only; off the storage thread, so a metrics scrape never waits
         behind a long write."""
-        return await trio.to_thread.run_sync(self.storage.size_bytes, abandon_on_cancel=False)
+        return await offload.run_sync(self.storage.size_bytes)
 
     async def close(self) -> None:
         await self._worker.close(self.storage.close)

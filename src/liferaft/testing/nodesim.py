@@ -1,0 +1,662 @@
+"""The whole-node simulator: real nodes and real clients under Trio's ``MockClock``.
+
+What runs is the product's own code: each ``Node`` with its core loop, applier,
+compactor, checkpointer, waiters, snapshot transfers and state database (SQLite in a
+temp dir, its calls made inline: ``liferaft.storage.offload``), each node's client API
+(``ClientServer``: requests, write batches, watches), and ``liferaft.client.Client``
+with its sessions, retries and watch resumption. Only the wires are simulated: peer
+messages cross a ``SimNetwork`` that loses, delays (so reorders) and partitions them, and
+clients reach a node's API over in-memory byte streams. A nemesis crashes and restarts
+nodes (a crash cancels every task of the node at once; what it committed to SQLite
+stays, as after ``kill -9``), isolates nodes, makes the network lossy and moves
+leadership, all while clients put and get.
+
+One seed decides everything: the workload, the faults, the network's choices, each
+node's randomness and Trio's own scheduling order (its deterministic mode, the one
+Hypothesis uses), and the mock clock makes time a function of the run, not of the
+machine. So a failing seed replays exactly, in this process or another (a test checks
+it, under two different ``PYTHONHASHSEED``s): ``liferaft sim --whole-node --seed N`` or
+``pytest tests/sim --seed N``.
+
+After the run the checker asks: is the client history linearizable (per key,
+``testing.linearizability``); is every acknowledged put in the store exactly once, and
+every stored value one that a client put; do all replicas hold the same state; did every
+watch deliver every event, in order, with no gap or repeat; is no proposal, read or
+apply waiter left behind; and did memory stay within its bounds (the in-memory log).
+docs/reliability.md describes the runs and what they found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import itertools
+import random
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from liferaft.api.server import ClientServer
+from liferaft.api.service import serve
+from liferaft.client import Client, LiferaftError
+from liferaft.client.wire import Endpoint
+from liferaft.config import load
+from liferaft.core import Role
+from liferaft.node.loop import READ_ROUNDS_MAX
+from liferaft.node.node import Node
+from liferaft.security.certs import generate
+from liferaft.security.tokens import mint
+from liferaft.storage.offload import inline_io
+from liferaft.testing.linearizability import Op, check
+from liferaft.testing.localcluster import write_config
+from liferaft.transport.files import PeerMessage
+from liferaft.transport.stats import TransportStats
+
+PREFIX = "k/"
+PASS_WRITES_MAX = 500  # writes to pass the proposals a deposed leader left, at most
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    nodes: int = 3
+    clients: int = 4
+    ops_per_client: int = 40
+    think_s: float = 0.25  # a client's pause between two operations, at most
+    keys: int = 3
+    faults: bool = True
+    loss: float = 0.01  # chance that a peer message is lost (more during a lossy spell)
+    delay_ms: tuple[float, float] = (0.5, 8.0)  # one-way delay of a peer message
+    heartbeat_ms: int = 50
+    election_ms: int = 300
+    snapshot_entries: int = 24  # small: snapshots, compaction and installs happen often
+    client_timeout_s: float = 4.0
+    settle_s: float = 60.0  # after the workload: time to heal and converge (virtual)
+
+
+@dataclass
+class SimResult:
+    seed: int
+    history: list[Op] = field(default_factory=list)
+    timeline: list[tuple[float, str]] = field(default_factory=list)  # (virtual s, fault)
+    problems: list[str] = field(default_factory=list)
+    acked_puts: int = 0
+    events_seen: int = 0
+    elections: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def report(self) -> str:
+        lines = [
+            f"seed {self.seed}: {len(self.history)} ops, {self.acked_puts} acknowledged puts,"
+            f" {self.events_seen} watch events, {len(self.timeline)} faults, "
+            f"{self.elections} leader changes",
+        ]
+        lines += [f"  {t:8.3f}s {what}" for t, what in self.timeline]
+        lines += [f"PROBLEM: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the network
+
+
+class SimNetwork:
+    """Peer messages in flight, each delivered after a seeded delay unless lost or cut."""
+
+    def __init__(self, rng: random.Random, loss: float, delay_ms: tuple[float, float]) -> None:
+        self._rng = rng
+        self.base_loss = self.loss = loss
+        self._delay = (delay_ms[0] / 1000, delay_ms[1] / 1000)
+        self.transports: dict[str, SimTransport] = {}
+        self.blocked: set[tuple[str, str]] = set()
+        self._queue: list[tuple[float, int, str, PeerMessage]] = []
+        self._seq = itertools.count()
+        self._wake = trio.Event()
+        self.delivered = 0
+        self.dropped = 0
+
+    def isolate(self, node: str, others: Iterable[str]) -> None:
+        for o in others:
+            if o != node:
+                self.blocked |= {(node, o), (o, node)}
+
+    def heal(self) -> None:
+        self.blocked.clear()
+        self.loss = self.base_loss
+
+    def reachable(self, src: str, dst: str) -> bool:
+        return dst in self.transports and (src, dst) not in self.blocked
+
+    def send(self, src: str, msgs: Iterable[PeerMessage]) -> None:
+        now = trio.current_time()
+        for m in msgs:
+            if (src, m.dst) in self.blocked or self._rng.random() < self.loss:
+                self.dropped += 1
+                continue
+            due = now + self._rng.uniform(*self._delay)
+            heapq.heappush(self._queue, (due, next(self._seq), src, m))
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            due = self._queue[0][0]
+            if due > trio.current_time():
+                self._wake = trio.Event()
+                with trio.move_on_at(due):
+                    await self._wake.wait()
+                continue
+            _, _, src, m = heapq.heappop(self._queue)
+            t = self.transports.get(m.dst)
+            if t is None or (src, m.dst) in self.blocked:
+                self.dropped += 1
+                continue
+            try:
+                t.deliver.send_nowait((src, [m]))
+                self.delivered += 1
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                self.dropped += 1  # a full inbound queue drops, as a real link's does
+
+
+class SimTransport:
+    """``Transport`` over a ``SimNetwork``: a node's peer links in the simulator."""
+
+    def __init__(self, node_id: str, network: SimNetwork) -> None:
+        self.node_id = node_id
+        self.stats = TransportStats()
+        self._network = network
+        self.deliver, self.inbound = trio.open_memory_channel[tuple[str, list[PeerMessage]]](256)
+        self.peers: dict[str, tuple[str, int]] = {}
+
+    def send(self, msgs: Iterable[PeerMessage]) -> None:
+        self._network.send(self.node_id, msgs)
+
+    def set_peers(self, peers: Mapping[str, tuple[str, int]]) -> None:
+        self.peers = dict(peers)
+
+    def connected(self, peer_id: str) -> bool:
+        return self._network.reachable(self.node_id, peer_id)
+
+    async def run(
+        self,
+        listen: tuple[str, int],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._network.transports[self.node_id] = self
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            if self._network.transports.get(self.node_id) is self:
+                del self._network.transports[self.node_id]
+            self.deliver.close()
+
+
+# ---------------------------------------------------------------- the cluster
+
+
+@contextlib.contextmanager
+def deterministic_scheduling(seed: int) -> Iterator[None]:
+    """Trio's scheduler in the mode Hypothesis uses: runnable tasks in an order drawn
+    from a seeded generator instead of a random one. Process-wide while it lasts."""
+    from trio._core import _run  # the documented hook is private; pinned by a test
+
+    saved_flag, saved_state = _run._ALLOW_DETERMINISTIC_SCHEDULING, _run._r.getstate()
+    _run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
+    _run._r.seed(seed)
+    try:
+        yield
+    finally:
+        _run._ALLOW_DETERMINISTIC_SCHEDULING = saved_flag  # type: ignore[misc]
+        _run._r.setstate(saved_state)
+
+
+_CERTS: dict[str, Path] = {}
+
+
+def sim_certs(ids: list[str]) -> Path:
+    """One CA and node certificates for the run (made once per process: key generation
+    is the slowest part of a short run)."""
+    key = ",".join(ids)
+    if key not in _CERTS:
+        d = Path(tempfile.mkdtemp(prefix="liferaft-sim-certs-"))
+        generate(d, ids)
+        _CERTS[key] = d
+    return _CERTS[key]
+
+
+class SimCluster:
+    def __init__(self, base: Path, cfg: SimConfig, rng: random.Random) -> None:
+        self.base = base
+        self.cfg = cfg
+        self.rng = rng
+        self.ids = [f"n{i}" for i in range(1, cfg.nodes + 1)]
+        self.certs = sim_certs(self.ids)
+        self.network = SimNetwork(random.Random(rng.getrandbits(64)), cfg.loss, cfg.delay_ms)
+        # fake ports: addresses only name the nodes, nothing listens
+        self.ports = {
+            i: (20000 + 3 * n, 20001 + 3 * n, 20002 + 3 * n) for n, i in enumerate(self.ids)
+        }
+        self.by_client_port = {c: i for i, (_, c, _) in self.ports.items()}
+        self.nodes: dict[str, Node] = {}
+        self.apis: dict[str, ClientServer] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._nurseries: dict[str, trio.Nursery] = {}
+        self._nursery: trio.Nursery | None = None
+        self.stopped: dict[str, trio.Event] = {}
+
+    def _settings_path(self, node_id: str) -> Path:
+        cfg = self.cfg
+        (self.base / "config").mkdir(parents=True, exist_ok=True)
+        return write_config(
+            self.base / "config" / f"{node_id}.toml",
+            node_id,
+            self.ports,
+            self.certs,
+            self.base / "data" / node_id,
+            heartbeat_ms=cfg.heartbeat_ms,
+            election_ms=cfg.election_ms,
+            snapshot_entries=cfg.snapshot_entries,
+            history_revisions=1_000_000,  # the checker reads every event at the end
+        )
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        nursery.start_soon(self.network.run)
+        for i in self.ids:
+            await self.start_node(i)
+
+    async def start_node(self, node_id: str) -> None:
+        assert self._nursery is not None
+        old = self.stopped.get(node_id)
+        if old is not None:
+            await old.wait()  # the crashed incarnation has let go of its files
+        settings = load(self._settings_path(node_id))
+        net = self.network
+        node = Node(
+            settings,
+            rng=random.Random(self.rng.getrandbits(64)),
+            transport=lambda n: SimTransport(n.id, net),
+            serve_health=False,
+        )
+        scope = trio.CancelScope()
+        self._scopes[node_id] = scope
+        self.stopped[node_id] = node.stopped
+        self.nodes[node_id] = node
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    self._nurseries[node_id] = nursery
+                    self.apis[node_id] = await nursery.start(partial_serve(node))
+                    task_status.started()
+
+        await self._nursery.start(run)
+
+    def crash(self, node_id: str) -> None:
+        self._scopes[node_id].cancel()
+        self.nodes.pop(node_id, None)
+        self.apis.pop(node_id, None)
+        self._nurseries.pop(node_id, None)
+
+    def leader(self) -> str | None:
+        best: tuple[int, str] | None = None
+        for i, n in self.nodes.items():
+            r = n.raft
+            if r is not None and r.role is Role.LEADER and (best is None or r.term > best[0]):
+                best = (r.term, i)
+        return None if best is None else best[1]
+
+    def endpoints(self) -> list[str]:
+        return [f"wss://127.0.0.1:{self.ports[i][1]}/v1" for i in self.ids]
+
+    def token(self) -> str:
+        return mint(
+            (self.certs / "jwt-private.pem").read_bytes(),
+            sub="sim",
+            roles=["read", "write", "admin"],
+            ttl_s=24 * 3600,
+            now=time.time(),  # tokens are checked against the real clock
+        )
+
+    async def dial(self, ep: Endpoint) -> trio.abc.Stream:
+        """A client's connection: an in-memory stream to the node's API, served in the
+        node's nursery (so it dies with the node); refused if the node is down."""
+        await trio.sleep(self.rng.uniform(*self.cfg.delay_ms) / 1000)
+        node_id = self.by_client_port.get(ep.port)
+        api = self.apis.get(node_id) if node_id is not None else None
+        nursery = self._nurseries.get(node_id) if node_id is not None else None
+        if api is None or nursery is None:
+            raise OSError(errno.ECONNREFUSED, f"{node_id} is down")
+        client_end, server_end = trio.testing.memory_stream_pair()
+        nursery.start_soon(api.serve_stream, server_end, f"sim:{node_id}")
+        return client_end
+
+
+def partial_serve(node: Node) -> Callable[..., Any]:
+    async def go(task_status: trio.TaskStatus[ClientServer] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve(node, listen=False, task_status=task_status)
+
+    return go
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Simulation:
+    def __init__(self, seed: int, cfg: SimConfig, base: Path) -> None:
+        self.seed = seed
+        self.cfg = cfg
+        self.rng = random.Random(seed)
+        self.cluster = SimCluster(base, cfg, random.Random(self.rng.getrandbits(64)))
+        self.result = SimResult(seed)
+        self.watched: list[tuple[int, str, str, bytes]] = []  # (rev, key, type, value)
+        self._workload_done = trio.Event()
+        self._nemesis_done = trio.Event()
+
+    def _fault(self, what: str) -> None:
+        self.result.timeline.append((trio.current_time(), what))
+
+    async def run(self) -> SimResult:
+        c = self.cluster
+        async with trio.open_nursery() as nursery:
+            await c.start(nursery)
+            nursery.start_soon(self._count_elections)
+            watcher_started = trio.Event()
+            nursery.start_soon(self._watcher, watcher_started)
+            await watcher_started.wait()
+            if self.cfg.faults:
+                nursery.start_soon(self._nemesis)
+            else:
+                self._nemesis_done.set()
+            async with trio.open_nursery() as clients:
+                for cid in range(self.cfg.clients):
+                    clients.start_soon(self._client, cid)
+            self._workload_done.set()
+            await self._settle()
+            await self._pass_pending_proposals()
+            await self._check_watch_complete()
+            self._check_state()
+            # A read whose round was lost is failed after READ_ROUNDS_MAX election
+            # timeouts (its caller gave up long before): after that, nothing may wait.
+            await trio.sleep((READ_ROUNDS_MAX + 1) * self.cfg.election_ms / 1000)
+            self._check_waiters()
+            nursery.cancel_scope.cancel()
+        self._check_history()
+        return self.result
+
+    async def _client(self, cid: int) -> None:
+        rng = random.Random(self.rng.getrandbits(64))
+        c = self.cluster
+        client = await Client.connect(
+            c.endpoints(),
+            token=c.token(),
+            timeout=self.cfg.client_timeout_s,
+            rng=random.Random(rng.getrandbits(64)),
+            dial=c.dial,
+        )
+        async with client:
+            for n in range(self.cfg.ops_per_client):
+                key = f"{PREFIX}{rng.randrange(self.cfg.keys)}"
+                start = trio.current_time()
+                if rng.random() < 0.5:
+                    value = b"c%d-%d" % (cid, n)
+                    end: float | None
+                    try:
+                        await client.put(key, value)
+                        end = trio.current_time()
+                        self.result.acked_puts += 1
+                    except LiferaftError:
+                        end = None  # unknown: it may have happened or not
+                    self.result.history.append(Op(cid, "put", key, value, start, end))
+                else:
+                    try:
+                        kv = await client.get(key)
+                    except LiferaftError:
+                        continue
+                    got = kv.value if kv is not None else None
+                    self.result.history.append(Op(cid, "get", key, got, start, trio.current_time()))
+                await trio.sleep(rng.uniform(0, self.cfg.think_s))
+
+    async def _watcher(self, started: trio.Event) -> None:
+        """One watch over every key from revision 1, through every fault: the client
+        resumes it after each reconnect."""
+        c = self.cluster
+        client = await Client.connect(
+            c.endpoints(),
+            token=c.token(),
+            timeout=30.0,
+            rng=random.Random(self.rng.getrandbits(64)),
+            dial=c.dial,
+        )
+        async with client, client.watch(prefix=PREFIX, start_revision=1) as events:
+            started.set()
+            async for ev in events:
+                self.watched.append((ev.kv.mod_revision, ev.kv.key, ev.type, bytes(ev.kv.value)))
+
+    async def _count_elections(self) -> None:
+        last: tuple[int, str] | None = None
+        while True:
+            lead = self.cluster.leader()
+            if lead is not None:
+                term = self.cluster.nodes[lead].raft.term  # type: ignore[union-attr]
+                if last is not None and (term, lead) != last:
+                    self.result.elections += 1
+                last = (term, lead)
+            await trio.sleep(0.01)
+
+    async def _nemesis(self) -> None:
+        rng = random.Random(self.rng.getrandbits(64))
+        c, net = self.cluster, self.cluster.network
+        down: list[str] = []
+        while True:
+            with trio.move_on_after(rng.uniform(0.2, 1.5)):
+                await self._workload_done.wait()
+            if self._workload_done.is_set():
+                break
+            action = rng.choice(["crash", "crash_leader", "isolate", "lossy", "heal", "transfer"])
+            if down and rng.random() < 0.6:
+                node_id = down.pop(0)
+                self._fault(f"restart {node_id}")
+                await c.start_node(node_id)
+            elif action in ("crash", "crash_leader") and not down:
+                victim = c.leader() if action == "crash_leader" else rng.choice(c.ids)
+                if victim is not None:
+                    self._fault(f"crash {victim}")
+                    c.crash(victim)
+                    down.append(victim)
+            elif action == "isolate":
+                victim = c.leader() if rng.random() < 0.5 else rng.choice(c.ids)
+                if victim is not None:
+                    self._fault(f"isolate {victim}")
+                    net.isolate(victim, c.ids)
+            elif action == "lossy":
+                net.loss = rng.choice([0.1, 0.3])
+                self._fault(f"loss {net.loss:.0%}")
+            elif action == "heal":
+                self._fault("heal")
+                net.heal()
+            elif action == "transfer":
+                lead = c.leader()
+                if lead is not None and lead in c.nodes:
+                    self._fault(f"transfer from {lead}")
+                    with trio.move_on_after(1.0):
+                        with contextlib.suppress(Exception):
+                            await c.nodes[lead].transfer_leadership(None)
+        for node_id in down:
+            self._fault(f"restart {node_id}")
+            await c.start_node(node_id)
+        self._nemesis_done.set()
+
+    async def _settle(self, note: bool = True) -> None:
+        """Heal everything and wait until every node has applied the same, final log."""
+        c = self.cluster
+        await self._nemesis_done.wait()
+        c.network.heal()
+        if note:
+            self._fault("settle")
+        for node_id in c.ids:
+            if node_id not in c.nodes:
+                await c.start_node(node_id)
+
+        def converged() -> bool:
+            lead = c.leader()
+            if lead is None:
+                return False
+            commit = c.nodes[lead].raft.commit  # type: ignore[union-attr]
+            return all(
+                n.raft is not None and n.raft.commit == commit and n.applied == commit
+                for n in c.nodes.values()
+            )
+
+        with trio.move_on_after(self.cfg.settle_s) as scope:
+            while not converged():  # noqa: ASYNC110 - a condition across nodes
+                await trio.sleep(0.05)
+        if scope.cancelled_caught:
+            self.result.problems.append(
+                "no convergence within the settle time: "
+                + ", ".join(
+                    f"{i} commit {n.raft.commit if n.raft else None} applied {n.applied}"
+                    for i, n in c.nodes.items()
+                )
+            )
+
+    async def _pass_pending_proposals(self) -> None:
+        """A deposed leader's proposals wait until an entry lands at their index (theirs,
+        or another that replaces it: only apply decides). With the cluster idle, that is
+        never: write outside the watched prefix until the log has passed them all, so
+        that every waiter must have been answered."""
+        c = self.cluster
+
+        def highest() -> int:
+            return max((max(n.waiters.proposals, default=0) for n in c.nodes.values()), default=0)
+
+        if not highest():
+            return
+        client = await Client.connect(
+            c.endpoints(), token=c.token(), timeout=30.0, rng=random.Random(0), dial=c.dial
+        )
+        async with client:
+            for n in range(PASS_WRITES_MAX):
+                lead = c.leader()
+                target = highest()
+                if lead is None or not target:
+                    break
+                if c.nodes[lead].applied >= target:
+                    break
+                await client.put(f"settle/{n}", b"x")
+        await self._settle(note=False)
+
+    def _final_events(self) -> list[tuple[int, str, str, bytes]]:
+        """Every event of the final state, from the first node (all are equal if the
+        state check passes)."""
+        node = self.cluster.nodes[self.cluster.ids[0]]
+        db = node.kv.db
+        out: list[tuple[int, str, str, bytes]] = []
+        start = 1
+        while True:
+            events, last = db.events(start, prefix=PREFIX)
+            out += [
+                (
+                    e["kv"]["mod_revision"],
+                    e["kv"]["key"],
+                    e["type"],
+                    bytes(e["kv"].get("value", b"")),
+                )
+                for e in events
+            ]
+            if last >= db.revision:
+                return out
+            start = last + 1
+
+    async def _check_watch_complete(self) -> None:
+        final = self._final_events()
+        self.result.events_seen = len(self.watched)
+        with trio.move_on_after(30):
+            while len(self.watched) < len(final):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        if self.watched != final[: len(self.watched)] or len(self.watched) != len(final):
+            first_bad = next(
+                (i for i, (a, b) in enumerate(zip(self.watched, final, strict=False)) if a != b),
+                min(len(self.watched), len(final)),
+            )
+            self.result.problems.append(
+                f"watch: {len(self.watched)} events delivered, {len(final)} in the store; "
+                f"first difference at #{first_bad}: delivered "
+                f"{self.watched[first_bad] if first_bad < len(self.watched) else None}, "
+                f"stored {final[first_bad] if first_bad < len(final) else None}"
+            )
+        self.result.events_seen = len(self.watched)
+        # every stored put is exactly one client put; every acknowledged put is stored once
+        stored = Counter((k, v) for _, k, t, v in final if t == "put")
+        for (k, v), n in stored.items():
+            if n > 1:
+                self.result.problems.append(f"put {k}={v!r} applied {n} times")
+        puts = {(o.key, o.value): o for o in self.result.history if o.kind == "put"}
+        for k, v in stored:
+            if (k, v) not in puts:
+                self.result.problems.append(f"stored {k}={v!r} that no client put")
+        for (key, value), o in puts.items():
+            if o.complete is not None and (key, value) not in stored:
+                self.result.problems.append(f"acknowledged put {key}={value!r} is missing")
+
+    def _check_state(self) -> None:
+        digests = {i: n.kv.db.digest() for i, n in self.cluster.nodes.items()}
+        if len(set(digests.values())) != 1:
+            self.result.problems.append(f"replicas differ: {digests}")
+        for i, n in self.cluster.nodes.items():
+            raft = n.raft
+            held = 0 if raft is None else raft.log.last_index - raft.log.first_index + 1
+            if held > 2 * self.cfg.snapshot_entries + 64:
+                self.result.problems.append(
+                    f"{i} holds {held} log entries in memory "
+                    f"(snapshot_entries {self.cfg.snapshot_entries})"
+                )
+
+    def _check_waiters(self) -> None:
+        for i, n in self.cluster.nodes.items():
+            w = n.waiters
+            if w.proposals or w.reads or w.applied:
+                self.result.problems.append(
+                    f"{i} has waiters left: {len(w.proposals)} proposals, {len(w.reads)} "
+                    f"reads, {len(w.applied)} apply waits"
+                )
+
+    def _check_history(self) -> None:
+        verdict = check(self.result.history)
+        if not verdict:
+            ops = [o for o in self.result.history if o.key == verdict.key]
+            self.result.problems.append(
+                f"not linearizable on key {verdict.key!r}: "
+                + "; ".join(
+                    f"c{o.client} {o.kind} {o.value!r} [{o.invoke:.3f}, "
+                    f"{'?' if o.complete is None else f'{o.complete:.3f}'}]"
+                    for o in sorted(ops, key=lambda o: o.invoke)
+                )
+            )
+
+
+def simulate(seed: int, cfg: SimConfig | None = None) -> SimResult:
+    """One seeded run of the whole-node simulator, in a fresh Trio run of its own."""
+    cfg = cfg or SimConfig()
+    with (
+        tempfile.TemporaryDirectory(prefix=f"liferaft-sim-{seed}-") as d,
+        deterministic_scheduling(seed),
+        inline_io(),
+    ):
+        clock = trio.testing.MockClock(autojump_threshold=0)
+        sim = Simulation(seed, cfg, Path(d))
+        return trio.run(sim.run, clock=clock)
