@@ -424,3 +424,75 @@ def test_the_watch_hub_reset_reaches_every_subscription_after_what_is_queued() -
         hub.reset()
         assert events.receive_nowait() == [event_map("k", 1, 1, 1, b"v")]
         assert events.receive_nowait() is RESET
+
+
+async def test_a_client_that_does_not_read_large_answers_is_let_go_by_bytes(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pipelined gets of a large value from a client that never reads would pile up in
+    the node's memory: far fewer than MAX_QUEUED answers, but each one large. The
+    connection is bounded by the bytes of values it holds too: past MAX_QUEUED_BYTES the
+    node closes it with 1013 (try again later), and serves other clients meanwhile.
+    (The client may see 1006 instead: its last requests were still unread when the node
+    hung up, and TCP resets such a connection.)"""
+    import logging
+
+    from liferaft.api import connection
+
+    monkeypatch.setattr(connection, "MAX_QUEUED_BYTES", 1024 * 1024)
+    caplog.set_level(logging.INFO, logger="liferaft.api")
+    value = b"v" * (100 * 1024)
+    async with cluster(tmp_path, certs) as c:
+        lead = await leader_index(c)
+        token = c.token()
+        async with connect(c, token, lead) as raw:
+            assert (await raw.call(op="put", key="big", value=value))["ok"]
+        url = c.endpoints()[lead]
+        headers = [(b"authorization", f"Bearer {token}".encode())]
+        async with trio_websocket.open_websocket_url(
+            url, ssl_context=ctx(c.certs), extra_headers=headers, max_message_size=1 << 28
+        ) as ws:
+            # 400 x 100 KiB = 40 MiB of answers, more than the socket buffers take
+            answered = 0
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                for i in range(400):
+                    await ws.send_message(cbor2.dumps({"id": i + 1, "op": "get", "key": "big"}))
+                while True:
+                    obj = cbor2.loads(await ws.get_message())
+                    answered += len(obj) if isinstance(obj, list) else 1
+        assert closed.value.reason.code in (1013, 1006)
+        assert answered < 400
+        closes = [
+            getattr(r, "liferaft_fields", {})
+            for r in caplog.records
+            if r.getMessage() == "client_closed"
+        ]
+        assert [f.get("code") for f in closes] == [1013], closes
+        async with connect(c, token, lead) as other:  # the node is fine
+            assert (await other.call(op="get", key="big"))["kv"]["value"] == value
+
+
+async def test_a_watch_catching_up_over_large_values_is_paced_not_cut_off(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch from revision 1 over far more history than MAX_QUEUED_BYTES reads it a
+    page at a time and waits for the client to take each: every event arrives, and the
+    connection is not closed for holding too much."""
+    from liferaft.api import connection
+
+    monkeypatch.setattr(connection, "MAX_QUEUED_BYTES", 1024 * 1024)
+    monkeypatch.setattr(connection, "CATCH_UP_WATERMARK", 256 * 1024)
+    monkeypatch.setattr(connection, "CATCH_UP_PAGE_BYTES", 128 * 1024)
+    value = b"v" * (100 * 1024)
+    async with cluster(tmp_path, certs) as c:
+        lead = await leader_index(c)
+        async with connect(c, c.token(), lead) as raw:
+            for i in range(40):  # 4 MiB of history
+                assert (await raw.call(op="put", key=f"w/{i:02d}", value=value))["ok"]
+            answer = await raw.call(op="watch", prefix="w/", start_revision=1)
+            assert answer["ok"]
+            while sum(len(e["events"]) for e in raw.events) < 40:
+                await raw._pump()
+            keys = [ev["kv"]["key"] for e in raw.events for ev in e["events"]]
+            assert keys == [f"w/{i:02d}" for i in range(40)]
+            assert len(raw.events) >= 4  # paced: several messages, not one

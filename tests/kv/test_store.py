@@ -1130,6 +1130,28 @@ def test_paging_with_after_at_a_past_revision(log: Log) -> None:
 # ---------------------------------------------------------------- events()
 
 
+def test_events_pages_end_at_whole_revisions_of_about_max_bytes(log: Log) -> None:
+    """A page of history holds about max_bytes of values, never a revision cut in two,
+    and at least one revision however large: a watch catching up over large values
+    reads them a few MiB at a time, not a thousand revisions at once."""
+    db = log.db
+    log("put", key="a", value=b"x" * 100)  # 1
+    log("txn", success=[{"op": "put", "key": k, "value": b"y" * 100} for k in "bcd"])  # 2
+    log("put", key="e", value=b"z" * 1000)  # 3
+    log("put", key="f", value=b"w")  # 4
+    everything = history(db, 1)
+    got: list[Event] = []
+    start, lasts = 1, []
+    while start <= db.revision:
+        events, last = db.events(start, max_bytes=150)
+        assert events and all(start <= e["revision"] <= last for e in events)
+        got += events
+        lasts.append(last)
+        start = last + 1
+    assert got == everything
+    assert lasts == [2, 3, 4]  # 100 + the txn's 300 (kept whole); 1000 alone; then the rest
+
+
 def test_events_pages_filters_and_last_revision_covered(log: Log) -> None:
     db = log.db
     log("put", key="a", value=b"1")  # 1

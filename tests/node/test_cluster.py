@@ -319,3 +319,99 @@ async def test_a_read_whose_request_was_lost_is_failed_by_the_next_answered_read
         assert dropped and len(node.waiters.reads) == 1
         assert await node.read_index() >= 1  # the next read is answered...
         assert node.waiters.reads == {}  # ...and the lost one is gone with it
+
+
+async def test_a_read_whose_request_was_lost_is_failed_in_time_without_another_read(
+    tmp_path: Path, certs: Path
+) -> None:
+    """With every ReadIndex request of a follower lost (a one-way loss: it still hears
+    the leader's heartbeats, so it never looks for another), no later read is answered
+    to fail the lost ones; they expire after READ_ROUNDS_MAX election timeouts instead
+    of piling up (found by the whole-node simulator)."""
+    from liferaft.core import ReadIndexRequest
+    from liferaft.node.loop import READ_ROUNDS_MAX
+    from liferaft.node.waiters import ReadFailed
+
+    async with running(tmp_path, certs, 3) as c:
+        leader = await c.wait_leader()
+        await write(c, b"x")
+        follower = next(i for i in c.ids if i != leader)
+        node = c.nodes[follower]
+        normal = node._send_filter
+        assert normal is not None
+
+        def drop_read_requests(msgs: list[AnyMessage]) -> list[AnyMessage]:
+            return normal([m for m in msgs if not isinstance(m, ReadIndexRequest)])
+
+        node._send_filter = drop_read_requests
+        for _ in range(5):
+            with trio.move_on_after(0.05):  # each caller gives up; the next asks anew
+                await node.read_index()
+        assert len(node.waiters.reads) == 5
+        with pytest.raises(ReadFailed):  # a caller that waits is told, in time
+            await node.read_index()
+        assert node.waiters.reads == {}
+        age = READ_ROUNDS_MAX * node.settings.raft.election_timeout_ms / 1000
+        assert age < HANG
+
+
+async def test_a_snapshot_carries_only_the_addresses_of_applied_config_entries(
+    tmp_path: Path, certs: Path
+) -> None:
+    """A leader cut off from the others appends a CONFIG entry that adds n9 (with its
+    addresses) and can never commit it. The snapshot it takes meanwhile must not carry
+    n9's addresses: a snapshot holds the state as of applied entries, and a follower
+    installing it would learn a member that never was."""
+    from liferaft.core import ConfChange, ConfChangeType
+    from liferaft.node import transfer
+
+    async with running(tmp_path, certs, 3) as c:
+        leader = await c.wait_leader()
+        await write(c, b"x")
+        node = c.nodes[leader]
+        c.faults.isolate(leader, c.ids)
+        ctx = Node.encode_addresses("127.0.0.1:1", "127.0.0.1:2")
+        await node.call(
+            lambda r: r.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, "n9", ctx))
+        )
+        await wait_until(lambda: "n9" in node.addresses)  # appended: dialled already
+        assert node.raft is not None and node.raft.commit < node.raft.log.last_index
+        before = node.snapshot_index
+        node._applier._compact_send.send_nowait(None)
+        await wait_until(lambda: node.snapshot_index > before)
+        about = transfer.parse(node.raft._snapshot.data)  # type: ignore[union-attr]
+        assert set(about["members"]) == set(c.ids)
+
+
+async def test_a_stalled_applier_never_holds_up_the_core_loop(tmp_path: Path, certs: Path) -> None:
+    """The leader's applier hangs (a slow disk, a huge run) while thousands of entries
+    commit: the core loop never waits for it, so heartbeats go on, nobody calls an
+    election, and the applier catches up once it moves again (issue: the applier
+    blocking the core loop on a full apply channel could stall heartbeats)."""
+    async with running(tmp_path, certs, 3) as c:
+        leader = await c.wait_leader()
+        await write(c, b"x")
+        node = c.nodes[leader]
+        assert node.raft is not None
+        term = node.raft.term
+        release = trio.Event()
+        applier = node._applier
+        real_apply = applier._apply
+
+        async def stalled(entries: list[object]) -> None:
+            await release.wait()
+            await real_apply(entries)  # type: ignore[arg-type]
+
+        applier._apply = stalled  # type: ignore[method-assign]
+        applied = node.applied
+        for _ in range(40):  # 40 x 100 entries, more than any queue between them held
+            await node.call(lambda r: [r.propose(b"y") for _ in range(100)])
+        target = node.raft.log.last_index
+        await wait_until(lambda: node.raft is not None and node.raft.commit >= target)
+        for _ in range(5):  # several election timeouts with the applier stalled
+            await trio.sleep(node.settings.raft.election_timeout_ms / 1000)
+        assert node.applied == applied
+        assert all(n.raft is not None and n.raft.term == term for n in c.nodes.values())
+        assert all(n.raft is not None and n.raft.leader == leader for n in c.nodes.values())
+        release.set()
+        await wait_until(lambda: node.applied >= target)

@@ -42,6 +42,13 @@ audit_log = logging.getLogger("liferaft.audit")
 MAX_BATCH = 1024  # requests in one array message (docs/client-protocol.md, "Messages")
 MAX_IN_FLIGHT = 4096  # requests other than writes being handled per connection
 MAX_QUEUED = 65536  # responses and events waiting to be sent before we give up
+# ... or this many bytes of values in them (reads and watch events carry values; a
+# client that pipelines gets of large values and never reads would hold them here)
+MAX_QUEUED_BYTES = 32 * 1024 * 1024
+# a watch reading history waits while more than this is queued (backpressure, so a
+# long catch-up over large values never trips MAX_QUEUED_BYTES itself)
+CATCH_UP_WATERMARK = MAX_QUEUED_BYTES // 4
+CATCH_UP_PAGE_BYTES = MAX_QUEUED_BYTES // 8  # values read from history at a time, about
 TRY_LATER = 1013  # WebSocket close code (RFC 6455 §7.4.1, IANA registry)
 
 
@@ -67,7 +74,9 @@ class Connection:
         self.claims = claims
         self.remote = remote
         self._out: list[dict[str, Any]] = []
+        self._out_bytes = 0  # bytes of values in _out (about)
         self._wake = trio.Event()
+        self._sent = trio.Event()  # set after each message sent: _out_bytes went down
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._writes = ConnectionWrites(self)
         self._ended = False  # run() has returned
@@ -247,7 +256,7 @@ class Connection:
         code = "ok"
         try:
             result = await self._dispatch(req, nursery)
-            self._queue({"id": rid, "ok": True, **result})
+            self._queue({"id": rid, "ok": True, **result}, _result_bytes(result))
         except ApiError as exc:
             code = exc.code
             self._queue({"id": rid, "ok": False, "error": exc.body()})
@@ -400,7 +409,10 @@ class Connection:
                 if batch:
                     watch.last = max(last, batch[-1]["revision"])
                 if chosen:
-                    self._queue({"watch_id": wid, "events": chosen, "revision": watch.last})
+                    self._queue(
+                        {"watch_id": wid, "events": chosen, "revision": watch.last},
+                        _events_bytes(chosen),
+                    )
             # The hub cut us off: we fell too far behind to deliver every event.
             self._overflow = Closing(TRY_LATER, "a watch fell behind; watch again from a revision")
             self._scope.cancel()
@@ -412,7 +424,14 @@ class Connection:
         page at a time; False if it was compacted meanwhile (the watch then ends)."""
         state = self.server.node.kv
         while watch.last < upto:
-            page = partial(StateDB.events, start=watch.last + 1, end=upto, key=key, prefix=prefix)
+            page = partial(
+                StateDB.events,
+                start=watch.last + 1,
+                end=upto,
+                key=key,
+                prefix=prefix,
+                max_bytes=CATCH_UP_PAGE_BYTES,
+            )
             try:
                 events, watch.last = await state.read(page)
             except Compacted as exc:  # compacted before we read it: the client resumes
@@ -425,7 +444,13 @@ class Connection:
                 )
                 return False
             if events:
-                self._queue({"watch_id": wid, "events": events, "revision": watch.last})
+                self._queue(
+                    {"watch_id": wid, "events": events, "revision": watch.last},
+                    _events_bytes(events),
+                )
+            while self._out_bytes > CATCH_UP_WATERMARK:  # let the client take it first
+                self._sent = trio.Event()
+                await self._sent.wait()
         return True
 
     def _unwatch(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -438,14 +463,18 @@ class Connection:
 
     # ---------------------------------------------------------------- sending
 
-    def _queue(self, item: dict[str, Any]) -> None:
+    def _queue(self, item: dict[str, Any], size: int = 0) -> None:
+        """Queue ``item`` to send; ``size`` is about the bytes of values it carries."""
         self._out.append(item)
+        self._out_bytes += size
         self._queued()
 
     def _queued(self) -> None:
         """Wake the sender for what was appended to ``_out``."""
-        if len(self._out) > MAX_QUEUED:  # a client that does not read: let it go
+        if len(self._out) > MAX_QUEUED or self._out_bytes > MAX_QUEUED_BYTES:
+            # a client that does not read: let it go
             self._out.clear()
+            self._out_bytes = 0
             self._overflow = Closing(TRY_LATER, "the client does not read its responses")
             self._scope.cancel()
             return
@@ -461,7 +490,9 @@ class Connection:
         while self._out:
             self._audit_answered()
             batch, self._out = self._out, []
+            self._out_bytes = 0  # the message being sent is the socket's to hold now
             await self.ws.send_message(dumps(batch[0] if len(batch) == 1 else batch))
+            self._sent.set()
 
     def _audit(self, req: dict[str, Any], op: str, code: str) -> None:
         event(
@@ -473,6 +504,24 @@ class Connection:
             key=_audited_key(req),
             result=code,
         )
+
+
+def _value_bytes(kv: object) -> int:
+    value = kv.get("value") if isinstance(kv, dict) else None
+    return len(value) if isinstance(value, (bytes, str)) else 0
+
+
+def _result_bytes(result: dict[str, Any]) -> int:
+    """About the bytes of values in a read's result (a get's kv, a range's kvs)."""
+    kvs = result.get("kvs")
+    n = _value_bytes(result.get("kv"))
+    if isinstance(kvs, list):
+        n += sum(_value_bytes(kv) for kv in kvs)
+    return n
+
+
+def _events_bytes(events: list[dict[str, Any]]) -> int:
+    return sum(_value_bytes(e.get("kv")) for e in events)
 
 
 def _audited_key(req: dict[str, Any]) -> str | None:

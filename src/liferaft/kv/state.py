@@ -67,7 +67,8 @@ BUSY_TIMEOUT_MS = 5000  # sqlite3.connect's default timeout of 5 s
 HISTORY_REVISIONS = 100_000
 WRITER_CACHE_KIB = 32 * 1024
 READER_CACHE_KIB = 8 * 1024
-EVENTS_PAGE = 1024  # rows per page when reading history
+EVENTS_PAGE = 1024  # revisions per page when reading history, at most
+EVENTS_PAGE_BYTES = 4 * 1024 * 1024  # ... and values of about this many bytes at most
 
 
 class FutureRevision(ValueError):
@@ -244,9 +245,11 @@ class StateDB:
         key: str | None = None,
         prefix: str | None = None,
         max_revisions: int = EVENTS_PAGE,
+        max_bytes: int = EVENTS_PAGE_BYTES,
     ) -> tuple[list[Event], int]:
         """The events of revisions ``start`` .. ``end`` (default: now), at most
-        ``max_revisions`` of them, for ``key`` or keys under ``prefix`` (all with
+        ``max_revisions`` of them and whole revisions of about ``max_bytes`` of values
+        (at least one revision), for ``key`` or keys under ``prefix`` (all with
         neither); returns them with the last revision covered (read on from the next).
         Raises Compacted if ``start`` is at or before the compaction point."""
         with self.reader() as conn:
@@ -271,7 +274,16 @@ class StateDB:
                     "ORDER BY rev, key",
                     (start, last, *params),
                 )
-            return [event_map(*r) for r in rows], last
+            out: list[Event] = []
+            size = 0
+            rev = 0
+            for r in rows:
+                if size >= max_bytes and r[1] != rev:  # the page ends with a whole revision
+                    return out, rev
+                out.append(event_map(*r))
+                size += len(r[4]) if r[4] is not None else 0
+                rev = r[1]
+            return out, last
 
     def key_count(self) -> int:
         with self.reader() as conn:

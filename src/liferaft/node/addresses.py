@@ -4,6 +4,12 @@ A node learns addresses from three places: its config (the members it starts wit
 the CONFIG entries that add members (their context carries the addresses), and the
 core's snapshot, which keeps the book once compaction has dropped those entries. The
 book maps a member id to ``(peer address, client address)``, both ``host:port``.
+
+A node keeps two books. The one it dials from learns from CONFIG entries as soon as
+they are appended: a new member must be reachable before its entry commits, or it
+could never catch up to commit it. The one that goes into snapshots learns only from
+applied entries: a snapshot is the state as of applied entries, and an appended entry
+may still be replaced (a member that never was must not outlive it in a snapshot).
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ def learn_from_entries(addresses: Addresses, entries: Iterable[Entry]) -> None:
                 addresses[change.node_id] = (ctx["peer"], ctx["client"])
 
 
-def learn_from_snapshot(addresses: Addresses, about: dict[str, Any]) -> None:
+def learn_from_snapshot(addresses: Addresses, about: dict[str, Any], *, replace: bool) -> None:
+    """Add the snapshot's book to ``addresses``; with ``replace`` its addresses win over
+    those already known (the applied book: the snapshot is newer than what it held)."""
     members = about.get("members")
     if isinstance(members, dict):
         for k, v in members.items():
             if isinstance(k, str) and isinstance(v, list) and len(v) == 2:
-                addresses.setdefault(k, (str(v[0]), str(v[1])))
+                if replace:
+                    addresses[k] = (str(v[0]), str(v[1]))
+                else:
+                    addresses.setdefault(k, (str(v[0]), str(v[1])))
 
 
 def snapshot_data(addresses: Addresses) -> bytes:

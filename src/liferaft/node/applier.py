@@ -24,7 +24,7 @@ import trio
 from liferaft.core import Entry, EntryKind, Raft, Snapshot
 from liferaft.crashpoint import crashpoint
 from liferaft.node import transfer
-from liferaft.node.addresses import learn_from_snapshot, snapshot_data
+from liferaft.node.addresses import learn_from_entries, learn_from_snapshot, snapshot_data
 from liferaft.node.applyqueue import ApplyQueue
 from liferaft.node.waiters import ProposalDropped
 from liferaft.observability.logs import event
@@ -93,6 +93,8 @@ class Applier:
         for e, result in zip(entries, applied.results, strict=True):
             if e.kind is EntryKind.NORMAL:
                 committed += 1
+            elif e.kind is EntryKind.CONFIG:
+                learn_from_entries(node.applied_addresses, (e,))
             node.waiters.on_applied(e.index, e.term, result)
         if committed:
             node.metrics.proposals_committed.inc(committed)
@@ -130,7 +132,8 @@ class Applier:
         about = transfer.parse(snap.data)
         crashpoint("snapshot_before_swap")
         await node.kv.install(about["transfer"])
-        learn_from_snapshot(node.addresses, about)
+        learn_from_snapshot(node.addresses, about, replace=False)
+        learn_from_snapshot(node.applied_addresses, about, replace=True)
         node.snapshot_meta = snap.meta  # the core restores only past its own snapshot
         # Proposals of ours at indexes the snapshot covers never apply here: if ours
         # was committed it is in the snapshot, if not it was replaced; either way this
@@ -176,7 +179,7 @@ class Applier:
             index = durable if held is None else min(durable, held)
             if index <= node.snapshot_index:
                 continue
-            data = snapshot_data(node.addresses)
+            data = snapshot_data(node.applied_addresses)
             snap = await node.call(partial(_compact, index=index, data=data))
             if snap is None:
                 continue

@@ -142,6 +142,8 @@ class Node:
         self.addresses: addresses.Addresses = {
             m.id: (str(m.peer), str(m.client)) for m in settings.cluster.members
         }
+        # the same, from applied CONFIG entries only: what snapshots carry (addresses.py)
+        self.applied_addresses: addresses.Addresses = dict(self.addresses)
         self.db_size = 0
         self.on_restore: Callable[[], None] | None = None  # the state machine was replaced
         self.on_events: list[Callable[[list[EventRow]], object]] = []  # per applied run
@@ -198,10 +200,14 @@ class Node:
             self.raft = Raft(raft_config(s), self._rng, restored)
             self._loop.durable_vote = (restored.hard_state.term, restored.hard_state.vote)
             if snap is not None:
-                addresses.learn_from_snapshot(self.addresses, about)
+                addresses.learn_from_snapshot(self.addresses, about, replace=False)
+                addresses.learn_from_snapshot(self.applied_addresses, about, replace=True)
                 self.snapshot_meta = snap.meta
             self.applied = self.state.db.applied
             addresses.learn_from_entries(self.addresses, restored.entries)
+            addresses.learn_from_entries(
+                self.applied_addresses, (e for e in restored.entries if e.index <= self.applied)
+            )
             make = self._make_transport
             self.transport = self._peer_transport() if make is None else make(self)
             self.sender = SnapshotSender(

@@ -125,6 +125,6 @@ class PeerLinks:
             dst=msg.dst,
             meta=meta,
             offset=0,
-            data=transfer.describe(transfer_id, applied, node.addresses),
+            data=transfer.describe(transfer_id, applied, node.applied_addresses),
             done=True,
         )
