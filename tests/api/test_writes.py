@@ -17,7 +17,7 @@ import trio.testing
 from liferaft.api import handlers
 from liferaft.api.writes import MAX_WRITE_BATCHES, ConnectionWrites
 from liferaft.core import NotLeader
-from liferaft.node.waiters import ProposalDropped, Settable
+from liferaft.node.waiters import NodeStopped, ProposalDropped, Settable
 
 
 class FakeNode:
@@ -107,6 +107,9 @@ async def test_an_entry_that_failed_as_a_whole_answers_every_write_with_its_erro
     [
         (NotLeader("n2"), "not_leader"),
         (ProposalDropped("entry 9 was replaced by a new leader"), "unavailable"),
+        # the node stopped (a storage failure) before the entry's fate was known: the
+        # client is told so, not "internal" (found by the whole-node simulator)
+        (NodeStopped("node stopped"), "unavailable"),
     ],
 )
 async def test_a_refused_batch_is_answered_with_the_reason(error: Exception, code: str) -> None:

@@ -11,7 +11,7 @@ from liferaft.api.errors import ApiError, invalid, unavailable
 from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused
 from liferaft.kv.state import FutureRevision, StateDB
 from liferaft.kv.watch import Compacted
-from liferaft.node.waiters import ProposalDropped, ReadFailed
+from liferaft.node.waiters import NodeStopped, ProposalDropped, ReadFailed
 
 if TYPE_CHECKING:
     from liferaft.node.node import Node
@@ -79,7 +79,7 @@ def write_failure(node: Node, exc: BaseException) -> ApiError:
     """The answer for writes whose proposal failed with ``exc``."""
     if isinstance(exc, NotLeader):
         return not_leader(node, exc.leader)
-    if isinstance(exc, (ProposalDropped, ProposalRefused, trio.TooSlowError)):
+    if isinstance(exc, (ProposalDropped, ProposalRefused, NodeStopped, trio.TooSlowError)):
         return unavailable(f"the write may or may not have happened: {exc}")
     if isinstance(exc, ApiError):
         return exc
@@ -185,7 +185,7 @@ async def member_change(node: Node, req: dict[str, Any]) -> dict[str, Any]:
         raise not_leader(node, exc.leader) from None
     except ProposalRefused as exc:
         raise ApiError("member_error", str(exc)) from None
-    except (ProposalDropped, trio.TooSlowError) as exc:
+    except (ProposalDropped, NodeStopped, trio.TooSlowError) as exc:
         raise unavailable(f"the change may or may not have happened: {exc}") from None
     return {"members": status(node)["members"]}
 

@@ -52,7 +52,7 @@ from liferaft.node.loop import MAX_INPUTS_PER_ROUND, CoreLoop
 from liferaft.node.peers import PeerLinks, log_transport_event
 from liferaft.node.state import StateService
 from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
-from liferaft.node.waiters import Outcome, ReadFailed, Settable, Waiters
+from liferaft.node.waiters import NodeStopped, Outcome, Settable, Waiters
 from liferaft.observability.gcwatch import GcWatch
 from liferaft.observability.http import HealthServer
 from liferaft.observability.logs import event, node_context
@@ -242,7 +242,7 @@ class Node:
         finally:
             if self._gc_watch is not None:
                 self._gc_watch.remove()
-            self.waiters.fail_all(ReadFailed("node stopped"))
+            self.waiters.fail_all(NodeStopped("the node stopped"))
             with trio.CancelScope(shield=True):
                 try:
                     if self.state is not None:

@@ -24,6 +24,11 @@ class ReadFailed(Exception):
     """The read lost its leader before it could be confirmed."""
 
 
+class NodeStopped(ReadFailed):
+    """The node stopped (shut down, or failed on its storage) while the caller waited:
+    a write may or may not have been committed by the others."""
+
+
 class Outcome(Generic[T]):
     """A single-assignment result that one task sets and another awaits."""
 

@@ -49,24 +49,31 @@ from liferaft.api.service import serve
 from liferaft.client import Client, LiferaftError
 from liferaft.client.wire import Endpoint
 from liferaft.config import load
-from liferaft.core import Role
+from liferaft.core import Ready, Role
 from liferaft.node.loop import READ_ROUNDS_MAX
 from liferaft.node.node import Node
 from liferaft.security.certs import generate
 from liferaft.security.tokens import mint
+from liferaft.storage.errors import StorageError
 from liferaft.storage.offload import inline_io
+from liferaft.storage.sqlite import Storage
 from liferaft.testing.linearizability import Op, check
 from liferaft.testing.localcluster import write_config
 from liferaft.transport.files import PeerMessage
 from liferaft.transport.stats import TransportStats
 
 PREFIX = "k/"
+ACTIONS = [  # what the nemesis does, each as likely
+    *("crash", "crash_leader", "isolate", "lossy", "heal", "transfer", "disk"),
+    *("add", "promote", "remove"),
+]
 PASS_WRITES_MAX = 500  # writes to pass the proposals a deposed leader left, at most
 
 
 @dataclass(frozen=True)
 class SimConfig:
     nodes: int = 3
+    spares: int = 1  # ids the nemesis may add as members (and remove again)
     clients: int = 4
     ops_per_client: int = 40
     think_s: float = 0.25  # a client's pause between two operations, at most
@@ -132,6 +139,9 @@ class SimNetwork:
     def heal(self) -> None:
         self.blocked.clear()
         self.loss = self.base_loss
+
+    def rejoin(self, node: str) -> None:
+        self.blocked = {(a, b) for a, b in self.blocked if node not in (a, b)}
 
     def reachable(self, src: str, dst: str) -> bool:
         return dst in self.transports and (src, dst) not in self.blocked
@@ -243,13 +253,19 @@ class SimCluster:
         self.base = base
         self.cfg = cfg
         self.rng = rng
-        self.ids = [f"n{i}" for i in range(1, cfg.nodes + 1)]
-        self.certs = sim_certs(self.ids)
+        self.ids = [f"n{i}" for i in range(1, cfg.nodes + 1)]  # the first members
+        self.all_ids = [f"n{i}" for i in range(1, cfg.nodes + cfg.spares + 1)]
+        self.certs = sim_certs(self.all_ids)
         self.network = SimNetwork(random.Random(rng.getrandbits(64)), cfg.loss, cfg.delay_ms)
         # fake ports: addresses only name the nodes, nothing listens
         self.ports = {
-            i: (20000 + 3 * n, 20001 + 3 * n, 20002 + 3 * n) for n, i in enumerate(self.ids)
+            i: (20000 + 3 * n, 20001 + 3 * n, 20002 + 3 * n) for n, i in enumerate(self.all_ids)
         }
+        self.members = set(self.ids)  # as far as the harness knows (settle asks the leader)
+        self.learners: set[str] = set()
+        self._joined: set[str] = set()  # added to a running cluster: their config joins
+        self._data: dict[str, Path] = {}  # node id -> its current data dir
+        self._incarnations = itertools.count(1)
         self.by_client_port = {c: i for i, (_, c, _) in self.ports.items()}
         self.nodes: dict[str, Node] = {}
         self.apis: dict[str, ClientServer] = {}
@@ -257,6 +273,9 @@ class SimCluster:
         self._nurseries: dict[str, trio.Nursery] = {}
         self._nursery: trio.Nursery | None = None
         self.stopped: dict[str, trio.Event] = {}
+        self.down: list[str] = []  # crashed or failed, not restarted yet, oldest first
+        self._armed: list[Storage] = []  # storages with a disk failure to come
+        self.on_fault: Callable[[str], None] = lambda what: None
 
     def _settings_path(self, node_id: str) -> Path:
         cfg = self.cfg
@@ -264,14 +283,19 @@ class SimCluster:
         return write_config(
             self.base / "config" / f"{node_id}.toml",
             node_id,
-            self.ports,
+            {m: self.ports[m] for m in sorted(self.members | {node_id})},
             self.certs,
-            self.base / "data" / node_id,
+            self._data[node_id],
             heartbeat_ms=cfg.heartbeat_ms,
             election_ms=cfg.election_ms,
             snapshot_entries=cfg.snapshot_entries,
             history_revisions=1_000_000,  # the checker reads every event at the end
+            join=node_id in self._joined,
         )
+
+    def addresses(self, node_id: str) -> tuple[str, str]:
+        peer, client, _ = self.ports[node_id]
+        return f"127.0.0.1:{peer}", f"127.0.0.1:{client}"
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -279,11 +303,17 @@ class SimCluster:
         for i in self.ids:
             await self.start_node(i)
 
-    async def start_node(self, node_id: str) -> None:
+    async def start_node(self, node_id: str, *, fresh: bool = False) -> None:
+        """Start ``node_id`` on its data dir, or with ``fresh`` on a new, empty one as a
+        node joining the running cluster (after a member_add)."""
         assert self._nursery is not None
         old = self.stopped.get(node_id)
         if old is not None:
             await old.wait()  # the crashed incarnation has let go of its files
+        if fresh:
+            self._joined.add(node_id)
+        if fresh or node_id not in self._data:
+            self._data[node_id] = self.base / "data" / f"{node_id}-{next(self._incarnations)}"
         settings = load(self._settings_path(node_id))
         net = self.network
         node = Node(
@@ -298,19 +328,66 @@ class SimCluster:
         self.nodes[node_id] = node
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                async with trio.open_nursery() as nursery:
-                    self._nurseries[node_id] = nursery
-                    self.apis[node_id] = await nursery.start(partial_serve(node))
-                    task_status.started()
+            try:
+                with scope:
+                    async with trio.open_nursery() as nursery:
+                        self._nurseries[node_id] = nursery
+                        self.apis[node_id] = await nursery.start(partial_serve(node))
+                        task_status.started()
+            except* StorageError:  # fail-stop, as the real process exits 1
+                if self.nodes.get(node_id) is node:
+                    self.on_fault(f"{node_id} stopped on its storage error")
+                    self._forget(node_id)
 
         await self._nursery.start(run)
 
     def crash(self, node_id: str) -> None:
         self._scopes[node_id].cancel()
+        self._forget(node_id)
+
+    def stop(self, node_id: str) -> None:
+        """Stop a node for good (it was removed from the cluster)."""
+        if node_id in self._scopes:
+            self._scopes[node_id].cancel()
+        self._forget(node_id, down=False)
+        if node_id in self.down:
+            self.down.remove(node_id)
+
+    def _forget(self, node_id: str, *, down: bool = True) -> None:
         self.nodes.pop(node_id, None)
         self.apis.pop(node_id, None)
         self._nurseries.pop(node_id, None)
+        if down:
+            self.down.append(node_id)
+
+    def fail_disk(self, node_id: str, *, after_commit: bool) -> bool:
+        """Make the node's next raft.db write fail (once), before it reaches the disk or
+        after it did (a failed fsync: the data may be there or not); the node must stop
+        without acknowledging it."""
+        node = self.nodes.get(node_id)
+        if node is None or node.storage is None:
+            return False
+        storage = node.storage.storage
+        if "save" in vars(storage):
+            return False  # armed already
+        real = storage.save
+
+        def failing(rd: Ready) -> None:
+            vars(storage).pop("save", None)  # once: the next incarnation opens its own
+            if after_commit:
+                real(rd)
+            raise StorageError("injected by the simulator: the disk failed")
+
+        storage.save = failing  # type: ignore[method-assign]
+        self._armed.append(storage)
+        return True
+
+    def disarm(self) -> None:
+        """Take back disk failures not yet triggered."""
+        for storage in self._armed:
+            if "save" in vars(storage):
+                del storage.save
+        self._armed.clear()
 
     def leader(self) -> str | None:
         best: tuple[int, str] | None = None
@@ -321,7 +398,7 @@ class SimCluster:
         return None if best is None else best[1]
 
     def endpoints(self) -> list[str]:
-        return [f"wss://127.0.0.1:{self.ports[i][1]}/v1" for i in self.ids]
+        return [f"wss://127.0.0.1:{self.ports[i][1]}/v1" for i in self.all_ids]
 
     def token(self) -> str:
         return mint(
@@ -407,6 +484,7 @@ class Simulation:
             timeout=self.cfg.client_timeout_s,
             rng=random.Random(rng.getrandbits(64)),
             dial=c.dial,
+            reads="followers" if cid % 2 else "leader",  # follower reads: ReadIndex hops
         )
         async with client:
             for n in range(self.cfg.ops_per_client):
@@ -419,13 +497,15 @@ class Simulation:
                         await client.put(key, value)
                         end = trio.current_time()
                         self.result.acked_puts += 1
-                    except LiferaftError:
+                    except LiferaftError as exc:
+                        self._client_error("put", exc)
                         end = None  # unknown: it may have happened or not
                     self.result.history.append(Op(cid, "put", key, value, start, end))
                 else:
                     try:
                         kv = await client.get(key)
-                    except LiferaftError:
+                    except LiferaftError as exc:
+                        self._client_error("get", exc)
                         continue
                     got = kv.value if kv is not None else None
                     self.result.history.append(Op(cid, "get", key, got, start, trio.current_time()))
@@ -459,30 +539,57 @@ class Simulation:
             await trio.sleep(0.01)
 
     async def _nemesis(self) -> None:
+        c = self.cluster
+        c.on_fault = self._fault
+        admin = await Client.connect(
+            c.endpoints(),
+            token=c.token(),
+            timeout=3.0,
+            rng=random.Random(self.rng.getrandbits(64)),
+            dial=c.dial,
+        )
+        async with admin, trio.open_nursery() as later:
+            await self._faults(admin, later)
+        self._nemesis_done.set()
+
+    async def _rejoin_after(self, node_id: str, seconds: float) -> None:
+        await trio.sleep(seconds)
+        self._fault(f"{node_id} rejoins")
+        self.cluster.network.rejoin(node_id)
+
+    async def _faults(self, admin: Client, later: trio.Nursery) -> None:
         rng = random.Random(self.rng.getrandbits(64))
         c, net = self.cluster, self.cluster.network
-        down: list[str] = []
+        down = c.down
         while True:
             with trio.move_on_after(rng.uniform(0.2, 1.5)):
                 await self._workload_done.wait()
             if self._workload_done.is_set():
                 break
-            action = rng.choice(["crash", "crash_leader", "isolate", "lossy", "heal", "transfer"])
+            action = rng.choice(ACTIONS)
+            members = sorted(c.members)
             if down and rng.random() < 0.6:
                 node_id = down.pop(0)
                 self._fault(f"restart {node_id}")
                 await c.start_node(node_id)
             elif action in ("crash", "crash_leader") and not down:
-                victim = c.leader() if action == "crash_leader" else rng.choice(c.ids)
+                victim = c.leader() if action == "crash_leader" else rng.choice(members)
                 if victim is not None:
                     self._fault(f"crash {victim}")
                     c.crash(victim)
-                    down.append(victim)
             elif action == "isolate":
-                victim = c.leader() if rng.random() < 0.5 else rng.choice(c.ids)
+                victim = c.leader() if rng.random() < 0.5 else rng.choice(members)
                 if victim is not None:
                     self._fault(f"isolate {victim}")
-                    net.isolate(victim, c.ids)
+                    net.isolate(victim, c.all_ids)
+                    if rng.random() < 0.7:  # a blip: back before its clients give up
+                        later.start_soon(self._rejoin_after, victim, rng.uniform(0.1, 1.0))
+            elif action == "disk" and not down:
+                victim = c.leader() if rng.random() < 0.5 else rng.choice(members)
+                after = rng.random() < 0.5
+                if victim is not None and c.fail_disk(victim, after_commit=after):
+                    when = "after" if after else "before"
+                    self._fault(f"disk of {victim} fails {when} its next commit")
             elif action == "lossy":
                 net.loss = rng.choice([0.1, 0.3])
                 self._fault(f"loss {net.loss:.0%}")
@@ -496,10 +603,49 @@ class Simulation:
                     with trio.move_on_after(1.0):
                         with contextlib.suppress(Exception):
                             await c.nodes[lead].transfer_leadership(None)
-        for node_id in down:
+            elif action in ("add", "promote", "remove"):
+                await self._change_membership(admin, action, rng)
+        while down:
+            node_id = down.pop(0)
             self._fault(f"restart {node_id}")
             await c.start_node(node_id)
-        self._nemesis_done.set()
+
+    async def _change_membership(self, admin: Client, action: str, rng: random.Random) -> None:
+        """Through the client API, as an operator would. A change whose answer is lost
+        may or may not have happened: the settle step asks the leader."""
+        c = self.cluster
+        try:
+            if action == "add":
+                idle = [i for i in c.all_ids if i not in c.members and i not in c.nodes]
+                spare = idle[0] if idle else None
+                if spare is None:
+                    return
+                self._fault(f"add learner {spare}")
+                await admin.member_add(spare, *c.addresses(spare), learner=True)
+                c.members.add(spare)
+                c.learners.add(spare)
+                await c.start_node(spare, fresh=True)
+            elif action == "promote" and c.learners:
+                learner = sorted(c.learners)[0]
+                self._fault(f"promote {learner}")
+                await admin.member_promote(learner)
+                c.learners.discard(learner)
+            elif action == "remove" and len(c.members - c.learners) > 3:
+                victim = rng.choice(sorted(c.members))
+                self._fault(f"remove {victim}")
+                await admin.member_remove(victim)
+                c.members.discard(victim)
+                c.learners.discard(victim)
+                c.stop(victim)
+        except LiferaftError as exc:
+            self._fault(f"{action}: {exc.code}")
+            self._client_error(action, exc)
+
+    def _client_error(self, op: str, exc: LiferaftError) -> None:
+        """Faults explain unavailable, timeouts and the like; ``internal`` is a node's
+        own exception answered to the client: always a bug."""
+        if exc.code == "internal":
+            self.result.problems.append(f"{op} answered internal: {exc}")
 
     async def _settle(self, note: bool = True) -> None:
         """Heal everything and wait until every node has applied the same, final log."""
@@ -508,9 +654,26 @@ class Simulation:
         c.network.heal()
         if note:
             self._fault("settle")
-        for node_id in c.ids:
+        c.disarm()
+        for node_id in sorted(c.members):
             if node_id not in c.nodes:
                 await c.start_node(node_id)
+        c.down.clear()
+        # The membership is the leader's, whatever answers the nemesis got.
+        with trio.move_on_after(self.cfg.settle_s):
+            while c.leader() is None:  # noqa: ASYNC110 - a condition across nodes
+                await trio.sleep(0.05)
+        lead = c.leader()
+        if lead is not None:
+            truth = c.nodes[lead].raft.status().membership  # type: ignore[union-attr]
+            for node_id in list(c.nodes):
+                if node_id not in truth.members:
+                    c.stop(node_id)
+            for node_id in sorted(truth.members):
+                if node_id not in c.nodes:
+                    await c.start_node(node_id, fresh=node_id not in c.members)
+            c.members = set(truth.members)
+            c.learners = set(truth.learners)
 
         def converged() -> bool:
             lead = c.leader()
@@ -563,7 +726,7 @@ class Simulation:
     def _final_events(self) -> list[tuple[int, str, str, bytes]]:
         """Every event of the final state, from the first node (all are equal if the
         state check passes)."""
-        node = self.cluster.nodes[self.cluster.ids[0]]
+        node = self.cluster.nodes[min(self.cluster.nodes)]
         db = node.kv.db
         out: list[tuple[int, str, str, bytes]] = []
         start = 1
