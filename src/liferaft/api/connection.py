@@ -186,6 +186,12 @@ class Connection:
                 except RequestError as exc:
                     raise ApiError(exc.code, str(exc)) from None
                 access.check(self.claims, req)
+            if _grows_store(req) and self.server.node.refuses_growth(_request_bytes(req)):
+                raise ApiError(
+                    "no_space",
+                    "the leader's disk is nearly full: it takes no puts until space is "
+                    "freed (deletes, compaction and reads still work)",
+                )
         except ApiError as exc:
             self._queue({"id": req["id"], "ok": False, "error": exc.body()})
             self.server.observe(req["op"], exc.code, 0.0)
@@ -504,6 +510,28 @@ class Connection:
             key=_audited_key(req),
             result=code,
         )
+
+
+def _grows_store(req: dict[str, Any]) -> bool:
+    """A put, or a transaction that may put: refused under the nospace alarm. Deletes
+    and compaction stay allowed: they are how room is made."""
+    op = req["op"]
+    if op == "put":
+        return True
+    if op == "txn":
+        ops = [*(req.get("success") or ()), *(req.get("failure") or ())]
+        return any(isinstance(o, dict) and o.get("op") == "put" for o in ops)
+    return False
+
+
+def _request_bytes(req: dict[str, Any]) -> int:
+    """About the bytes a write adds: its values (the rest is small and bounded)."""
+    value = req.get("value")
+    n = len(value) if isinstance(value, (bytes, str)) else 0
+    for o in (*(req.get("success") or ()), *(req.get("failure") or ())):
+        if isinstance(o, dict):
+            n += _value_bytes(o)
+    return n + 64
 
 
 def _value_bytes(kv: object) -> int:

@@ -115,6 +115,14 @@ class MemberError(LiferaftError):
     code = "member_error"
 
 
+class NoSpace(LiferaftError):
+    """The leader's disk is nearly full: it refuses writes that would grow the store
+    (puts, transactions with puts) until space returns; reads, deletes and compaction
+    still work. Not retried: space comes back only when someone frees it."""
+
+    code = "no_space"
+
+
 class InternalError(LiferaftError):
     """The server failed, or it sent something this client cannot understand."""
 
@@ -132,6 +140,7 @@ _BY_CODE: dict[str, type[LiferaftError]] = {
         Unavailable,
         Compacted,
         MemberError,
+        NoSpace,
         InternalError,
     )
 }

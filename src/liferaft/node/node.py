@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -34,11 +35,12 @@ from liferaft.core import (
     ProposalRefused,
     Raft,
     RaftConfig,
+    Role,
     SnapshotMeta,
     Status,
 )
 from liferaft.kv.state import EventRow
-from liferaft.node import addresses, transfer
+from liferaft.node import addresses, space, transfer
 from liferaft.node.applier import (
     CHECKPOINT_BYTES,
     CHECKPOINT_ENTRIES,
@@ -50,6 +52,7 @@ from liferaft.node.applier import (
 from liferaft.node.inputs import MAX_MERGED_BYTES, MAX_MERGED_COMMANDS, Call, Input, Propose, Writes
 from liferaft.node.loop import MAX_INPUTS_PER_ROUND, CoreLoop
 from liferaft.node.peers import PeerLinks, log_transport_event
+from liferaft.node.space import SpaceAlarm
 from liferaft.node.state import StateService
 from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
 from liferaft.node.waiters import NodeStopped, Outcome, Settable, Waiters
@@ -166,6 +169,7 @@ class Node:
         self.sender: SnapshotSender | None = None
         self.receiver: SnapshotReceiver | None = None
         self._gc_watch: GcWatch | None = None
+        self.space = SpaceAlarm()  # raised: the disk is nearly full (node/space.py)
         self._peers = PeerLinks(self, self._inputs_send)
         self._applier = Applier(self)
         self._loop = CoreLoop(
@@ -237,6 +241,7 @@ class Node:
                 nursery.start_soon(self._loop.run, self.raft)
                 nursery.start_soon(self._loop.ticker)
                 nursery.start_soon(self._sync_metrics)
+                nursery.start_soon(self._watch_space)
                 event(log, "node_started", term=self.raft.term, peer=str(s.peer.listen))
                 task_status.started()
         finally:
@@ -287,6 +292,39 @@ class Node:
                 self.db_size = size
                 self.metrics.db_size_bytes.set(self.db_size)
             await trio.sleep(1)
+
+    async def _watch_space(self) -> None:
+        """Raise or clear the nospace alarm as the data dir's filesystem fills or frees."""
+        while True:
+            self._read_space()
+            await trio.sleep(space.CHECK_SECONDS)
+
+    def _read_space(self) -> None:
+        # statvfs of a local filesystem: microseconds, on the event loop (it must not
+        # wait for a thread when a burst of writes asks for a reading)
+        usage = shutil.disk_usage(self.settings.node.data_dir)
+        self.metrics.disk_free_bytes.set(usage.free)
+        change = self.space.update(usage.free, usage.total, trio.current_time())
+        if change is not None:
+            self.metrics.alarm.labels("nospace").set(1 if self.space.raised else 0)
+            event(
+                log,
+                f"space_alarm_{change}",
+                level=logging.WARNING if self.space.raised else logging.INFO,
+                free_bytes=usage.free,
+                reserve_bytes=space.reserve_bytes(usage.total),
+            )
+
+    def refuses_growth(self, size: int) -> bool:
+        """Whether a write of about ``size`` bytes that grows the store is refused here:
+        this node leads and its disk is nearly full (a follower's alarm only shows in
+        its metrics and logs: docs/operations.md, "A full disk")."""
+        raft = self.raft
+        if raft is None or raft.role is not Role.LEADER:
+            return False
+        if self.space.wrote(size, trio.current_time()):
+            self._read_space()
+        return self.space.raised
 
     def _state_bytes(self) -> int:
         total = 0

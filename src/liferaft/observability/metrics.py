@@ -108,6 +108,19 @@ class NodeMetrics:
         self.db_size_bytes = Gauge(
             "liferaft_storage_db_size_bytes", "Size of the node's database files.", registry=r
         )
+        self.disk_free_bytes = Gauge(
+            "liferaft_storage_disk_free_bytes",
+            "Free bytes on the filesystem of the node's data dir.",
+            registry=r,
+        )
+        self.alarm = Gauge(
+            "liferaft_server_alarm",
+            "1 while the alarm is raised: nospace = the data dir's filesystem is nearly full "
+            "and this node refuses writes that grow the store (docs/operations.md).",
+            ["type"],
+            registry=r,
+        )
+        self.alarm.labels("nospace").set(0)
 
         # ------------------------------------------------------------ network (peers)
         self.peer_sent_bytes = Counter(
