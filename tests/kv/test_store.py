@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -2040,3 +2041,59 @@ def test_restart_wal_does_not_wait_for_a_reader_and_leaves_the_busy_timeout_as_i
         assert db.restart_wal() > 0  # busy: frames left where they are
     assert db.restart_wal() == 0
     assert db._w.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+
+
+# ---------------------------------------------------------------- damage on disk
+
+
+@pytest.mark.parametrize("cut_pages", [1, 3, 50])
+def test_a_truncated_state_database_is_refused_at_open(tmp_path: Path, cut_pages: int) -> None:
+    """A state.db cut short (a bad copy, a full disk during a checkpoint) is refused when
+    it is opened, never read as if the missing pages held nothing."""
+    path = tmp_path / "state.db"
+    db = StateDB.open(path)
+    log = Log(db)
+    for i in range(300):
+        log("put", key=f"k{i}", value=b"x" * 2000)
+    db.checkpoint()
+    db.restart_wal()
+    db.close()
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size - 4096 * cut_pages)
+    with pytest.raises(StateCorrupt, match="malformed"):
+        StateDB.open(path).close()
+
+
+def test_a_torn_wal_tail_of_the_state_database_reopens_to_an_earlier_applied_index(
+    tmp_path: Path,
+) -> None:
+    """state.db commits without fsync (the raft log is the durable record): a power cut
+    may leave its WAL torn. SQLite ignores the WAL from the first incomplete frame, so
+    the database reopens whole at an earlier applied index, never half-applied, and the
+    node applies the rest again from its log (compacted only up to what state.db has
+    fsynced: docs/storage.md)."""
+    path = tmp_path / "state.db"
+    db = StateDB.open(path)
+    log = Log(db)
+    for i in range(20):
+        log("put", key=f"k{i}", value=b"x" * 3000)
+    db.sync()
+    digests = {db.applied: db.digest()}
+    for i in range(20, 40):
+        log("put", key=f"k{i}", value=b"y" * 3000)
+        digests[db.applied] = db.digest()
+    final = db.applied
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("state.db", "state.db-wal"):  # what a crash leaves: no wal-index
+        shutil.copyfile(tmp_path / name, copy / name)
+    db.close()
+    torn = copy / "state.db-wal"
+    with torn.open("r+b") as f:
+        f.truncate(torn.stat().st_size - 5000)  # the last frames, part of one of them
+    reopened = StateDB.open(copy / "state.db")
+    try:
+        assert 20 <= reopened.applied < final
+        assert reopened.digest() == digests[reopened.applied]  # a whole, earlier state
+    finally:
+        reopened.close()

@@ -466,3 +466,18 @@ def test_a_failed_checkpoint_leaves_a_save_in_progress_alone(
             s.checkpoint()
         assert writer.in_transaction
         writer.execute("ROLLBACK")
+
+
+@pytest.mark.parametrize("cut_pages", [1, 10])
+def test_a_truncated_raft_database_is_refused(data_dir: Path, cut_pages: int) -> None:
+    """raft.db cut short (a bad copy or restore) is refused at open, never read as a
+    shorter log: its last entries may have been acknowledged."""
+    stored(data_dir, ready(entries=ents(1, 2000, 1, b"x" * 100), hs=HardState(1, "n1", 1000)))
+    s = Storage.open(data_dir)
+    s.checkpoint()
+    s.close()
+    db = data_dir / "raft.db"
+    with db.open("r+b") as f:
+        f.truncate(db.stat().st_size - 4096 * cut_pages)
+    with pytest.raises(StorageCorrupt):
+        Storage.open(data_dir)
