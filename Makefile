@@ -14,7 +14,7 @@ empty :=
 space := $(empty) $(empty)
 
 .DEFAULT_GOAL := help
-.PHONY: help install tools test test-slow lint fmt typecheck demo certs cluster clean
+.PHONY: help install tools test test-slow chaos lint fmt typecheck demo certs cluster clean
 
 help:
 	@echo "liferaft make targets:"
@@ -23,6 +23,7 @@ help:
 	@echo "  test       lint, format check, mypy, import contracts, then pytest (what CI runs)"
 	@echo "             extra pytest arguments: make test PYTEST_ARGS='-k election -x'"
 	@echo "  test-slow  the slow soak/chaos tests only (pytest -m slow)"
+	@echo "  chaos      liferaft check, CHAOS_RUNS (100) runs of CHAOS_SECONDS (60) s, to chaos.jsonl"
 	@echo "  lint       ruff check, ruff format --check, lint-imports"
 	@echo "  fmt        ruff format and ruff check --fix"
 	@echo "  typecheck  mypy"
@@ -67,6 +68,11 @@ test: install tools
 
 test-slow: install
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+CHAOS_RUNS ?= 100
+CHAOS_SECONDS ?= 60
+chaos: install
+	$(BIN)/python bench/chaos.py --runs $(CHAOS_RUNS) --seconds $(CHAOS_SECONDS)
 
 lint: install
 	$(BIN)/ruff check src tests

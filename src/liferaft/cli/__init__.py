@@ -8,6 +8,7 @@ import click
 
 from liferaft.cli.bench import bench
 from liferaft.cli.certs import certs, token
+from liferaft.cli.check import check
 from liferaft.cli.client_cmds import (
     compact,
     delete,
@@ -31,6 +32,7 @@ def cli() -> None:
 
 cli.add_command(node)
 cli.add_command(sim)
+cli.add_command(check)
 cli.add_command(certs)
 cli.add_command(token)
 cli.add_command(put)

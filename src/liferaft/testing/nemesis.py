@@ -1,0 +1,515 @@
+"""``liferaft check``: a nemesis against real ``liferaft node`` processes.
+
+It starts a local cluster it owns (three processes with fresh certificates, on loopback),
+runs concurrent clients through the client library, and meanwhile injects faults:
+SIGKILL and restart, SIGSTOP and SIGCONT (of the leader or any node), and network
+partitions. Partitions are made by TCP proxies it places on every peer link: node X
+dials node Y through the proxy (X→Y) (X's config gives it as Y's peer address), so
+cutting that proxy cuts X→Y only, and a node can be isolated, or one direction of one
+link cut. After the run it heals everything, waits for the cluster to settle, reads the
+whole history of the keys it wrote (a watch from revision 1) and checks:
+
+- the client history is linearizable, per key (``testing.linearizability``);
+- no acknowledged put is lost, none is stored twice, and nothing is stored that no
+  client put (a retried write is applied once: sessions);
+
+and reports the fault timeline, the anomalies and, for a history that is not
+linearizable, the operations of the offending key (docs/reliability.md).
+
+The workload and fault schedule come from ``--seed``; the processes and the network do
+not replay exactly (they run in real time), so a seed reproduces the schedule, not the
+interleaving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from liferaft.client import Client, LiferaftError
+from liferaft.security.certs import generate
+from liferaft.security.tokens import mint
+from liferaft.testing.linearizability import Op, check
+from liferaft.testing.localcluster import free_ports, write_config
+from liferaft.testing.processes import ProcessCluster
+
+FAULTS = ("kill", "pause", "partition")
+PREFIX = "check/"
+IDS = ["n1", "n2", "n3"]
+
+
+# ---------------------------------------------------------------- the proxies
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:``port`` to ``target``; ``cut`` drops its connections and
+    refuses new ones until ``heal``."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.cut_off = False
+        self._scopes: set[trio.CancelScope] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._serve, listeners)
+            task_status.started()
+
+    def cut(self) -> None:
+        self.cut_off = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def heal(self) -> None:
+        self.cut_off = False
+
+    async def _serve(self, inbound: trio.SocketStream) -> None:
+        if self.cut_off:
+            await trio.aclose_forcefully(inbound)
+            return
+        scope = trio.CancelScope()
+        self._scopes.add(scope)
+        try:
+            with scope:
+                out = await trio.open_tcp_stream("127.0.0.1", self.target)
+                async with inbound, out, trio.open_nursery() as nursery:
+                    nursery.start_soon(_pump, inbound, out, nursery.cancel_scope)
+                    nursery.start_soon(_pump, out, inbound, nursery.cancel_scope)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the target is down or a side went away: the link breaks, as a real one
+        finally:
+            self._scopes.discard(scope)
+
+
+async def _pump(src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope) -> None:
+    try:
+        while data := await src.receive_some(65536):
+            await dst.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # one side went away: the other is closed with it
+    done.cancel()
+
+
+# ---------------------------------------------------------------- the cluster
+
+
+@dataclass
+class Report:
+    seed: int
+    seconds: float
+    faults_enabled: list[str]
+    operations: int = 0
+    acked_writes: int = 0
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    anomalies: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    offending: list[dict[str, Any]] = field(default_factory=list)  # ops of a bad key
+    stored_events: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # client error codes seen
+
+    @property
+    def ok(self) -> bool:
+        return not self.anomalies
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "seed": self.seed,
+            "seconds": self.seconds,
+            "operations": self.operations,
+            "acked_writes": self.acked_writes,
+            "faults": self.faults,
+            "anomalies": self.anomalies,
+            "lost": self.lost,
+            "duplicates": self.duplicates,
+            "offending_history": self.offending,
+            "stored_events": self.stored_events,
+            "client_errors": dict(sorted(self.errors.items())),
+        }
+
+
+def analyze(history: Sequence[Op], stored: Sequence[tuple[str, bytes]], report: Report) -> None:
+    """The checks, given the client history and every put the store holds (key, value)
+    in revision order: fills the report's anomalies, lost, duplicates and offending."""
+    counts = Counter(stored)
+    puts = {(o.key, o.value): o for o in history if o.kind == "put"}
+    for (key, value), n in sorted(counts.items()):
+        if n > 1:
+            report.duplicates.append(f"{key}={value!r}")
+            report.anomalies.append(f"put {key}={value!r} applied {n} times")
+        if (key, value) not in puts:
+            report.anomalies.append(f"stored {key}={value!r}, which no client put")
+    for (k, v), o in sorted(puts.items(), key=lambda kv: (kv[0][0], kv[0][1] or b"")):
+        if o.complete is not None and v is not None and (k, v) not in counts:
+            report.lost.append(f"{k}={v!r}")
+            report.anomalies.append(f"acknowledged put {k}={v!r} is lost")
+    verdict = check(history)
+    if not verdict:
+        report.anomalies.append(f"the history of {verdict.key!r} is not linearizable")
+        report.offending = [
+            {
+                "client": o.client,
+                "op": o.kind,
+                "key": o.key,
+                "value": None if o.value is None else o.value.decode("utf-8", "replace"),
+                "invoke": round(o.invoke, 4),
+                "complete": None if o.complete is None else round(o.complete, 4),
+            }
+            for o in sorted(history, key=lambda o: o.invoke)
+            if o.key == verdict.key
+        ]
+
+
+class NemesisCluster:
+    """Three node processes whose peer links all pass through ``TcpProxy``s."""
+
+    def __init__(self, base: Path, *, heartbeat_ms: int, election_ms: int) -> None:
+        self.base = base
+        self.certs = base / "certs"
+        generate(self.certs, IDS)
+        ports = free_ports(3 * len(IDS))
+        self.ports = {
+            i: (ports[3 * n], ports[3 * n + 1], ports[3 * n + 2]) for n, i in enumerate(IDS)
+        }
+        self.timing = (heartbeat_ms, election_ms)
+        self.proxies = {(a, b): TcpProxy(self.ports[b][0]) for a in IDS for b in IDS if a != b}
+        self.procs: dict[str, trio.Process] = {}
+        self.paused: set[str] = set()
+        self.configs: dict[str, Path] = {}
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        for proxy in self.proxies.values():
+            await nursery.start(proxy.run)
+        for i in IDS:
+            # node i reaches node j through the proxy (i -> j)
+            members = {
+                j: (self.ports[j][0] if j == i else self.proxies[i, j].port, *self.ports[j][1:])
+                for j in IDS
+            }
+            self.configs[i] = write_config(
+                self.base / f"{i}.toml",
+                i,
+                members,
+                self.certs,
+                self.base / "data" / i,
+                heartbeat_ms=self.timing[0],
+                election_ms=self.timing[1],
+            )
+        for i in IDS:
+            await self.start_node(i)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"wss://127.0.0.1:{self.ports[i][1]}/v1" for i in IDS]
+
+    def token(self) -> str:
+        key = (self.certs / "jwt-private.pem").read_bytes()
+        return mint(
+            key, sub="check", roles=["read", "write", "admin"], ttl_s=86400, now=time.time()
+        )
+
+    def command(self, node_id: str) -> list[str]:
+        pc = ProcessCluster(IDS, self.certs, self.ports, self.configs)
+        return pc.command(node_id)
+
+    async def start_node(self, node_id: str) -> None:
+        log = (self.base / f"{node_id}.log").open("ab")
+        try:
+            self.procs[node_id] = await trio.lowlevel.open_process(
+                self.command(node_id), stdout=log, stderr=log
+            )
+        finally:
+            log.close()
+
+    async def kill(self, node_id: str) -> None:
+        p = self.procs[node_id]
+        if node_id in self.paused:
+            p.send_signal(signal.SIGCONT)
+            self.paused.discard(node_id)
+        p.kill()
+        await p.wait()
+
+    def pause(self, node_id: str) -> None:
+        self.procs[node_id].send_signal(signal.SIGSTOP)
+        self.paused.add(node_id)
+
+    def resume(self, node_id: str) -> None:
+        if node_id in self.paused:
+            self.procs[node_id].send_signal(signal.SIGCONT)
+            self.paused.discard(node_id)
+
+    def cut(self, src: str, dst: str) -> None:
+        self.proxies[src, dst].cut()
+
+    def heal(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.heal()
+
+    async def stop(self) -> None:
+        for i, p in self.procs.items():
+            self.resume(i)
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10) as scope:
+            for p in self.procs.values():
+                await p.wait()
+        if scope.cancelled_caught:
+            for p in self.procs.values():
+                if p.returncode is None:
+                    p.kill()
+                    await p.wait()
+
+
+async def _node_status(endpoint: str, token: str, cacert: Path) -> dict[str, Any] | None:
+    try:
+        with trio.move_on_after(1.5):
+            async with await Client.connect(
+                [endpoint], token=token, cacert=cacert, timeout=1.0
+            ) as c:
+                return await c.status()
+    except LiferaftError:
+        return None
+    return None
+
+
+class Check:
+    def __init__(
+        self,
+        seed: int,
+        seconds: float,
+        faults: Sequence[str],
+        *,
+        clients: int = 6,
+        keys: int = 5,
+        heartbeat_ms: int = 50,
+        election_ms: int = 300,
+        log: Any = None,
+    ) -> None:
+        unknown = set(faults) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; choose from {', '.join(FAULTS)}")
+        self.rng = random.Random(seed)
+        self.report = Report(seed, seconds, list(faults))
+        self.seconds = seconds
+        self.faults = list(faults)
+        self.clients = clients
+        self.keys = keys
+        self.timing = (heartbeat_ms, election_ms)
+        self.history: list[Op] = []
+        self._log = log or (lambda line: None)
+        self._t0 = 0.0
+
+    def _fault(self, what: str, **detail: Any) -> None:
+        t = round(trio.current_time() - self._t0, 3)
+        self.report.faults.append({"t": t, "fault": what, **detail})
+        self._log(f"{t:8.3f}s {what} {detail if detail else ''}".rstrip())
+
+    async def run(self, base: Path | None = None) -> Report:
+        async with _workdir(base) as d:
+            cluster = NemesisCluster(d, heartbeat_ms=self.timing[0], election_ms=self.timing[1])
+            try:
+                async with trio.open_nursery() as nursery:
+                    await cluster.start(nursery)
+                    await self._run(cluster)
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await cluster.stop()
+        return self.report
+
+    async def _run(self, cluster: NemesisCluster) -> None:
+        token, cacert = cluster.token(), cluster.certs / "ca.pem"
+        await _wait_for_leader(cluster, token, cacert, 30)
+        self._t0 = trio.current_time()
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            if self.faults:
+                nursery.start_soon(self._nemesis, cluster, token, cacert, stop)
+            async with trio.open_nursery() as workers:
+                for cid in range(self.clients):
+                    workers.start_soon(self._client, cid, cluster, token, cacert)
+            stop.set()
+        self._fault("heal")
+        cluster.heal()
+        for i in IDS:
+            cluster.resume(i)
+            if cluster.procs[i].returncode is not None:
+                await cluster.start_node(i)
+        revision = await _settled(cluster, token, cacert, 60)
+        stored = await _stored_puts(cluster.endpoints, token, cacert, revision)
+        self.report.operations = len(self.history)
+        self.report.acked_writes = sum(
+            1 for o in self.history if o.kind == "put" and o.complete is not None
+        )
+        self.report.stored_events = len(stored)
+        analyze(self.history, stored, self.report)
+
+    async def _client(self, cid: int, cluster: NemesisCluster, token: str, cacert: Path) -> None:
+        rng = random.Random(self.rng.getrandbits(64))
+        deadline = self._t0 + self.seconds
+        async with await Client.connect(
+            cluster.endpoints,
+            token=token,
+            cacert=cacert,
+            timeout=5.0,
+            attempt_timeout=1.0,
+            rng=random.Random(rng.getrandbits(64)),
+        ) as client:
+            n = 0
+            while trio.current_time() < deadline and n < MAX_OPS_PER_CLIENT:
+                n += 1
+                key = f"{PREFIX}{rng.randrange(self.keys)}"
+                start = trio.current_time()
+                if rng.random() < 0.5:
+                    value = b"c%d-%d" % (cid, n)
+                    try:
+                        await client.put(key, value)
+                        end: float | None = trio.current_time()
+                    except LiferaftError as exc:
+                        self.report.errors[exc.code] += 1
+                        end = None  # it may have happened or not
+                    self.history.append(Op(cid, "put", key, value, start, end))
+                else:
+                    try:
+                        kv = await client.get(key)
+                    except LiferaftError as exc:
+                        self.report.errors[exc.code] += 1
+                        continue
+                    got = kv.value if kv is not None else None
+                    self.history.append(Op(cid, "get", key, got, start, trio.current_time()))
+
+    async def _nemesis(
+        self, cluster: NemesisCluster, token: str, cacert: Path, stop: trio.Event
+    ) -> None:
+        rng = random.Random(self.rng.getrandbits(64))
+        while not stop.is_set():
+            with trio.move_on_after(rng.uniform(0.5, 2.0)):
+                await stop.wait()
+            if stop.is_set():
+                return
+            fault = rng.choice(self.faults)
+            leader = await _leader(cluster, token, cacert)
+            victim = leader if leader is not None and rng.random() < 0.5 else rng.choice(IDS)
+            span = rng.uniform(0.5, 2.5)
+            if fault == "kill":
+                self._fault("kill", node=victim, leader=victim == leader)
+                await cluster.kill(victim)
+                with trio.move_on_after(span):
+                    await stop.wait()
+                self._fault("restart", node=victim)
+                await cluster.start_node(victim)
+            elif fault == "pause":
+                self._fault("pause", node=victim, leader=victim == leader)
+                cluster.pause(victim)
+                with trio.move_on_after(span):
+                    await stop.wait()
+                self._fault("resume", node=victim)
+                cluster.resume(victim)
+            else:
+                others = [i for i in IDS if i != victim]
+                how = rng.choice(["isolate", "one-way in", "one-way out"])
+                if how == "isolate":
+                    for o in others:
+                        cluster.cut(victim, o)
+                        cluster.cut(o, victim)
+                elif how == "one-way in":  # the victim hears nobody, everyone hears it
+                    for o in others:
+                        cluster.cut(o, victim)
+                else:  # the victim's messages reach nobody
+                    for o in others:
+                        cluster.cut(victim, o)
+                self._fault("partition", kind=how, node=victim, leader=victim == leader)
+                with trio.move_on_after(span):
+                    await stop.wait()
+                self._fault("heal")
+                cluster.heal()
+
+
+MAX_OPS_PER_CLIENT = 100_000  # a bound on the load loop besides its time
+
+
+@contextlib.asynccontextmanager
+async def _workdir(base: Path | None) -> AsyncIterator[Path]:
+    if base is not None:
+        await trio.Path(base).mkdir(parents=True, exist_ok=True)
+        yield base
+        return
+    with tempfile.TemporaryDirectory(prefix="liferaft-check-") as d:
+        yield Path(d)
+
+
+async def _leader(cluster: NemesisCluster, token: str, cacert: Path) -> str | None:
+    for endpoint in cluster.endpoints:
+        st = await _node_status(endpoint, token, cacert)
+        if st is not None and st.get("role") == "leader":
+            return str(st["node_id"])
+    return None
+
+
+async def _wait_for_leader(cluster: NemesisCluster, token: str, cacert: Path, wait: float) -> str:
+    with trio.fail_after(wait):
+        while (leader := await _leader(cluster, token, cacert)) is None:  # noqa: ASYNC110
+            await trio.sleep(0.1)  # polling the nodes: no event tells
+    return leader
+
+
+async def _settled(cluster: NemesisCluster, token: str, cacert: Path, wait: float) -> int:
+    """Wait until every node has applied the same index; its revision."""
+    with trio.fail_after(wait):
+        while True:
+            st = [await _node_status(e, token, cacert) for e in cluster.endpoints]
+            if all(s is not None for s in st):
+                applied = {s["applied_index"] for s in st if s is not None}
+                commits = {s["commit_index"] for s in st if s is not None}
+                leaders = {s["leader_id"] for s in st if s is not None}
+                if (
+                    len(applied) == 1
+                    and applied == commits
+                    and len(leaders) == 1
+                    and None not in leaders
+                ):
+                    return int(st[0]["revision"])  # type: ignore[index]
+            await trio.sleep(0.2)
+
+
+async def _stored_puts(
+    endpoints: list[str], token: str, cacert: Path, revision: int
+) -> list[tuple[str, bytes]]:
+    """Every put the store holds under PREFIX, in revision order (a watch from 1)."""
+    out: list[tuple[str, bytes]] = []
+    if revision == 0:
+        return out
+    async with await Client.connect(endpoints, token=token, cacert=cacert, timeout=30) as c:
+        with trio.fail_after(60):
+            async with c.watch(prefix=PREFIX, start_revision=1) as events:
+                async for ev in events:
+                    if ev.type == "put":
+                        out.append((ev.kv.key, bytes(ev.kv.value)))
+                    if ev.kv.mod_revision >= revision:  # every write of the run is ours
+                        break
+    return out
+
+
+def run_check(
+    seed: int, seconds: float, faults: Sequence[str], *, log: Any = None, **kw: Any
+) -> Report:
+    """One ``liferaft check`` run, in a Trio run of its own."""
+    check_run = Check(seed, seconds, faults, log=log, **kw)
+    return trio.run(check_run.run)
+
+
+__all__ = ["FAULTS", "Check", "Report", "TcpProxy", "analyze", "run_check"]

@@ -1,0 +1,121 @@
+"""``liferaft check`` (testing.nemesis): its checks find what they claim to, its proxies
+cut and heal links, and a short run against real processes is clean and reports in the
+documented JSON shape (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from liferaft.testing.linearizability import Op
+from liferaft.testing.nemesis import Report, TcpProxy, analyze
+
+
+def report() -> Report:
+    return Report(seed=1, seconds=1.0, faults_enabled=[])
+
+
+def test_a_clean_history_has_no_anomaly() -> None:
+    history = [
+        Op(0, "put", "k", b"a", 0.0, 1.0),
+        Op(1, "get", "k", b"a", 2.0, 3.0),
+        Op(1, "put", "k", b"b", 4.0, None),  # unknown outcome, not stored: fine
+    ]
+    r = report()
+    analyze(history, [("k", b"a")], r)
+    assert r.ok and not r.lost and not r.duplicates
+
+
+def test_a_lost_acknowledged_put_is_an_anomaly() -> None:
+    r = report()
+    analyze([Op(0, "put", "k", b"a", 0.0, 1.0)], [], r)
+    assert not r.ok and r.lost == ["k=b'a'"]
+
+
+def test_a_put_applied_twice_is_an_anomaly() -> None:
+    r = report()
+    analyze([Op(0, "put", "k", b"a", 0.0, 1.0)], [("k", b"a"), ("k", b"a")], r)
+    assert not r.ok and r.duplicates == ["k=b'a'"]
+
+
+def test_a_value_no_client_put_is_an_anomaly() -> None:
+    r = report()
+    analyze([], [("k", b"ghost")], r)
+    assert not r.ok and "no client put" in r.anomalies[0]
+
+
+def test_a_stale_read_is_not_linearizable_and_its_key_history_is_shown() -> None:
+    history = [
+        Op(0, "put", "k", b"a", 0.0, 1.0),
+        Op(0, "put", "k", b"b", 2.0, 3.0),
+        Op(1, "get", "k", b"a", 4.0, 5.0),  # after b was acknowledged
+        Op(2, "put", "other", b"x", 0.0, 1.0),
+    ]
+    r = report()
+    analyze(history, [("k", b"a"), ("k", b"b"), ("other", b"x")], r)
+    assert not r.ok and "not linearizable" in r.anomalies[0]
+    assert [(o["op"], o["value"]) for o in r.offending] == [
+        ("put", "a"),
+        ("put", "b"),
+        ("get", "a"),
+    ]
+
+
+async def test_a_proxy_forwards_until_cut_and_again_after_heal() -> None:
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            async for data in stream:
+                await stream.send_all(data)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, echo, 0)
+        target = listeners[0].socket.getsockname()[1]
+        proxy = TcpProxy(target)
+        await nursery.start(proxy.run)
+        with trio.fail_after(10):
+            conn = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            await conn.send_all(b"ping")
+            assert await conn.receive_some(10) == b"ping"
+            proxy.cut()  # the live connection breaks...
+            with pytest.raises(trio.BrokenResourceError):
+                while True:
+                    await conn.send_all(b"x")
+                    if not await conn.receive_some(10):
+                        raise trio.BrokenResourceError
+            refused = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            assert await refused.receive_some(10) == b""  # ...and new ones are refused
+            proxy.heal()
+            again = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+            await again.send_all(b"pong")
+            assert await again.receive_some(10) == b"pong"
+        nursery.cancel_scope.cancel()
+
+
+def test_a_short_check_against_real_processes_is_clean_and_reports_json() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "liferaft", "check", "--seconds", "6", "--seed", "1", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert {"ok", "operations", "faults", "anomalies", "lost"} <= doc.keys()
+    assert doc["ok"] is True and doc["anomalies"] == [] and doc["lost"] == []
+    assert doc["operations"] > 100 and doc["acked_writes"] > 50
+    kinds = {f["fault"] for f in doc["faults"]}
+    assert kinds & {"kill", "pause", "partition"}  # faults were injected
+
+
+def test_an_unknown_fault_is_a_usage_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "liferaft", "check", "--faults", "kill,flood"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "flood" in proc.stderr
