@@ -6,10 +6,18 @@ gets HTTP 401 and no connection, an audit record and
 ``liferaft_auth_failures_total{reason}``. The TLS handshake and the upgrade must finish
 within ``handshake_timeout_ms``; connections beyond ``max_connections`` are closed at
 accept.
+
+Connections still in their handshake are bounded on their own (MAX_HANDSHAKING): when
+that many are waiting, or the node is at ``max_connections``, a new connection evicts the
+oldest one still in its handshake instead of being refused. Sockets that connect and
+say nothing (a slow-loris, a flood of idle connections) then cannot lock real clients
+out: a client that does TLS and the upgrade promptly always gets its turn
+(docs/security.md, "Connections that say nothing").
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +41,7 @@ log = logging.getLogger("liferaft.api")
 audit_log = logging.getLogger("liferaft.audit")
 PATH = "/v1"
 RECEIVE_BUFFER = 64 * 1024  # bytes read from TLS at a time: a 60 KiB array in one read
+MAX_HANDSHAKING = 128  # connections in their TLS handshake or upgrade at once, at most
 
 
 class ClientServer:
@@ -51,6 +60,9 @@ class ClientServer:
         self.ssl_ctx = client_server_context(settings.tls.cert, settings.tls.key)
         self.watch_hub = WatchHub()
         self.open_connections = 0
+        # connections in their handshake, oldest first: (cancel scope, remote address)
+        self._handshaking: dict[int, tuple[trio.CancelScope, str]] = {}
+        self._arrivals = itertools.count()
         self.port: int | None = None
         self._requests: dict[tuple[str, str], Any] = {}
         self._durations: dict[str, Any] = {}
@@ -80,10 +92,15 @@ class ClientServer:
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         remote = _remote(tcp)
-        if self.open_connections >= self.max_connections:
-            event(log, "client_rejected", reason="max_connections", remote=remote)
-            await trio.aclose_forcefully(tcp)
-            return
+        full = self.open_connections >= self.max_connections
+        if full or len(self._handshaking) >= MAX_HANDSHAKING:
+            if not self._handshaking:  # all connections are clients: refuse this one
+                event(log, "client_rejected", reason="max_connections", remote=remote)
+                await trio.aclose_forcefully(tcp)
+                return
+            scope, evicted = self._handshaking.pop(next(iter(self._handshaking)))
+            scope.cancel()  # the one that has said nothing for longest goes
+            event(log, "client_rejected", reason="handshake_evicted", remote=evicted)
         self.open_connections += 1
         stream = TLSStream(tcp, self.ssl_ctx, server_side=True)
         try:
@@ -101,12 +118,15 @@ class ClientServer:
         upgrade with its token, then the connection's requests until it ends; the
         stream is closed in the end. The whole-node simulator calls this directly with
         an in-memory stream."""
+        arrival = next(self._arrivals)
         try:
             accepted = None
-            with trio.move_on_after(self.handshake_timeout):
+            with trio.move_on_after(self.handshake_timeout) as scope:
+                self._handshaking[arrival] = (scope, remote)
                 if handshake is not None:
                     await handshake()
                 accepted = await self._upgrade(stream, remote)
+            self._handshaking.pop(arrival, None)
             if accepted is not None:
                 await Connection(self, accepted[0], accepted[1], remote).run()
         except* (trio.BrokenResourceError, WebSocketError, OSError):
@@ -114,6 +134,7 @@ class ClientServer:
         except* Exception as group:  # the edge of one connection: log it, keep serving
             event(log, "client_connection_error", remote=remote, error=repr(group)[:300])
         finally:
+            self._handshaking.pop(arrival, None)
             await trio.aclose_forcefully(stream)
 
     async def _upgrade(
