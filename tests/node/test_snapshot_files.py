@@ -5,6 +5,7 @@ a crash interrupted is finished at the next start."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,69 @@ async def test_an_inline_read_waits_for_an_install_and_then_reads_the_new_state(
         assert state.read_now(lambda db: db.get("a"))[0]["value"] == b"new"  # type: ignore[index]
     finally:
         await state.close()
+
+
+async def test_a_stalled_transfer_does_not_hold_the_log_in_memory_past_its_bound(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a snapshot transfer runs, compaction is held at the copy's index so the
+    follower can continue from it. A follower that takes the file slowly (a slow link)
+    must not make the leader keep every entry since in memory: past HOLD_MAX_BYTES of
+    applied data the transfer is abandoned and the log compacted; the follower gets a
+    newer copy on the next try and catches up."""
+    from liferaft.node import applier
+    from liferaft.transport.files import PeerMessage, SnapshotChunk
+
+    monkeypatch.setattr(applier, "COMPACT_BYTES", 64 * 1024)
+    monkeypatch.setattr(applier, "HOLD_MAX_BYTES", 256 * 1024, raising=False)
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"], snapshot_entries=50)
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            lead = await c.wait_leader()
+            victim = next(i for i in c.ids if i != lead)
+            leader, node = c.nodes[lead], c.nodes[victim]
+            c.faults.isolate(victim, c.ids)
+            async with open_client(
+                [c.endpoints()[c.ids.index(lead)]], token=c.token(), cacert=certs / "ca.pem"
+            ) as client:
+                for i in range(200):
+                    await client.put(f"k{i:03d}", b"v%d" % i)
+                await wait_until(lambda: leader.snapshot_index > 100)
+                transport = leader.transport
+                assert transport is not None
+                send = transport.send
+                slow = True
+
+                async def later(m: PeerMessage) -> None:
+                    await trio.sleep(3)  # a slow link: under the sender's stall limit
+                    send([m])
+
+                def slow_chunks(msgs: Iterable[PeerMessage]) -> None:
+                    now = []
+                    for m in msgs:
+                        if slow and isinstance(m, SnapshotChunk):
+                            nursery.start_soon(later, m)
+                        else:
+                            now.append(m)
+                    send(now)
+
+                transport.send = slow_chunks  # type: ignore[method-assign]  # chunks skip _send_filter
+                c.faults.heal()
+                sender = leader.sender
+                assert sender is not None
+                await wait_until(lambda: (sender.hold() or 0) > 0)  # the copy is made
+                held_from = sender.hold()
+                assert held_from is not None
+                value = b"x" * 4096
+                for i in range(200):  # 800 KiB applied while the transfer crawls
+                    await client.put(f"big{i:03d}", value)
+                # the log was compacted past what the transfer held
+                assert leader.snapshot_index > held_from
+                raft = leader.raft
+                assert raft is not None
+                assert raft.log.last_index - raft.log.first_index < 200
+                slow = False
+                await wait_until(lambda: node.applied >= leader.applied)
+                assert node.kv.db.digest() == leader.kv.db.digest()
+        nursery.cancel_scope.cancel()

@@ -40,6 +40,11 @@ MAX_APPLY_BYTES = 2 * 1024 * 1024  # ...and about this much entry data
 # Compact the log after this much entry data too (besides ``snapshot_entries``): the log
 # since the last compaction is held in memory, and an entry may hold a batch of writes.
 COMPACT_BYTES = 32 * 1024 * 1024
+# A snapshot transfer holds compaction at its copy's index, so that the follower can go
+# on from there; past this much applied data since, the transfer is abandoned instead
+# and the log compacted (the follower gets a newer copy next time): a follower on a slow
+# link never makes the leader keep an unbounded log in memory.
+HOLD_MAX_BYTES = 2 * COMPACT_BYTES
 # Checkpoint the WALs after about this many applied entries or this much entry data:
 # often, so each checkpoint's burst of writes and fsyncs is short (the disk it holds up
 # is the one every node's log fsyncs wait for), and at a per-node random point of that
@@ -175,7 +180,12 @@ class Applier:
         assert node.storage is not None
         async for _ in self._compact_recv:
             durable = await node.kv.sync()
-            held = node.sender.hold() if node.sender is not None else None
+            sender = node.sender
+            held = sender.hold() if sender is not None else None
+            if held is not None and held < durable and self._log_bytes >= HOLD_MAX_BYTES:
+                assert sender is not None
+                sender.abandon(f"the log grew by {self._log_bytes} bytes during the transfer")
+                held = None
             index = durable if held is None else min(durable, held)
             if index <= node.snapshot_index:
                 continue

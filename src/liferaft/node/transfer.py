@@ -28,7 +28,7 @@ import logging
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -80,6 +80,7 @@ class _Outgoing:
     transfer: int
     applied: int = -1  # the copy's applied index, once made
     acks: trio.MemorySendChannel[SnapshotAck] | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 class SnapshotSender:
@@ -103,6 +104,12 @@ class SnapshotSender:
         self._running: dict[str, _Outgoing] = {}
         self._last_start: dict[str, float] = {}
         self.sent = 0  # transfers completed, for tests and metrics
+
+    def abandon(self, reason: str) -> None:
+        """Stop every running transfer (its files go): the log is compacted past them."""
+        for peer, out in self._running.items():
+            out.scope.cancel()
+            event(log, "snapshot_send_abandoned", peer=peer, reason=reason)
 
     def hold(self) -> int | None:
         """The log may not be compacted past this index while transfers run."""
@@ -131,14 +138,15 @@ class SnapshotSender:
         peer = msg.dst
         path = self._state.snapshot_dir / f"send-{peer}-{out.transfer:d}.db"
         try:
-            out.applied = await self._state.backup(path)
-            crashpoint("snapshot_copy")
-            ok = await self._stream(msg, out, path)
-            if ok:
-                final = self._finish(msg, out.transfer, out.applied)
-                if final is not None:
-                    self._transport.send([final])
-                    self.sent += 1
+            with out.scope:
+                out.applied = await self._state.backup(path)
+                crashpoint("snapshot_copy")
+                ok = await self._stream(msg, out, path)
+                if ok:
+                    final = self._finish(msg, out.transfer, out.applied)
+                    if final is not None:
+                        self._transport.send([final])
+                        self.sent += 1
         finally:
             with trio.CancelScope(shield=True):
                 await offload.run_sync(lambda: path.unlink(missing_ok=True))
