@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
 
 from liferaft.testing.linearizability import Op
 from liferaft.testing.nemesis import Report, TcpProxy, analyze
+from liferaft.testing.processes import process_cluster
 
 
 def report() -> Report:
@@ -119,3 +121,38 @@ def test_an_unknown_fault_is_a_usage_error() -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "flood" in proc.stderr
+
+
+def test_a_check_of_a_cluster_the_user_runs_moves_only_leadership(
+    tmp_path: Path, certs: Path
+) -> None:
+    """--endpoints: the check writes under keys of its own, transfers leadership (the
+    one fault it can make through the API) and reads back what it wrote."""
+    pc = process_cluster(tmp_path, ["n1", "n2", "n3"], certs=certs)
+    procs = [
+        subprocess.Popen(pc.command(i), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for i in pc.ids
+    ]
+    try:
+        token = pc.token(["read", "write", "admin"])
+        base = [sys.executable, "-m", "liferaft", "check", "--endpoints", ",".join(pc.endpoints)]
+        base += ["--token", token, "--cacert", str(certs / "ca.pem")]
+        refused = subprocess.run(
+            [*base, "--faults", "kill"], capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode == 2 and "transfer" in refused.stderr
+        proc = subprocess.run(
+            [*base, "--faults", "transfer", "--seconds", "4", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        doc = json.loads(proc.stdout)
+        assert doc["ok"] and doc["operations"] > 50
+        assert {f["fault"] for f in doc["faults"]} <= {"transfer", "transferred", "transfer failed"}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)

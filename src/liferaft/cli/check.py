@@ -8,16 +8,15 @@ from pathlib import Path
 
 import click
 
-FAULT_NAMES = ("kill", "pause", "partition")
-
 
 def _faults(value: str) -> list[str]:
+    from liferaft.testing.nemesis import FAULTS  # the node runtime: imported on use
+
     faults = [f.strip() for f in value.split(",") if f.strip()]
-    unknown = sorted(set(faults) - set(FAULT_NAMES))
+    unknown = sorted(set(faults) - set(FAULTS))
     if unknown:
-        raise click.BadParameter(
-            f"unknown {', '.join(unknown)}; choose from {', '.join(FAULT_NAMES)}"
-        )
+        choose = ", ".join(FAULTS)
+        raise click.BadParameter(f"unknown {', '.join(unknown)}; choose from {choose}")
     return faults
 
 
@@ -31,10 +30,11 @@ def _faults(value: str) -> list[str]:
 )
 @click.option(
     "--faults",
-    default="kill,pause,partition",
+    default="kill,pause,partition,transfer",
     show_default=True,
     help="Comma-separated: kill (SIGKILL and restart), pause (SIGSTOP and "
-    "SIGCONT), partition (isolate a node, or cut its links one way). Empty: none.",
+    "SIGCONT), partition (isolate a node, or cut its links one way), transfer "
+    "(leadership to another node). Empty: none.",
 )
 @click.option(
     "--seed",
@@ -64,6 +64,17 @@ def _faults(value: str) -> list[str]:
     help="Keep the cluster's files (configs, data, node logs) here.",
 )
 @click.option(
+    "--endpoints",
+    help="Check a cluster you run instead (comma-separated URLs): then only the "
+    "transfer fault, or none (--faults ''); needs --token (read, write and admin).",
+)
+@click.option("--token", "token_arg", help="With --endpoints: the JWT (or @FILE).")
+@click.option(
+    "--cacert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --endpoints: the cluster's CA certificate.",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Choice(["text", "json"]),
@@ -78,17 +89,34 @@ def check(
     clients: int,
     keys: int,
     workdir: Path | None,
+    endpoints: str | None,
+    token_arg: str | None,
+    cacert: Path | None,
     output: str,
 ) -> None:
     """Start a local 3-node cluster of real processes, run concurrent clients against
     it while killing, pausing and partitioning nodes (TCP proxies on every peer link),
     then check the history: linearizable per key, no acknowledged write lost, none
-    applied twice. Exit 0 when clean, 1 when an anomaly was found."""
+    applied twice. Exit 0 when clean, 1 when an anomaly was found.
+
+    With --endpoints it checks a cluster you run (under keys check/<seed>-<random>/,
+    which it leaves behind), with no fault it cannot make through the client API."""
     import trio
 
-    from liferaft.testing.nemesis import Check
+    from liferaft.testing.nemesis import API_FAULTS, Check
 
     chosen = _faults(faults)
+    if endpoints is None and (token_arg or cacert):
+        raise click.UsageError("--token and --cacert go with --endpoints")
+    if endpoints is not None:
+        if not token_arg:
+            raise click.UsageError("--endpoints needs --token")
+        if set(chosen) - set(API_FAULTS):
+            raise click.UsageError(
+                f"on a cluster it does not own, --faults may hold only {', '.join(API_FAULTS)}"
+            )
+        if token_arg.startswith("@"):
+            token_arg = Path(token_arg[1:]).read_text().strip()
     text = output == "text"
     log = (lambda line: click.echo(line)) if text else None
     if text:
@@ -96,9 +124,13 @@ def check(
             f"liferaft check: seed {seed}, {seconds:g} s, faults: "
             f"{', '.join(chosen) or 'none'}, {clients} clients on {keys} keys"
         )
-    report = trio.run(
-        Check(seed, seconds, chosen, clients=clients, keys=keys, log=log).run, workdir
-    )
+    run = Check(seed, seconds, chosen, clients=clients, keys=keys, log=log)
+    if endpoints is None:
+        report = trio.run(run.run, workdir)
+    else:
+        urls = [e.strip() for e in endpoints.split(",") if e.strip()]
+        assert token_arg is not None
+        report = trio.run(run.run_against, urls, token_arg, cacert)
     doc = report.doc()
     if not text:
         click.echo(json.dumps(doc))

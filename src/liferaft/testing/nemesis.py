@@ -43,7 +43,8 @@ from liferaft.testing.linearizability import Op, check
 from liferaft.testing.localcluster import free_ports, write_config
 from liferaft.testing.processes import ProcessCluster
 
-FAULTS = ("kill", "pause", "partition")
+FAULTS = ("kill", "pause", "partition", "transfer")
+API_FAULTS = ("transfer",)  # what a check can do to a cluster it does not own
 PREFIX = "check/"
 IDS = ["n1", "n2", "n3"]
 
@@ -274,7 +275,7 @@ class NemesisCluster:
                     await p.wait()
 
 
-async def _node_status(endpoint: str, token: str, cacert: Path) -> dict[str, Any] | None:
+async def _node_status(endpoint: str, token: str, cacert: Path | None) -> dict[str, Any] | None:
     try:
         with trio.move_on_after(1.5):
             async with await Client.connect(
@@ -284,6 +285,17 @@ async def _node_status(endpoint: str, token: str, cacert: Path) -> dict[str, Any
     except LiferaftError:
         return None
     return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the clients go: the endpoints, a token and CA, and the processes behind them
+    when the check owns the cluster (None: a cluster the user runs)."""
+
+    endpoints: list[str]
+    token: str
+    cacert: Path | None
+    cluster: NemesisCluster | None = None
 
 
 class Check:
@@ -312,6 +324,8 @@ class Check:
         self.history: list[Op] = []
         self._log = log or (lambda line: None)
         self._t0 = 0.0
+        # keys of this run only: a cluster the user runs may hold other checks' keys
+        self.prefix = f"{PREFIX}{seed}-{random.Random().getrandbits(32):08x}/"
 
     def _fault(self, what: str, **detail: Any) -> None:
         t = round(trio.current_time() - self._t0, 3)
@@ -319,38 +333,53 @@ class Check:
         self._log(f"{t:8.3f}s {what} {detail if detail else ''}".rstrip())
 
     async def run(self, base: Path | None = None) -> Report:
+        """Against a local cluster of its own (its files under ``base``, or a temp dir)."""
         async with _workdir(base) as d:
             cluster = NemesisCluster(d, heartbeat_ms=self.timing[0], election_ms=self.timing[1])
             try:
                 async with trio.open_nursery() as nursery:
                     await cluster.start(nursery)
-                    await self._run(cluster)
+                    target = Target(
+                        cluster.endpoints, cluster.token(), cluster.certs / "ca.pem", cluster
+                    )
+                    await self._run(target)
                     nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
                     await cluster.stop()
         return self.report
 
-    async def _run(self, cluster: NemesisCluster) -> None:
-        token, cacert = cluster.token(), cluster.certs / "ca.pem"
-        await _wait_for_leader(cluster, token, cacert, 30)
+    async def run_against(self, endpoints: list[str], token: str, cacert: Path | None) -> Report:
+        """Against a cluster the user runs: only faults made through the client API."""
+        if set(self.faults) - set(API_FAULTS):
+            raise ValueError(
+                f"on a cluster it does not own, only {', '.join(API_FAULTS)} (or none)"
+            )
+        await self._run(Target(endpoints, token, cacert))
+        return self.report
+
+    async def _run(self, target: Target) -> None:
+        # the history is read back from here: older revisions may be compacted
+        start = int((await _wait_for_leader(target, 30))["revision"])
         self._t0 = trio.current_time()
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             if self.faults:
-                nursery.start_soon(self._nemesis, cluster, token, cacert, stop)
+                nursery.start_soon(self._nemesis, target, stop)
             async with trio.open_nursery() as workers:
                 for cid in range(self.clients):
-                    workers.start_soon(self._client, cid, cluster, token, cacert)
+                    workers.start_soon(self._client, cid, target)
             stop.set()
-        self._fault("heal")
-        cluster.heal()
-        for i in IDS:
-            cluster.resume(i)
-            if cluster.procs[i].returncode is not None:
-                await cluster.start_node(i)
-        revision = await _settled(cluster, token, cacert, 60)
-        stored = await _stored_puts(cluster.endpoints, token, cacert, revision)
+        cluster = target.cluster
+        if cluster is not None:
+            self._fault("heal")
+            cluster.heal()
+            for i in IDS:
+                cluster.resume(i)
+                if cluster.procs[i].returncode is not None:
+                    await cluster.start_node(i)
+        await _settled(target, 60)
+        stored = await _stored_puts(target, self.prefix, start + 1)
         self.report.operations = len(self.history)
         self.report.acked_writes = sum(
             1 for o in self.history if o.kind == "put" and o.complete is not None
@@ -358,13 +387,13 @@ class Check:
         self.report.stored_events = len(stored)
         analyze(self.history, stored, self.report)
 
-    async def _client(self, cid: int, cluster: NemesisCluster, token: str, cacert: Path) -> None:
+    async def _client(self, cid: int, target: Target) -> None:
         rng = random.Random(self.rng.getrandbits(64))
         deadline = self._t0 + self.seconds
         async with await Client.connect(
-            cluster.endpoints,
-            token=token,
-            cacert=cacert,
+            target.endpoints,
+            token=target.token,
+            cacert=target.cacert,
             timeout=5.0,
             attempt_timeout=1.0,
             rng=random.Random(rng.getrandbits(64)),
@@ -372,7 +401,7 @@ class Check:
             n = 0
             while trio.current_time() < deadline and n < MAX_OPS_PER_CLIENT:
                 n += 1
-                key = f"{PREFIX}{rng.randrange(self.keys)}"
+                key = f"{self.prefix}{rng.randrange(self.keys)}"
                 start = trio.current_time()
                 if rng.random() < 0.5:
                     value = b"c%d-%d" % (cid, n)
@@ -392,9 +421,7 @@ class Check:
                     got = kv.value if kv is not None else None
                     self.history.append(Op(cid, "get", key, got, start, trio.current_time()))
 
-    async def _nemesis(
-        self, cluster: NemesisCluster, token: str, cacert: Path, stop: trio.Event
-    ) -> None:
+    async def _nemesis(self, target: Target, stop: trio.Event) -> None:
         rng = random.Random(self.rng.getrandbits(64))
         while not stop.is_set():
             with trio.move_on_after(rng.uniform(0.5, 2.0)):
@@ -402,7 +429,12 @@ class Check:
             if stop.is_set():
                 return
             fault = rng.choice(self.faults)
-            leader = await _leader(cluster, token, cacert)
+            leader = await _leader(target)
+            if fault == "transfer":
+                await self._transfer(target, leader, rng)
+                continue
+            cluster = target.cluster
+            assert cluster is not None  # run_against allows API faults only
             victim = leader if leader is not None and rng.random() < 0.5 else rng.choice(IDS)
             span = rng.uniform(0.5, 2.5)
             if fault == "kill":
@@ -438,6 +470,17 @@ class Check:
                 self._fault("heal")
                 cluster.heal()
 
+    async def _transfer(self, target: Target, leader: str | None, rng: random.Random) -> None:
+        """Leadership to another voter (the most caught-up one: the node decides)."""
+        self._fault("transfer", frm=leader)
+        try:
+            async with await Client.connect(
+                target.endpoints, token=target.token, cacert=target.cacert, timeout=3.0
+            ) as admin:
+                self._fault("transferred", to=await admin.transfer_leader(None))
+        except LiferaftError as exc:  # e.g. no voter caught up enough: logged, not fatal
+            self._fault("transfer failed", error=exc.code)
+
 
 MAX_OPS_PER_CLIENT = 100_000  # a bound on the load loop besides its time
 
@@ -452,26 +495,32 @@ async def _workdir(base: Path | None) -> AsyncIterator[Path]:
         yield Path(d)
 
 
-async def _leader(cluster: NemesisCluster, token: str, cacert: Path) -> str | None:
-    for endpoint in cluster.endpoints:
-        st = await _node_status(endpoint, token, cacert)
+async def _leader_status(target: Target) -> dict[str, Any] | None:
+    for endpoint in target.endpoints:
+        st = await _node_status(endpoint, target.token, target.cacert)
         if st is not None and st.get("role") == "leader":
-            return str(st["node_id"])
+            return st
     return None
 
 
-async def _wait_for_leader(cluster: NemesisCluster, token: str, cacert: Path, wait: float) -> str:
+async def _leader(target: Target) -> str | None:
+    st = await _leader_status(target)
+    return None if st is None else str(st["node_id"])
+
+
+async def _wait_for_leader(target: Target, wait: float) -> dict[str, Any]:
+    """The leader's status, once there is one."""
     with trio.fail_after(wait):
-        while (leader := await _leader(cluster, token, cacert)) is None:  # noqa: ASYNC110
+        while (st := await _leader_status(target)) is None:  # noqa: ASYNC110
             await trio.sleep(0.1)  # polling the nodes: no event tells
-    return leader
+    return st
 
 
-async def _settled(cluster: NemesisCluster, token: str, cacert: Path, wait: float) -> int:
+async def _settled(target: Target, wait: float) -> int:
     """Wait until every node has applied the same index; its revision."""
     with trio.fail_after(wait):
         while True:
-            st = [await _node_status(e, token, cacert) for e in cluster.endpoints]
+            st = [await _node_status(e, target.token, target.cacert) for e in target.endpoints]
             if all(s is not None for s in st):
                 applied = {s["applied_index"] for s in st if s is not None}
                 commits = {s["commit_index"] for s in st if s is not None}
@@ -486,21 +535,22 @@ async def _settled(cluster: NemesisCluster, token: str, cacert: Path, wait: floa
             await trio.sleep(0.2)
 
 
-async def _stored_puts(
-    endpoints: list[str], token: str, cacert: Path, revision: int
-) -> list[tuple[str, bytes]]:
-    """Every put the store holds under PREFIX, in revision order (a watch from 1)."""
+async def _stored_puts(target: Target, prefix: str, start: int) -> list[tuple[str, bytes]]:
+    """Every put the store holds under ``prefix``, in revision order: a watch from
+    ``start`` up to a last put of the run's own (``prefix`` + "end"), not returned."""
     out: list[tuple[str, bytes]] = []
-    if revision == 0:
-        return out
-    async with await Client.connect(endpoints, token=token, cacert=cacert, timeout=30) as c:
+    end = f"{prefix}end"
+    async with await Client.connect(
+        target.endpoints, token=target.token, cacert=target.cacert, timeout=30
+    ) as c:
+        await c.put(end, b"")
         with trio.fail_after(60):
-            async with c.watch(prefix=PREFIX, start_revision=1) as events:
+            async with c.watch(prefix=prefix, start_revision=start) as events:
                 async for ev in events:
+                    if ev.kv.key == end:
+                        break
                     if ev.type == "put":
                         out.append((ev.kv.key, bytes(ev.kv.value)))
-                    if ev.kv.mod_revision >= revision:  # every write of the run is ours
-                        break
     return out
 
 
