@@ -5,6 +5,7 @@ of the slow tests."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
+
+
+@pytest.fixture
+def sim_seeds(pytestconfig: pytest.Config) -> Callable[[int], range]:
+    """``sim_seeds(default)``: the seeds a random simulator test runs: ``--seed N`` alone,
+    or ``--sim-runs`` (else ``default``) seeds from ``--sim-base``."""
+
+    def seeds(default: int) -> range:
+        seed = pytestconfig.getoption("--seed")
+        if seed is not None:
+            return range(seed, seed + 1)
+        runs = pytestconfig.getoption("--sim-runs") or default
+        base = pytestconfig.getoption("--sim-base")
+        return range(base, base + runs)
+
+    return seeds
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -28,19 +29,12 @@ DEFAULT_RUNS = {
 }
 
 
-def seeds(config: pytest.Config, default: int) -> range:
-    seed = config.getoption("--seed")
-    if seed is not None:
-        return range(seed, seed + 1)
-    runs = config.getoption("--sim-runs") or default
-    base = config.getoption("--sim-base")
-    return range(base, base + runs)
-
-
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_random_clusters_stay_safe_and_recover(profile: str, pytestconfig: pytest.Config) -> None:
+def test_random_clusters_stay_safe_and_recover(
+    profile: str, sim_seeds: Callable[[int], range]
+) -> None:
     elections = committed = 0
-    for seed in seeds(pytestconfig, DEFAULT_RUNS[profile]):
+    for seed in sim_seeds(DEFAULT_RUNS[profile]):
         try:
             report = run_chaos(seed, PROFILES[profile])
         except SimulationFailure as exc:
@@ -74,9 +68,9 @@ def test_random_runs_exercise_every_mechanism() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("voters", [3, 5, 7])
-def test_soak(voters: int, pytestconfig: pytest.Config) -> None:
+def test_soak(voters: int, sim_seeds: Callable[[int], range]) -> None:
     opts = dataclasses.replace(PROFILES["five_nodes"], voters=voters, ticks=5000)
-    for seed in seeds(pytestconfig, 2000):
+    for seed in sim_seeds(2000):
         run_chaos(seed, opts)
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -34,19 +34,10 @@ def quiet_logs() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-def seeds(config: pytest.Config, default: int) -> range:
-    seed = config.getoption("--seed")
-    if seed is not None:
-        return range(seed, seed + 1)
-    runs = config.getoption("--sim-runs") or default
-    base = config.getoption("--sim-base")
-    return range(base, base + runs)
-
-
-def test_real_nodes_under_faults_keep_every_promise(pytestconfig: pytest.Config) -> None:
+def test_real_nodes_under_faults_keep_every_promise(sim_seeds: Callable[[int], range]) -> None:
     failures: list[str] = []
     totals = {"ops": 0, "acked": 0, "events": 0, "faults": 0, "elections": 0}
-    for seed in seeds(pytestconfig, DEFAULT_RUNS):
+    for seed in sim_seeds(DEFAULT_RUNS):
         r = simulate(seed)
         if not r.ok:
             failures.append(r.report() + f"\nreplay: liferaft sim --whole-node --seed {seed}")
@@ -60,7 +51,7 @@ def test_real_nodes_under_faults_keep_every_promise(pytestconfig: pytest.Config)
     assert not failures, "\n\n".join(failures)
     print(f"whole-node simulation: {totals}")
     # The runs must have exercised the system, not idled.
-    runs = len(seeds(pytestconfig, DEFAULT_RUNS))
+    runs = len(sim_seeds(DEFAULT_RUNS))
     assert totals["acked"] >= 20 * runs and totals["events"] >= totals["acked"]
     if runs >= 20:
         assert totals["elections"] > runs and totals["faults"] > 3 * runs
