@@ -1,13 +1,15 @@
 """``liferaft check``: a nemesis against real ``liferaft node`` processes.
 
-It starts a local cluster it owns (three processes with fresh certificates, on loopback),
-runs concurrent clients through the client library, and meanwhile injects faults:
-SIGKILL and restart, SIGSTOP and SIGCONT (of the leader or any node), and network
-partitions. Partitions are made by TCP proxies it places on every peer link: node X
+It starts a local cluster it owns (three processes with fresh certificates, on loopback;
+or, with ``run_against``, uses one the user runs, with API faults only), runs concurrent
+clients through the client library, and meanwhile injects faults: SIGKILL and restart,
+SIGSTOP and SIGCONT (of the leader or any node), network partitions, and leadership
+transfers. Partitions are made by TCP proxies it places on every peer link: node X
 dials node Y through the proxy (X→Y) (X's config gives it as Y's peer address), so
 cutting that proxy cuts X→Y only, and a node can be isolated, or one direction of one
 link cut. After the run it heals everything, waits for the cluster to settle, reads the
-whole history of the keys it wrote (a watch from revision 1) and checks:
+whole history of the run's keys (a watch from the revision the run started at) and
+checks:
 
 - the client history is linearizable, per key (``testing.linearizability``);
 - no acknowledged put is lost, none is stored twice, and nothing is stored that no
