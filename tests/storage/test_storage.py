@@ -481,3 +481,23 @@ def test_a_truncated_raft_database_is_refused(data_dir: Path, cut_pages: int) ->
         f.truncate(db.stat().st_size - 4096 * cut_pages)
     with pytest.raises(StorageCorrupt):
         Storage.open(data_dir)
+
+
+def test_commits_fsync_except_under_the_simulator(tmp_path: Path) -> None:
+    """synchronous=FULL (every COMMIT fsyncs the WAL) in a node; OFF only inside the
+    whole-node simulator, whose crashes keep the page cache (offload.durable)."""
+    from liferaft.storage.offload import inline_io
+
+    real = Storage.open(tmp_path / "real")
+    try:
+        assert real._conn is not None
+        assert real._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        real.close()
+    with inline_io():
+        sim = Storage.open(tmp_path / "sim")
+    try:
+        assert sim._conn is not None
+        assert sim._conn.execute("PRAGMA synchronous").fetchone()[0] == 0  # OFF
+    finally:
+        sim.close()

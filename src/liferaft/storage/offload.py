@@ -41,6 +41,13 @@ def inline() -> bool:
     return _INLINE.get()
 
 
+def durable() -> bool:
+    """Whether commits must reach the disk (fsync). Not under the simulator: its crashes
+    are process crashes, which keep what the page cache holds, so an fsync there only
+    costs time (a third of a run's); power loss is the storage tests' business."""
+    return not _INLINE.get()
+
+
 class Worker(Protocol):
     """One at a time, in order: ``WorkerThread``'s interface."""
 
