@@ -296,6 +296,20 @@ class KvSettings:
         _at_least("history_revisions", self.history_revisions, 1)
 
 
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """What the node logs: records at ``level`` and above (docs/operations.md, "Logs")."""
+
+    level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.level not in LOG_LEVELS:
+            raise _Invalid("level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     node: NodeSettings
@@ -308,6 +322,7 @@ class Settings:
     raft: RaftSettings
     kv: KvSettings
     path: Path  # the config file, absolute
+    log: LogSettings = LogSettings()
 
     def __post_init__(self) -> None:
         if not self.cluster.join and self.cluster.member(self.node.id) is None:
@@ -343,8 +358,9 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "auth": ("jwt_public_keys", "issuer", "audience", "leeway_s"),
     "raft": ("heartbeat_interval_ms", "election_timeout_ms", "snapshot_entries"),
     "kv": ("history_revisions",),
+    "log": ("level",),
 }
-_OPTIONAL_SECTIONS: Final = frozenset({"raft", "kv"})  # every key has a default
+_OPTIONAL_SECTIONS: Final = frozenset({"raft", "kv", "log"})  # every key has a default
 _MEMBER_KEYS: Final = ("id", "peer", "client")
 
 
@@ -404,6 +420,9 @@ class _Table:
 
     def string(self, name: str) -> str:
         return self._get(name, str, "a string")
+
+    def optional_string(self, name: str, default: str) -> str:
+        return self._get(name, str, "a string", default)
 
     def integer(self, name: str, default: int) -> int:
         return self._get(name, int, "an integer", default)
@@ -528,8 +547,14 @@ class _Loader:
         with t.invariants():
             kv = KvSettings(history_revisions=t.integer("history_revisions", 100000))
 
+        t = root.table("log", _SECTIONS["log"])
+        with t.invariants():
+            log = LogSettings(level=t.optional_string("level", "info").lower())
+
         with root.invariants():
-            return Settings(node, peer, client, metrics, cluster, tls, auth, raft, kv, self.file)
+            return Settings(
+                node, peer, client, metrics, cluster, tls, auth, raft, kv, self.file, log
+            )
 
     def _cluster(self, t: _Table) -> ClusterSettings:
         members = []

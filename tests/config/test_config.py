@@ -127,6 +127,14 @@ def test_defaults_apply_when_keys_are_left_out(node1: Path) -> None:
     assert (s.raft.heartbeat_interval_ms, s.raft.election_timeout_ms) == (50, 300)
     assert s.raft.snapshot_entries == 10000
     assert s.cluster.join is False
+    assert s.log.level == "info"
+
+
+def test_the_log_level_is_read_and_checked(node1: Path) -> None:
+    edit(node1, lambda text: drop_section(text, "log") + '\n[log]\nlevel = "WARNING"\n')
+    assert load(node1).log.level == "warning"
+    edit(node1, lambda text: text.replace('level = "WARNING"', 'level = "loud"'))
+    expect_error(node1, "log.level", "must be one of debug, info, warning, error, got 'loud'")
 
 
 def test_relative_paths_follow_the_config_file_not_the_cwd(

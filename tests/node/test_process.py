@@ -81,6 +81,43 @@ async def test_node_process_serves_healthz_and_exits_0_on_sigterm(
     assert any(e["msg"] == "leader_changed" and e["node"] == "n1" for e in events)
 
 
+async def test_the_log_level_from_the_config_silences_lower_records(
+    tmp_path: Path, certs: Path
+) -> None:
+    """``[log] level = "warning"``: the node runs and stops as usual, and none of its
+    info records (node_started, leader_changed, stopping) reach stderr."""
+    peer, client, metrics = free_ports(3)
+    cfg = write_config(
+        tmp_path / "n1.toml", "n1", {"n1": (peer, client, metrics)}, certs, tmp_path / "data"
+    )
+    cfg.write_text(cfg.read_text() + '\n[log]\nlevel = "warning"\n')
+    with trio.fail_after(HANG):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "liferaft", "node", "--config", str(cfg)],
+            stderr=subprocess.PIPE,
+        )
+        try:
+            while True:
+                try:
+                    if (await http_get(metrics, "/readyz"))[0] == 200:
+                        break
+                except OSError:
+                    pass  # not listening yet
+                await trio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.stderr is not None
+        err = b""
+        while chunk := await proc.stderr.receive_some(1 << 16):
+            err += chunk
+    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert [e for e in events if e["level"] in ("debug", "info")] == []
+
+
 def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path, certs: Path) -> None:
     cfg = write_config(
         tmp_path / "n1.toml", "n1", {"n1": (7001, 8001, 9001)}, certs, tmp_path / "data"

@@ -39,7 +39,7 @@ def node(config_path: Path) -> None:
     except ConfigError as exc:
         click.echo(f"liferaft node: config error: {exc}", err=True)
         sys.exit(2)
-    configure(settings.node.id)
+    configure(settings.node.id, level=settings.log.level)
     gc.set_threshold(*GC_THRESHOLDS)
     try:
         trio.run(_run, settings)
