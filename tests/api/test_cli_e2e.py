@@ -100,3 +100,21 @@ async def test_get_at_a_revision_pages_with_after_and_compact(tmp_path: Path, ce
         assert code == 1 and "compacted" in err
         code, _, _ = await cli(c, "compact", "3", token=c.token("read,write"))
         assert code == 3  # compaction needs the admin role
+
+
+async def test_endpoint_health_passes_only_when_every_endpoint_reads(
+    tmp_path: Path, certs: Path
+) -> None:
+    async with cluster(tmp_path, certs) as c:
+        code, out, err = await cli(c, "endpoint", "health", "-o", "json")
+        assert code == 0, err
+        rows = json.loads(out)["endpoints"]
+        assert [r["health"] for r in rows] == [True, True, True]
+        # a node cut off from the others cannot confirm a read: that endpoint fails
+        lonely = c.ids[0] if c.leader() != c.ids[0] else c.ids[1]
+        c.faults.isolate(lonely, c.ids)
+        code, out, _ = await cli(c, "endpoint", "health", "--timeout", "2")
+        assert code == 1
+        line = next(line for line in out.splitlines() if c.endpoints()[c.ids.index(lonely)] in line)
+        assert "false" in line
+        assert sum(" true " in f" {line} " for line in out.splitlines()) == 2

@@ -12,6 +12,7 @@ from liferaft.cli.check import check
 from liferaft.cli.client_cmds import (
     compact,
     delete,
+    endpoint,
     get,
     member,
     put,
@@ -40,6 +41,7 @@ cli.add_command(get)
 cli.add_command(delete)
 cli.add_command(txn)
 cli.add_command(watch)
+cli.add_command(endpoint)
 cli.add_command(compact)
 cli.add_command(status)
 cli.add_command(member)
