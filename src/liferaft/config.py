@@ -311,6 +311,14 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """Where audit records go: with the log on stderr (None), or as JSON lines to a file
+    of their own, reopened on SIGHUP so that logrotate can move it."""
+
+    file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     node: NodeSettings
     peer: PeerSettings
@@ -323,6 +331,7 @@ class Settings:
     kv: KvSettings
     path: Path  # the config file, absolute
     log: LogSettings = LogSettings()
+    audit: AuditSettings = AuditSettings()
 
     def __post_init__(self) -> None:
         if not self.cluster.join and self.cluster.member(self.node.id) is None:
@@ -359,8 +368,9 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "raft": ("heartbeat_interval_ms", "election_timeout_ms", "snapshot_entries"),
     "kv": ("history_revisions",),
     "log": ("level",),
+    "audit": ("file",),
 }
-_OPTIONAL_SECTIONS: Final = frozenset({"raft", "kv", "log"})  # every key has a default
+_OPTIONAL_SECTIONS: Final = frozenset({"raft", "kv", "log", "audit"})  # all keys have defaults
 _MEMBER_KEYS: Final = ("id", "peer", "client")
 
 
@@ -551,9 +561,14 @@ class _Loader:
         with t.invariants():
             log = LogSettings(level=t.optional_string("level", "info").lower())
 
+        t = root.table("audit", _SECTIONS["audit"])
+        with t.invariants():
+            name = t.optional_string("file", "")
+            audit = AuditSettings(file=self.resolve(t.key("file"), name) if name else None)
+
         with root.invariants():
             return Settings(
-                node, peer, client, metrics, cluster, tls, auth, raft, kv, self.file, log
+                node, peer, client, metrics, cluster, tls, auth, raft, kv, self.file, log, audit
             )
 
     def _cluster(self, t: _Table) -> ClusterSettings:

@@ -130,6 +130,12 @@ def test_defaults_apply_when_keys_are_left_out(node1: Path) -> None:
     assert s.log.level == "info"
 
 
+def test_the_audit_file_is_resolved_next_to_the_config(node1: Path) -> None:
+    assert load(node1).audit.file is None  # default: with the log, on stderr
+    edit(node1, lambda text: text + '\n[audit]\nfile = "logs/audit.jsonl"\n')
+    assert load(node1).audit.file == (node1.parent / "logs" / "audit.jsonl").resolve()
+
+
 def test_the_log_level_is_read_and_checked(node1: Path) -> None:
     edit(node1, lambda text: drop_section(text, "log") + '\n[log]\nlevel = "WARNING"\n')
     assert load(node1).log.level == "warning"

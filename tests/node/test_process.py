@@ -250,3 +250,84 @@ async def test_a_paused_leader_is_replaced_and_steps_down_when_it_resumes(
                     p.send_signal(signal.SIGCONT)
                     p.kill()
                     await p.wait()
+
+
+async def test_audit_records_go_to_their_file_and_follow_it_after_sighup(
+    tmp_path: Path, certs: Path
+) -> None:
+    """``[audit] file``: audit records are JSON lines in that file (not on stderr), even
+    with the log at warning; after logrotate moves the file and sends SIGHUP, new
+    records go to a new file at the path."""
+    from liferaft.client import open_client
+    from liferaft.security.tokens import mint
+
+    peer, client, metrics = free_ports(3)
+    cfg = write_config(
+        tmp_path / "n1.toml", "n1", {"n1": (peer, client, metrics)}, certs, tmp_path / "data"
+    )
+    cfg.write_text(
+        cfg.read_text() + '\n[log]\nlevel = "warning"\n\n[audit]\nfile = "audit.jsonl"\n'
+    )
+    audit, rotated = tmp_path / "audit.jsonl", tmp_path / "audit.jsonl.1"
+    token = mint(
+        (certs / "jwt-private.pem").read_bytes(), sub="auditor", roles=["write"], now=time.time()
+    )
+    with trio.fail_after(HANG):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "liferaft", "node", "--config", str(cfg)],
+            stderr=subprocess.PIPE,
+        )
+        try:
+            while True:
+                try:
+                    if (await http_get(metrics, "/readyz"))[0] == 200:
+                        break
+                except OSError:
+                    pass  # not listening yet
+                await trio.sleep(0.05)
+            url = f"wss://127.0.0.1:{client}/v1"
+            async with open_client([url], token=token, cacert=certs / "ca.pem") as c:
+                await c.put("before", b"1")
+                await wait_for_lines(audit, "before")
+                audit.rename(rotated)  # what logrotate does, then it signals the node
+                proc.send_signal(signal.SIGHUP)
+                while not audit.exists():  # noqa: ASYNC110 - the node makes it anew
+                    await trio.sleep(0.02)
+                await c.put("after", b"2")
+                await wait_for_lines(audit, "after")
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.stderr is not None
+        err = b""
+        while chunk := await proc.stderr.receive_some(1 << 16):
+            err += chunk
+    old = [json.loads(line) for line in rotated.read_text().splitlines()]
+    new = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["msg"], r["subject"], r["op"], audited_keys(r)) for r in old] == [
+        ("audit", "auditor", "put", ["before"])
+    ]
+    assert [(r["op"], audited_keys(r), r["result"]) for r in new] == [("put", ["after"], "ok")]
+    assert audit.stat().st_mode & 0o077 == 0  # private: it names keys
+    assert b'"audit"' not in err  # not on stderr
+
+
+def audited_keys(record: dict[str, object]) -> list[object]:
+    """A record names one key (``key``) or, for a batch of writes, several (``keys``)."""
+    keys = record.get("keys")
+    return list(keys) if isinstance(keys, list) else [record.get("key")]
+
+
+def has_record(path: Path, key: str) -> bool:
+    if not path.exists():
+        return False
+    return any(key in audited_keys(json.loads(line)) for line in path.read_text().splitlines())
+
+
+async def wait_for_lines(path: Path, key: str) -> None:
+    """Audit records are written when the answer leaves; poll for this one's."""
+    while not has_record(path, key):  # noqa: ASYNC110 - a file, no event to wait on
+        await trio.sleep(0.02)

@@ -12,7 +12,7 @@ import click
 import trio
 
 from liferaft.config import ConfigError, Settings, load
-from liferaft.observability.logs import configure, event
+from liferaft.observability.logs import configure, event, reopen_audit_files
 from liferaft.storage.errors import StorageError
 
 log = logging.getLogger("liferaft.cli")
@@ -32,14 +32,15 @@ GC_THRESHOLDS = (50_000, 20, 20)
     help="The node's TOML config file (docs/operations.md, Configuration).",
 )
 def node(config_path: Path) -> None:
-    """Run one cluster node. Logs JSON lines to stderr; SIGINT or SIGTERM stops it
-    cleanly (exit 0). A config error exits 2, a storage error 1."""
+    """Run one cluster node. Logs JSON lines to stderr (audit records to [audit] file
+    if set, reopened on SIGHUP); SIGINT or SIGTERM stops it cleanly (exit 0). A config
+    error exits 2, a storage error 1."""
     try:
         settings = load(config_path)
     except ConfigError as exc:
         click.echo(f"liferaft node: config error: {exc}", err=True)
         sys.exit(2)
-    configure(settings.node.id, level=settings.log.level)
+    configure(settings.node.id, level=settings.log.level, audit_file=settings.audit.file)
     gc.set_threshold(*GC_THRESHOLDS)
     try:
         trio.run(_run, settings)
@@ -62,9 +63,13 @@ async def _run(settings: Settings) -> None:
     from liferaft.node.node import Node
 
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             await nursery.start(serve, Node(settings))
             async for signum in signals:
+                if signum == signal.SIGHUP:  # logrotate moved the audit file
+                    reopen_audit_files()
+                    event(log, "audit_file_reopened", file=str(settings.audit.file))
+                    continue
                 event(log, "stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break

@@ -28,9 +28,11 @@ import contextvars
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 #: Field names whose values are never logged (compared case-insensitively). A "key" is
@@ -239,12 +241,20 @@ def event(
 _installed: list[tuple[logging.Handler, int]] = []  # (our handler, root's previous level)
 
 
+AUDIT_LOGGER = "liferaft.audit"
+
+
 def configure(
-    node_id: str, stream: TextIO | None = None, level: int | str = "INFO"
+    node_id: str,
+    stream: TextIO | None = None,
+    level: int | str = "INFO",
+    audit_file: Path | None = None,
 ) -> logging.Handler:
     """Send every log record of the process to ``stream`` (stderr by default) as JSON
     lines, at ``level`` and above; records not bound to a node are tagged ``node_id``.
-    Calling it again replaces the previous setup. Returns the installed handler."""
+    Audit records are written whatever ``level`` says: with the rest, or to
+    ``audit_file`` alone (see ``AuditFile``). Calling it again replaces the previous
+    setup. Returns the installed handler."""
     reset()
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter(node_id))
@@ -252,11 +262,66 @@ def configure(
     _installed.append((handler, root.level))
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    audit = logging.getLogger(AUDIT_LOGGER)
+    audit.setLevel(logging.INFO)  # never dropped for the log's level
+    if audit_file is not None:
+        file_handler = AuditFile(audit_file)
+        file_handler.setFormatter(JsonFormatter(node_id))
+        audit.addHandler(file_handler)
+        audit.propagate = False
+        _audit_files.append(file_handler)
     return handler
 
 
+class AuditFile(logging.StreamHandler):  # type: ignore[type-arg]
+    """Audit records as JSON lines appended to a file (created private: records name
+    keys), flushed per record; ``reopen`` (on SIGHUP) starts writing to whatever file is
+    at the path now, so that logrotate can move the old one away."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(self._open())
+
+    def _open(self) -> TextIO:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8")
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            old = self.setStream(self._open())
+            if old is not None:
+                old.close()
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self.stream.close()
+        finally:
+            self.release()
+            super().close()
+
+
+def reopen_audit_files() -> None:
+    """SIGHUP: reopen the audit file (logrotate)."""
+    for handler in _audit_files:
+        handler.reopen()
+
+
+_audit_files: list[AuditFile] = []
+
+
 def reset() -> None:
-    """Undo ``configure``: remove its handler and restore the root logger's level."""
+    """Undo ``configure``: remove its handlers and restore the loggers' levels."""
+    audit = logging.getLogger(AUDIT_LOGGER)
+    while _audit_files:
+        h = _audit_files.pop()
+        audit.removeHandler(h)
+        h.close()
+    audit.propagate = True
+    audit.setLevel(logging.NOTSET)
     root = logging.getLogger()
     while _installed:
         handler, previous_level = _installed.pop()
