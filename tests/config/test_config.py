@@ -131,8 +131,8 @@ def test_defaults_apply_when_keys_are_left_out(node1: Path) -> None:
 
 
 def test_the_audit_file_is_resolved_next_to_the_config(node1: Path) -> None:
-    assert load(node1).audit.file is None  # default: with the log, on stderr
-    edit(node1, lambda text: text + '\n[audit]\nfile = "logs/audit.jsonl"\n')
+    assert load(node1).audit.file is None  # the shipped "": with the log, on stderr
+    edit(node1, lambda t: drop_section(t, "audit") + '\n[audit]\nfile = "logs/audit.jsonl"\n')
     assert load(node1).audit.file == (node1.parent / "logs" / "audit.jsonl").resolve()
 
 
