@@ -415,3 +415,32 @@ async def test_a_stalled_applier_never_holds_up_the_core_loop(tmp_path: Path, ce
         assert all(n.raft is not None and n.raft.leader == leader for n in c.nodes.values())
         release.set()
         await wait_until(lambda: node.applied >= target)
+
+
+async def test_the_leader_times_heartbeat_round_trips_to_each_peer(
+    tmp_path: Path, certs: Path
+) -> None:
+    """liferaft_network_peer_round_trip_time_seconds{peer}: heartbeat to answer."""
+    async with running(tmp_path, certs, 3) as c:
+        leader = await c.wait_leader()
+        node = c.nodes[leader]
+        others = sorted(i for i in c.ids if i != leader)
+
+        def counts() -> dict[str, float]:
+            return {
+                s.labels["peer"]: s.value
+                for fam in node.metrics.registry.collect()
+                if fam.name == "liferaft_network_peer_round_trip_time_seconds"
+                for s in fam.samples
+                if s.name.endswith("_count")
+            }
+
+        await wait_until(lambda: all(counts().get(p, 0) >= 3 for p in others))
+        sums = {
+            s.labels["peer"]: s.value
+            for fam in node.metrics.registry.collect()
+            if fam.name == "liferaft_network_peer_round_trip_time_seconds"
+            for s in fam.samples
+            if s.name.endswith("_sum")
+        }
+        assert sorted(counts()) == others and all(sums[p] > 0 for p in others)

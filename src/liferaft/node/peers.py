@@ -13,11 +13,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from liferaft.core import AnyMessage, InstallSnapshot, Membership, Raft, Role
+from liferaft.core import (
+    AnyMessage,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    Membership,
+    Raft,
+    Role,
+)
 from liferaft.node import transfer
 from liferaft.node.addresses import peer_hosts
 from liferaft.node.inputs import Input, Messages
@@ -39,6 +47,10 @@ class PeerLinks:
         self._node = node
         self._inputs = inputs
         self.nursery: trio.Nursery | None = None  # where snapshot transfers run
+        # peer -> (read_round, when) of the oldest heartbeat it has not answered: the
+        # answer that echoes that round gives the peer round-trip time
+        self._heartbeats: dict[str, tuple[int, float]] = {}
+        self._rtt: dict[str, Any] = {}  # peer -> its histogram child (labels() is slow)
 
     def send(self, msgs: Iterable[AnyMessage]) -> None:
         node = self._node
@@ -48,6 +60,8 @@ class PeerLinks:
                 if node.sender is not None and self.nursery is not None:
                     node.sender.wanted(m, self.nursery)
             else:
+                if type(m) is Heartbeat:
+                    self._heartbeat_sent(m)
                 batch.append(m)
         if not batch or node.transport is None:
             return
@@ -82,9 +96,30 @@ class PeerLinks:
                     if self._snapshot_on_disk(m):
                         core.append(m)
                 else:
+                    if type(m) is HeartbeatResponse:
+                        self._round_trip(peer, m.read_round)
                     core.append(m)
             if core:
                 await self._inputs.send(Messages(peer, core))
+
+    def _heartbeat_sent(self, m: Heartbeat) -> None:
+        """Time the oldest unanswered heartbeat to each peer; one unanswered for an
+        election timeout was lost (or its answer was): time the next one instead."""
+        now = trio.current_time()
+        pending = self._heartbeats.get(m.dst)
+        lost_after = self._node.settings.raft.election_timeout_ms / 1000
+        if pending is None or now - pending[1] > lost_after:
+            self._heartbeats[m.dst] = (m.read_round, now)
+
+    def _round_trip(self, peer: str, read_round: int) -> None:
+        sent = self._heartbeats.get(peer)
+        if sent is None or sent[0] != read_round:
+            return
+        del self._heartbeats[peer]
+        hist = self._rtt.get(peer)
+        if hist is None:
+            hist = self._rtt[peer] = self._node.metrics.peer_round_trip_time.labels(peer)
+        hist.observe(trio.current_time() - sent[1])
 
     def _snapshot_on_disk(self, m: InstallSnapshot) -> bool:
         receiver = self._node.receiver
