@@ -444,3 +444,24 @@ async def test_the_leader_times_heartbeat_round_trips_to_each_peer(
             if s.name.endswith("_sum")
         }
         assert sorted(counts()) == others and all(sums[p] > 0 for p in others)
+
+
+async def test_the_peer_connected_gauge_follows_the_links(tmp_path: Path, certs: Path) -> None:
+    """liferaft_network_peer_connected{peer}: 1 while the link is up, 0 once the member
+    is gone (the LiferaftPeerUnreachable alert rests on it)."""
+    async with running(tmp_path, certs, 3) as c:
+        leader = await c.wait_leader()
+        node = c.nodes[leader]
+        others = sorted(i for i in c.ids if i != leader)
+
+        def gauge() -> dict[str, float]:
+            return {
+                s.labels["peer"]: s.value
+                for fam in node.metrics.registry.collect()
+                if fam.name == "liferaft_network_peer_connected"
+                for s in fam.samples
+            }
+
+        await wait_until(lambda: gauge() == dict.fromkeys(others, 1.0))
+        c.crash(others[0])
+        await wait_until(lambda: gauge() == {others[0]: 0.0, others[1]: 1.0})

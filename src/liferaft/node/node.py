@@ -170,6 +170,7 @@ class Node:
         self.receiver: SnapshotReceiver | None = None
         self._gc_watch: GcWatch | None = None
         self.space = SpaceAlarm()  # raised: the disk is nearly full (node/space.py)
+        self._linked: set[str] = set()  # the peers liferaft_network_peer_connected shows
         self._peers = PeerLinks(self, self._inputs_send)
         self._applier = Applier(self)
         self._loop = CoreLoop(
@@ -285,6 +286,7 @@ class Node:
                         if n > seen[peer]:
                             metric.labels(peer).inc(n - seen[peer])
                             seen[peer] = n
+                self._sync_links()
             if self.storage is not None:
                 size = await self.storage.size_bytes()
                 if self.state is not None:
@@ -325,6 +327,18 @@ class Node:
         if self.space.wrote(size, trio.current_time()):
             self._read_space()
         return self.space.raised
+
+    def _sync_links(self) -> None:
+        """liferaft_network_peer_connected for each other member (removed ones go)."""
+        if self.raft is None or self.transport is None:
+            return
+        members = self.raft.status().membership.members - {self.id}
+        gauge = self.metrics.peer_connected
+        for peer in self._linked - members:
+            gauge.remove(peer)
+        for peer in members:
+            gauge.labels(peer).set(1 if self.transport.connected(peer) else 0)
+        self._linked = set(members)
 
     def _state_bytes(self) -> int:
         total = 0

@@ -123,6 +123,12 @@ class NodeMetrics:
         self.alarm.labels("nospace").set(0)
 
         # ------------------------------------------------------------ network (peers)
+        self.peer_connected = Gauge(
+            "liferaft_network_peer_connected",
+            "1 while this node's link to the member is up, 0 while it is not.",
+            ["peer"],
+            registry=r,
+        )
         self.peer_sent_bytes = Counter(
             "liferaft_network_peer_sent_bytes",
             "Bytes sent to each peer.",
