@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio_websocket
 
+import liferaft
 from liferaft.api.watch import RESET, WatchHub
 from liferaft.core import AnyMessage
 from liferaft.core.messages import AppendEntries
@@ -341,6 +342,7 @@ async def test_status_reports_the_cluster(tmp_path: Path, certs: Path) -> None:
     async with cluster(tmp_path, certs) as c, connect(c, c.token("read")) as r:
         st = await r.call(op="status")
         assert st["node_id"] == "n1" and st["leader_id"] in c.ids
+        assert st["version"] == liferaft.__version__ and st["alarms"] == []
         assert {m["id"] for m in st["members"]} == set(c.ids)
         assert all(m["voter"] for m in st["members"])
 

@@ -380,6 +380,8 @@ class FakeServer:
                 "revision": st.revision,
                 "members": [dict(m) for m in st.members],
                 "db_size": 123456,
+                "version": "0.1.0",
+                "alarms": ["nospace"] if self.node_id == "n2" else [],
             }
         if op in ("member_add", "member_promote", "member_remove"):
             return self._member(req)

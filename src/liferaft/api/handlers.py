@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from liferaft import __version__
 from liferaft.api.errors import ApiError, invalid, unavailable
 from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused
 from liferaft.kv.state import FutureRevision, StateDB
@@ -156,6 +157,8 @@ def status(node: Node) -> dict[str, Any]:
         "revision": node.kv.db.revision,
         "members": members,
         "db_size": node.db_size,
+        "version": __version__,
+        "alarms": ["nospace"] if node.space.raised else [],
     }
 
 

@@ -506,8 +506,9 @@ def watch(key: str, prefix: bool, rev: int, **common: Any) -> None:
 @client_options
 def status(**common: Any) -> None:
     """One row per endpoint: its node id, role, term, leader, commit and applied index,
-    revision and database size. Exit 1 if some endpoints failed, the error's exit code
-    if all did."""
+    lag (entries it has yet to apply of what the leader committed), revision, database
+    size, version and raised alarms. Exit 1 if some endpoints failed, the error's exit
+    code if all did."""
     s = settings(**common)
     rows = trio.run(_status_all, s)
     errors = [(url, err) for url, _, err in rows if err is not None]
@@ -521,6 +522,10 @@ def status(**common: Any) -> None:
         print_json({"endpoints": doc})
     else:
         good = [(url, st) for url, st, err in rows if err is None and st is not None]
+        leader_commit = max(
+            (st.get("commit_index", 0) for _, st in good if st.get("role") == "leader"),
+            default=None,
+        )
         if good:
             click.echo(
                 table(
@@ -532,8 +537,11 @@ def status(**common: Any) -> None:
                         "leader",
                         "commit",
                         "applied",
+                        "lag",
                         "revision",
                         "db size",
+                        "version",
+                        "alarms",
                     ],
                     [
                         [
@@ -544,8 +552,11 @@ def status(**common: Any) -> None:
                             st.get("leader_id") or "none",
                             st.get("commit_index"),
                             st.get("applied_index"),
+                            _lag(leader_commit, st),
                             st.get("revision"),
                             human_bytes(st.get("db_size", st.get("db_size_bytes"))),
+                            st.get("version", "?"),
+                            ",".join(st.get("alarms") or []) or "none",
                         ]
                         for url, st in good
                     ],
@@ -556,6 +567,15 @@ def status(**common: Any) -> None:
     if errors:
         code = exit_code_for(errors[0][1]) if len(errors) == len(rows) else EXIT_FAILED
         sys.exit(code)
+
+
+def _lag(leader_commit: int | None, st: dict[str, Any]) -> str:
+    """Entries committed by the leader that this node has not applied (- if no leader
+    answered)."""
+    applied = st.get("applied_index")
+    if leader_commit is None or not isinstance(applied, int):
+        return "-"
+    return str(max(0, leader_commit - applied))
 
 
 async def _status_all(
