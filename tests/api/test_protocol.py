@@ -498,3 +498,36 @@ async def test_a_watch_catching_up_over_large_values_is_paced_not_cut_off(
             keys = [ev["kv"]["key"] for e in raw.events for ev in e["events"]]
             assert keys == [f"w/{i:02d}" for i in range(40)]
             assert len(raw.events) >= 4  # paced: several messages, not one
+
+
+async def test_two_watches_catching_up_at_once_on_one_connection_both_finish(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both catch-ups wait for the client to take what is queued: every message sent
+    must wake both, not only the one that waited last."""
+    from liferaft.api import connection
+
+    monkeypatch.setattr(connection, "MAX_QUEUED_BYTES", 1024 * 1024)
+    monkeypatch.setattr(connection, "CATCH_UP_WATERMARK", 256 * 1024)
+    monkeypatch.setattr(connection, "CATCH_UP_PAGE_BYTES", 128 * 1024)
+    value = b"v" * (100 * 1024)
+    async with cluster(tmp_path, certs) as c:
+        lead = await leader_index(c)
+        async with connect(c, c.token(), lead) as raw:
+            for i in range(40):  # 4 MiB of history
+                assert (await raw.call(op="put", key=f"w/{i:02d}", value=value))["ok"]
+            await raw.send(
+                {"op": "watch", "prefix": "w/", "start_revision": 1},
+                {"op": "watch", "prefix": "w/", "start_revision": 1},
+                array=True,
+            )
+            with trio.fail_after(20):
+                while True:
+                    per_watch: dict[int, int] = {}
+                    for e in raw.events:
+                        per_watch[e["watch_id"]] = per_watch.get(e["watch_id"], 0) + len(
+                            e["events"]
+                        )
+                    if len(per_watch) == 2 and all(n == 40 for n in per_watch.values()):
+                        break
+                    await raw._pump()

@@ -76,7 +76,7 @@ class Connection:
         self._out: list[dict[str, Any]] = []
         self._out_bytes = 0  # bytes of values in _out (about)
         self._wake = trio.Event()
-        self._sent = trio.Event()  # set after each message sent: _out_bytes went down
+        self._sent = trio.Event()  # set (and replaced) after each message sent
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._writes = ConnectionWrites(self)
         self._ended = False  # run() has returned
@@ -455,7 +455,6 @@ class Connection:
                     _events_bytes(events),
                 )
             while self._out_bytes > CATCH_UP_WATERMARK:  # let the client take it first
-                self._sent = trio.Event()
                 await self._sent.wait()
         return True
 
@@ -498,7 +497,8 @@ class Connection:
             batch, self._out = self._out, []
             self._out_bytes = 0  # the message being sent is the socket's to hold now
             await self.ws.send_message(dumps(batch[0] if len(batch) == 1 else batch))
-            self._sent.set()
+            self._sent.set()  # every catch-up waiting on it wakes
+            self._sent = trio.Event()
 
     def _audit(self, req: dict[str, Any], op: str, code: str) -> None:
         event(
