@@ -75,6 +75,7 @@ class Connection:
         self.remote = remote
         self._out: list[dict[str, Any]] = []
         self._out_bytes = 0  # bytes of values in _out (about)
+        self._no_space = False  # refuse the current read's writes that grow the store
         self._wake = trio.Event()
         self._sent = trio.Event()  # set (and replaced) after each message sent
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
@@ -128,7 +129,10 @@ class Connection:
             writes: list[dict[str, Any]] = []
             size = 0
             try:
-                for data in await self.ws.get_messages():
+                messages = await self.ws.get_messages()
+                # once per read, not per write: the disk's nospace alarm (node/space.py)
+                self._no_space = self.server.node.refuses_growth(sum(map(len, messages)))
+                for data in messages:
                     await self._take_message(data, writes, nursery)
                     size += len(data)
                     if len(writes) >= MAX_BATCH:  # an entry stays within the core's bounds
@@ -186,7 +190,7 @@ class Connection:
                 except RequestError as exc:
                     raise ApiError(exc.code, str(exc)) from None
                 access.check(self.claims, req)
-            if _grows_store(req) and self.server.node.refuses_growth(_request_bytes(req)):
+            if self._no_space and _grows_store(req):
                 raise ApiError(
                     "no_space",
                     "the leader's disk is nearly full: it takes no puts until space is "
@@ -522,16 +526,6 @@ def _grows_store(req: dict[str, Any]) -> bool:
         ops = [*(req.get("success") or ()), *(req.get("failure") or ())]
         return any(isinstance(o, dict) and o.get("op") == "put" for o in ops)
     return False
-
-
-def _request_bytes(req: dict[str, Any]) -> int:
-    """About the bytes a write adds: its values (the rest is small and bounded)."""
-    value = req.get("value")
-    n = len(value) if isinstance(value, (bytes, str)) else 0
-    for o in (*(req.get("success") or ()), *(req.get("failure") or ())):
-        if isinstance(o, dict):
-            n += _value_bytes(o)
-    return n + 64
 
 
 def _value_bytes(kv: object) -> int:

@@ -318,9 +318,10 @@ class Node:
             )
 
     def refuses_growth(self, size: int) -> bool:
-        """Whether a write of about ``size`` bytes that grows the store is refused here:
-        this node leads and its disk is nearly full (a follower's alarm only shows in
-        its metrics and logs: docs/operations.md, "A full disk")."""
+        """Whether writes that grow the store, arriving in ``size`` bytes of client
+        messages, are refused here: this node leads and its disk is nearly full (a
+        follower's alarm only shows in its metrics and logs: docs/operations.md, "A full
+        disk")."""
         raft = self.raft
         if raft is None or raft.role is not Role.LEADER:
             return False
