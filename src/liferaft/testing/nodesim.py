@@ -409,6 +409,20 @@ class SimCluster:
             now=time.time(),  # tokens are checked against the real clock
         )
 
+    async def client(
+        self, call_timeout: float, rng: random.Random, reads: str = "leader"
+    ) -> Client:
+        """A connected client of the cluster, over the simulator's streams;
+        ``call_timeout`` bounds each of its calls."""
+        return await Client.connect(
+            self.endpoints(),
+            token=self.token(),
+            timeout=call_timeout,
+            rng=rng,
+            dial=self.dial,
+            reads=reads,
+        )
+
     async def dial(self, ep: Endpoint) -> trio.abc.Stream:
         """A client's connection: an in-memory stream to the node's API, served in the
         node's nursery (so it dies with the node); refused if the node is down."""
@@ -478,12 +492,9 @@ class Simulation:
     async def _client(self, cid: int) -> None:
         rng = random.Random(self.rng.getrandbits(64))
         c = self.cluster
-        client = await Client.connect(
-            c.endpoints(),
-            token=c.token(),
-            timeout=self.cfg.client_timeout_s,
-            rng=random.Random(rng.getrandbits(64)),
-            dial=c.dial,
+        client = await c.client(
+            self.cfg.client_timeout_s,
+            random.Random(rng.getrandbits(64)),
             reads="followers" if cid % 2 else "leader",  # follower reads: ReadIndex hops
         )
         async with client:
@@ -515,13 +526,7 @@ class Simulation:
         """One watch over every key from revision 1, through every fault: the client
         resumes it after each reconnect."""
         c = self.cluster
-        client = await Client.connect(
-            c.endpoints(),
-            token=c.token(),
-            timeout=30.0,
-            rng=random.Random(self.rng.getrandbits(64)),
-            dial=c.dial,
-        )
+        client = await c.client(30.0, random.Random(self.rng.getrandbits(64)))
         async with client, client.watch(prefix=PREFIX, start_revision=1) as events:
             started.set()
             async for ev in events:
@@ -541,13 +546,7 @@ class Simulation:
     async def _nemesis(self) -> None:
         c = self.cluster
         c.on_fault = self._fault
-        admin = await Client.connect(
-            c.endpoints(),
-            token=c.token(),
-            timeout=3.0,
-            rng=random.Random(self.rng.getrandbits(64)),
-            dial=c.dial,
-        )
+        admin = await c.client(3.0, random.Random(self.rng.getrandbits(64)))
         async with admin, trio.open_nursery() as later:
             await self._faults(admin, later)
         self._nemesis_done.set()
@@ -709,9 +708,7 @@ class Simulation:
 
         if not highest():
             return
-        client = await Client.connect(
-            c.endpoints(), token=c.token(), timeout=30.0, rng=random.Random(0), dial=c.dial
-        )
+        client = await c.client(30.0, random.Random(0))
         async with client:
             for n in range(PASS_WRITES_MAX):
                 lead = c.leader()
