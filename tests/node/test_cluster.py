@@ -426,24 +426,11 @@ async def test_the_leader_times_heartbeat_round_trips_to_each_peer(
         node = c.nodes[leader]
         others = sorted(i for i in c.ids if i != leader)
 
-        def counts() -> dict[str, float]:
-            return {
-                s.labels["peer"]: s.value
-                for fam in node.metrics.registry.collect()
-                if fam.name == "liferaft_network_peer_round_trip_time_seconds"
-                for s in fam.samples
-                if s.name.endswith("_count")
-            }
-
-        await wait_until(lambda: all(counts().get(p, 0) >= 3 for p in others))
-        sums = {
-            s.labels["peer"]: s.value
-            for fam in node.metrics.registry.collect()
-            if fam.name == "liferaft_network_peer_round_trip_time_seconds"
-            for s in fam.samples
-            if s.name.endswith("_sum")
-        }
-        assert sorted(counts()) == others and all(sums[p] > 0 for p in others)
+        rtt = "liferaft_network_peer_round_trip_time_seconds"
+        await wait_until(lambda: all(by_peer(node, f"{rtt}_count").get(p, 0) >= 3 for p in others))
+        sums = by_peer(node, f"{rtt}_sum")
+        assert sorted(by_peer(node, f"{rtt}_count")) == others
+        assert all(sums[p] > 0 for p in others)
 
 
 async def test_the_peer_connected_gauge_follows_the_links(tmp_path: Path, certs: Path) -> None:
@@ -455,13 +442,18 @@ async def test_the_peer_connected_gauge_follows_the_links(tmp_path: Path, certs:
         others = sorted(i for i in c.ids if i != leader)
 
         def gauge() -> dict[str, float]:
-            return {
-                s.labels["peer"]: s.value
-                for fam in node.metrics.registry.collect()
-                if fam.name == "liferaft_network_peer_connected"
-                for s in fam.samples
-            }
+            return by_peer(node, "liferaft_network_peer_connected")
 
         await wait_until(lambda: gauge() == dict.fromkeys(others, 1.0))
         c.crash(others[0])
         await wait_until(lambda: gauge() == {others[0]: 0.0, others[1]: 1.0})
+
+
+def by_peer(node: Node, sample: str) -> dict[str, float]:
+    """The values of the ``sample`` series of the node's metrics, by their peer label."""
+    return {
+        s.labels["peer"]: s.value
+        for fam in node.metrics.registry.collect()
+        for s in fam.samples
+        if s.name == sample
+    }

@@ -7,7 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,40 +37,42 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-async def test_node_process_serves_healthz_and_exits_0_on_sigterm(
-    tmp_path: Path, certs: Path
-) -> None:
+@dataclass
+class OneNode:
+    proc: trio.Process
+    client: int  # ports
+    metrics: int
+    stderr: bytes = b""  # once it has stopped
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = self.stderr.decode().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@asynccontextmanager
+async def one_node(tmp_path: Path, certs: Path, extra_config: str = "") -> AsyncIterator[OneNode]:
+    """A one-node ``liferaft node`` process, ready (``/readyz``) when the block starts;
+    stopped with SIGTERM after it, which must exit 0. Its stderr is then in ``stderr``."""
     peer, client, metrics = free_ports(3)
     cfg = write_config(
         tmp_path / "n1.toml", "n1", {"n1": (peer, client, metrics)}, certs, tmp_path / "data"
     )
+    cfg.write_text(cfg.read_text() + extra_config)
     with trio.fail_after(HANG):
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "liferaft", "node", "--config", str(cfg)],
             stderr=subprocess.PIPE,
         )
+        node = OneNode(proc, client, metrics)
         try:
-            while True:
+            while True:  # a single node elects itself; poll until it says so
                 try:
-                    status, _ = await http_get(metrics, "/healthz")
-                    if status == 200:
+                    if (await http_get(metrics, "/readyz"))[0] == 200:
                         break
                 except OSError:
                     pass  # not listening yet
                 await trio.sleep(0.05)
-            # a single node elects itself; poll until it says so
-            while (await http_get(metrics, "/readyz"))[0] != 200:  # noqa: ASYNC110
-                await trio.sleep(0.05)
-            status, body = await http_get(metrics, "/metrics")
-            assert status == 200
-            samples = {
-                (s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(body.decode())
-                for s in family.samples
-            }
-            assert samples[("liferaft_server_is_leader", ())] == 1
-            assert samples[("liferaft_server_has_leader", ())] == 1
-            assert samples[("liferaft_server_term", ())] >= 1
+            yield node
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
         finally:
@@ -74,11 +80,26 @@ async def test_node_process_serves_healthz_and_exits_0_on_sigterm(
                 proc.kill()
                 await proc.wait()
         assert proc.stderr is not None
-        err = b""
         while chunk := await proc.stderr.receive_some(1 << 16):
-            err += chunk
-    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
-    assert any(e["msg"] == "leader_changed" and e["node"] == "n1" for e in events)
+            node.stderr += chunk
+
+
+async def test_node_process_serves_healthz_and_exits_0_on_sigterm(
+    tmp_path: Path, certs: Path
+) -> None:
+    async with one_node(tmp_path, certs) as node:
+        assert (await http_get(node.metrics, "/healthz"))[0] == 200
+        status, body = await http_get(node.metrics, "/metrics")
+        assert status == 200
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+        }
+        assert samples[("liferaft_server_is_leader", ())] == 1
+        assert samples[("liferaft_server_has_leader", ())] == 1
+        assert samples[("liferaft_server_term", ())] >= 1
+    assert any(e["msg"] == "leader_changed" and e["node"] == "n1" for e in node.events())
 
 
 async def test_the_log_level_from_the_config_silences_lower_records(
@@ -86,36 +107,9 @@ async def test_the_log_level_from_the_config_silences_lower_records(
 ) -> None:
     """``[log] level = "warning"``: the node runs and stops as usual, and none of its
     info records (node_started, leader_changed, stopping) reach stderr."""
-    peer, client, metrics = free_ports(3)
-    cfg = write_config(
-        tmp_path / "n1.toml", "n1", {"n1": (peer, client, metrics)}, certs, tmp_path / "data"
-    )
-    cfg.write_text(cfg.read_text() + '\n[log]\nlevel = "warning"\n')
-    with trio.fail_after(HANG):
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "liferaft", "node", "--config", str(cfg)],
-            stderr=subprocess.PIPE,
-        )
-        try:
-            while True:
-                try:
-                    if (await http_get(metrics, "/readyz"))[0] == 200:
-                        break
-                except OSError:
-                    pass  # not listening yet
-                await trio.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-            assert await proc.wait() == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.stderr is not None
-        err = b""
-        while chunk := await proc.stderr.receive_some(1 << 16):
-            err += chunk
-    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
-    assert [e for e in events if e["level"] in ("debug", "info")] == []
+    async with one_node(tmp_path, certs, '\n[log]\nlevel = "warning"\n') as node:
+        pass
+    assert [e for e in node.events() if e["level"] in ("debug", "info")] == []
 
 
 def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path, certs: Path) -> None:
@@ -258,53 +252,22 @@ async def test_audit_records_go_to_their_file_and_follow_it_after_sighup(
     """``[audit] file``: audit records are JSON lines in that file (not on stderr), even
     with the log at warning; after logrotate moves the file and sends SIGHUP, new
     records go to a new file at the path."""
-    from liferaft.client import open_client
-    from liferaft.security.tokens import mint
-
-    peer, client, metrics = free_ports(3)
-    cfg = write_config(
-        tmp_path / "n1.toml", "n1", {"n1": (peer, client, metrics)}, certs, tmp_path / "data"
-    )
-    cfg.write_text(
-        cfg.read_text() + '\n[log]\nlevel = "warning"\n\n[audit]\nfile = "audit.jsonl"\n'
-    )
     audit, rotated = tmp_path / "audit.jsonl", tmp_path / "audit.jsonl.1"
     token = mint(
         (certs / "jwt-private.pem").read_bytes(), sub="auditor", roles=["write"], now=time.time()
     )
-    with trio.fail_after(HANG):
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "liferaft", "node", "--config", str(cfg)],
-            stderr=subprocess.PIPE,
-        )
-        try:
-            while True:
-                try:
-                    if (await http_get(metrics, "/readyz"))[0] == 200:
-                        break
-                except OSError:
-                    pass  # not listening yet
-                await trio.sleep(0.05)
-            url = f"wss://127.0.0.1:{client}/v1"
-            async with open_client([url], token=token, cacert=certs / "ca.pem") as c:
-                await c.put("before", b"1")
-                await wait_for_lines(audit, "before")
-                audit.rename(rotated)  # what logrotate does, then it signals the node
-                proc.send_signal(signal.SIGHUP)
-                while not audit.exists():  # noqa: ASYNC110 - the node makes it anew
-                    await trio.sleep(0.02)
-                await c.put("after", b"2")
-                await wait_for_lines(audit, "after")
-            proc.send_signal(signal.SIGTERM)
-            assert await proc.wait() == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.stderr is not None
-        err = b""
-        while chunk := await proc.stderr.receive_some(1 << 16):
-            err += chunk
+    extra = '\n[log]\nlevel = "warning"\n\n[audit]\nfile = "audit.jsonl"\n'
+    async with one_node(tmp_path, certs, extra) as node:
+        url = f"wss://127.0.0.1:{node.client}/v1"
+        async with open_client([url], token=token, cacert=certs / "ca.pem") as c:
+            await c.put("before", b"1")
+            await wait_for_lines(audit, "before")
+            audit.rename(rotated)  # what logrotate does, then it signals the node
+            node.proc.send_signal(signal.SIGHUP)
+            while not audit.exists():  # noqa: ASYNC110 - the node makes it anew
+                await trio.sleep(0.02)
+            await c.put("after", b"2")
+            await wait_for_lines(audit, "after")
     old = [json.loads(line) for line in rotated.read_text().splitlines()]
     new = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [(r["msg"], r["subject"], r["op"], audited_keys(r)) for r in old] == [
@@ -312,7 +275,7 @@ async def test_audit_records_go_to_their_file_and_follow_it_after_sighup(
     ]
     assert [(r["op"], audited_keys(r), r["result"]) for r in new] == [("put", ["after"], "ok")]
     assert audit.stat().st_mode & 0o077 == 0  # private: it names keys
-    assert b'"audit"' not in err  # not on stderr
+    assert b'"audit"' not in node.stderr  # not on stderr
 
 
 def audited_keys(record: dict[str, object]) -> list[object]:
