@@ -20,7 +20,7 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from liferaft.storage.worker import WorkerThread
+from liferaft.storage.worker import Turns, WorkerThread
 
 T = TypeVar("T")
 
@@ -58,14 +58,10 @@ class Worker(Protocol):
     async def close(self, last: Callable[[], object] | None = None) -> None: ...
 
 
-class InlineWorker:
+class InlineWorker(Turns):
     """``WorkerThread`` without the thread: each call runs on the event loop when its
     turn comes. The checkpoint after it keeps ``run`` a real yield point (a cancellation
     is delivered after the call, never in the middle, as with the thread)."""
-
-    def __init__(self) -> None:
-        self._turn = trio.Lock()
-        self._closed = False
 
     async def run(self, fn: Callable[[], T]) -> T:
         with trio.CancelScope(shield=True):
@@ -75,15 +71,6 @@ class InlineWorker:
                 value = fn()
         await trio.lowlevel.checkpoint()
         return value
-
-    def run_now(self, fn: Callable[[], T]) -> T:
-        if self._closed:
-            raise RuntimeError("the worker is closed")
-        self._turn.acquire_nowait()
-        try:
-            return fn()
-        finally:
-            self._turn.release()
 
     async def close(self, last: Callable[[], object] | None = None) -> None:
         with trio.CancelScope(shield=True):

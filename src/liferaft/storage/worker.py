@@ -38,13 +38,33 @@ class _Call(Generic[T]):
         self.error: BaseException | None = None
 
 
-class WorkerThread:
+class Turns:
+    """One call at a time, in the order asked, and none after close: what
+    ``WorkerThread`` and the simulator's ``offload.InlineWorker`` share."""
+
+    def __init__(self) -> None:
+        self._turn = trio.Lock()
+        self._closed = False
+
+    def run_now(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the calling thread, now, if no call is running or waiting (it
+        holds the turn meanwhile); raises ``trio.WouldBlock`` otherwise. For calls
+        cheaper than the trip to the thread and back."""
+        if self._closed:
+            raise RuntimeError("the worker is closed")
+        self._turn.acquire_nowait()
+        try:
+            return fn()
+        finally:
+            self._turn.release()
+
+
+class WorkerThread(Turns):
     def __init__(self, name: str) -> None:
+        super().__init__()
         self._calls: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
         self._done_r, self._done_w = os.pipe()
         os.set_blocking(self._done_r, False)
-        self._turn = trio.Lock()
-        self._closed = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -65,25 +85,13 @@ class WorkerThread:
             await self._take_turn()
             try:
                 if self._closed:
-                    raise RuntimeError("the worker thread is closed")
+                    raise RuntimeError("the worker is closed")
                 call = await self._call(fn)
             finally:
                 self._turn.release()
         if call.error is not None:
             raise call.error
         return call.value  # type: ignore[return-value]
-
-    def run_now(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on the calling thread, now, if no call is running or waiting (it
-        holds the turn meanwhile); raises ``trio.WouldBlock`` otherwise. For calls
-        cheaper than the trip to the thread and back."""
-        if self._closed:
-            raise RuntimeError("the worker thread is closed")
-        self._turn.acquire_nowait()
-        try:
-            return fn()
-        finally:
-            self._turn.release()
 
     async def _take_turn(self) -> None:
         try:
