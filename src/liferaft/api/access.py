@@ -2,7 +2,7 @@
 
 Roles (docs/security.md, "What a token can do"): ``read`` = get, range, watch, status;
 ``write`` = read + put, delete, txn; ``admin`` = everything (membership, leader transfer,
-compaction). A token's ``prefixes`` (absent: all keys) must cover every key and prefix a
+compaction, backups). A token's ``prefixes`` (absent: all keys) must cover every key and prefix a
 request touches, txn compares and nested ops included.
 """
 
@@ -29,6 +29,8 @@ OP_ROLE: dict[str, Role] = {
     "member_remove": Role.ADMIN,
     "transfer_leader": Role.ADMIN,
     "compact": Role.ADMIN,
+    "snapshot": Role.ADMIN,  # a backup holds every key: admin only
+    "snapshot_chunk": Role.ADMIN,
 }
 
 

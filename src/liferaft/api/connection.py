@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from liferaft.api import access, handlers
+from liferaft.api.backups import BackupStream
 from liferaft.api.errors import ApiError, invalid
 from liferaft.api.watch import RESET, Subscription
 from liferaft.api.writes import ConnectionWrites
@@ -88,12 +89,14 @@ class Connection:
         self._next_watch = 1
         self._scope = trio.CancelScope()
         self._overflow: Closing | None = None
+        self._backup = BackupStream(server.node, server.backups)
 
     async def run(self) -> None:
         try:
             await self._serve()
         finally:
             self._ended = True
+            self._backup.close()
             self._audit_answered()  # writes answered but never sent are audited too
 
     async def _serve(self) -> None:
@@ -305,6 +308,10 @@ class Connection:
             return handlers.status(node)
         if op == "transfer_leader":
             return await handlers.transfer_leader(node, req)
+        if op == "snapshot":
+            return await self._backup.begin()
+        if op == "snapshot_chunk":
+            return await self._backup.chunk(req)
         return await handlers.member_change(node, req)
 
     @property
@@ -537,6 +544,9 @@ def _result_bytes(result: dict[str, Any]) -> int:
     """About the bytes of values in a read's result (a get's kv, a range's kvs)."""
     kvs = result.get("kvs")
     n = _value_bytes(result.get("kv"))
+    data = result.get("data")  # a backup's chunk
+    if isinstance(data, bytes):
+        n += len(data)
     if isinstance(kvs, list):
         n += sum(_value_bytes(kv) for kv in kvs)
     return n

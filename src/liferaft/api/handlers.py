@@ -94,20 +94,7 @@ async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     and cheaper than a thread hop), anything larger on a reader thread (a big read
     never blocks the event loop)."""
     if not req.get("serializable", False):
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                try:
-                    await node.read_index()
-                except (NotLeader, ReadFailed) as exc:
-                    # No leader known (NotLeader) or it was lost under the read
-                    # (ReadFailed): once the election is over, ask again.
-                    if isinstance(exc, NotLeader) and exc.leader is not None:
-                        raise
-                    if await _awaited_leader(node) is None:
-                        raise
-                    await node.read_index()
-        except (ReadFailed, NotLeader, trio.TooSlowError) as exc:
-            raise unavailable(f"could not confirm the read with a quorum: {exc}") from None
+        await confirm_read(node)
     revision = req.get("revision", 0)
     try:
         if req["op"] == "get":  # one indexed lookup: on the event loop
@@ -128,6 +115,25 @@ async def read(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     except FutureRevision as exc:
         raise invalid(str(exc)) from None
     return {"kvs": kvs, "more": more, "revision": current}
+
+
+async def confirm_read(node: Node) -> None:
+    """Confirm the read index with a quorum and wait until it is applied: what is read
+    next includes every write acknowledged before this call."""
+    try:
+        with trio.fail_after(REQUEST_TIMEOUT):
+            try:
+                await node.read_index()
+            except (NotLeader, ReadFailed) as exc:
+                # No leader known (NotLeader) or it was lost under the read
+                # (ReadFailed): once the election is over, ask again.
+                if isinstance(exc, NotLeader) and exc.leader is not None:
+                    raise
+                if await _awaited_leader(node) is None:
+                    raise
+                await node.read_index()
+    except (ReadFailed, NotLeader, trio.TooSlowError) as exc:
+        raise unavailable(f"could not confirm the read with a quorum: {exc}") from None
 
 
 def compacted(exc: Compacted) -> ApiError:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from liferaft.api.backups import MAX_BACKUPS
 from liferaft.api.connection import Connection
 from liferaft.api.watch import WatchHub
 from liferaft.observability.logs import event
@@ -59,6 +60,7 @@ class ClientServer:
         )
         self.ssl_ctx = client_server_context(settings.tls.cert, settings.tls.key)
         self.watch_hub = WatchHub()
+        self.backups = trio.CapacityLimiter(MAX_BACKUPS)  # api/backups.py
         self.open_connections = 0
         # connections in their handshake, oldest first: (cancel scope, remote address)
         self._handshaking: dict[int, tuple[trio.CancelScope, str]] = {}

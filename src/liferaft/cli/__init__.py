@@ -23,6 +23,7 @@ from liferaft.cli.client_cmds import (
 )
 from liferaft.cli.node import node
 from liferaft.cli.sim import sim
+from liferaft.cli.snapshot import recover_cmd, snapshot
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +48,8 @@ cli.add_command(status)
 cli.add_command(member)
 cli.add_command(transfer_leader)
 cli.add_command(bench)
+cli.add_command(snapshot)
+cli.add_command(recover_cmd)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from liferaft.client import put_many
+from liferaft.client import backup, put_many
 from liferaft.client.connection import ConnectionLost, Dial, tls_dialer
 from liferaft.client.errors import InternalError, InvalidRequest, error_from_wire
 from liferaft.client.models import (
@@ -445,6 +445,18 @@ class Client:
             raise InvalidRequest("compact needs a revision >= 1")
         resp = await self._write("compact", revision=revision)
         return uint_from_wire(resp, "revision")
+
+    async def snapshot_save(
+        self, dest: Path | str, *, progress: Callable[[int, int], object] | None = None
+    ) -> dict[str, Any]:
+        """Save a backup of the whole store (admin) from the node this client is connected
+        to into the file ``dest``, written atomically (``liferaft snapshot status`` reads
+        it); ``progress(received, total)`` is called per chunk. The backup holds every
+        write acknowledged before the call. Returns its description (``revision``,
+        ``applied``, ``keys``, ``members``, ...). Not retried: a failure raises and leaves
+        no file."""
+        conn = await self._retrier.pool.connection()
+        return await backup.save(conn, Path(dest), progress=progress)
 
     async def refresh(self, token: str) -> None:
         """Replace the token: on the open connection (before the old one expires) and for

@@ -470,6 +470,12 @@ def _check_status(req: dict[str, Any], where: str) -> set[str]:
     return set()
 
 
+def _check_snapshot_chunk(req: dict[str, Any], where: str) -> set[str]:
+    for name in ("snapshot_id", "offset"):
+        _uint(_required(req, name, where), name, where)
+    return {"snapshot_id", "offset"}
+
+
 def _node_text(req: dict[str, Any], name: str, where: str) -> None:
     _text(_required(req, name, where), name, where, max_bytes=MAX_TEXT_BYTES, empty=False)
 
@@ -507,6 +513,8 @@ _OPS: dict[str, Callable[[dict[str, Any], str], set[str]]] = {
     "unwatch": _check_unwatch,
     "refresh": _check_refresh,
     "status": _check_status,
+    "snapshot": _check_status,  # no fields
+    "snapshot_chunk": _check_snapshot_chunk,
     "member_add": _check_member_add,
     "member_promote": _check_member_id,
     "member_remove": _check_member_id,

@@ -119,3 +119,22 @@ def read_applied(path: Path) -> int:
     if row is None:
         raise StateCorrupt(f"{path} records no applied index")
     return int(row[0])
+
+
+def describe_copy(path: Path) -> dict[str, int]:
+    """A state database file's ``applied`` index, ``revision``, ``compact_revision`` and
+    number of live ``keys`` (for a backup's description); StateCorrupt if it is not one.
+    Counting the keys walks the ``kv`` table once."""
+    applied = read_applied(path)
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+            (keys,) = conn.execute("SELECT COUNT(*) FROM kv").fetchone()
+    except sqlite3.Error as exc:
+        raise StateCorrupt(f"{path}: {exc}") from exc
+    return {
+        "applied": applied,
+        "revision": int(meta.get("revision", 0)),
+        "compact_revision": int(meta.get("compact_revision", 0)),
+        "keys": int(keys),
+    }

@@ -64,6 +64,7 @@ from liferaft.security.tls import peer_client_context, peer_server_context
 from liferaft.storage import offload
 from liferaft.storage.writer import StorageWriter
 from liferaft.transport.base import Transport
+from liferaft.transport.cluster import ClusterIdentity, bootstrap_id
 from liferaft.transport.peer import PeerTransport
 
 __all__ = [
@@ -169,6 +170,7 @@ class Node:
         self.sender: SnapshotSender | None = None
         self.receiver: SnapshotReceiver | None = None
         self._gc_watch: GcWatch | None = None
+        self.cluster = ClusterIdentity(None)  # read from raft.db at start (transport/cluster.py)
         self.space = SpaceAlarm()  # raised: the disk is nearly full (node/space.py)
         self._linked: set[str] = set()  # the peers liferaft_network_peer_connected shows
         self._peers = PeerLinks(self, self._inputs_send)
@@ -193,6 +195,11 @@ class Node:
         initial = None if s.cluster.join else Membership.of(sorted(members))
         self.storage = await StorageWriter.open(s.node.data_dir, initial=initial)
         try:
+            cluster_id = await self.storage.cluster_id()
+            if cluster_id is None and initial is not None:  # bootstrapped (before ids, too)
+                cluster_id = bootstrap_id(initial.voters)
+                await self.storage.set_cluster_id(cluster_id)
+            self.cluster = ClusterIdentity(cluster_id, on_adopt=self._adopt_cluster)
             restored = await self.storage.load()
             snap = restored.snapshot
             about = transfer.parse(snap.data) if snap is not None else {}
@@ -257,6 +264,13 @@ class Node:
                     await self.storage.close()
                     self.stopped.set()
 
+    def _adopt_cluster(self, cluster_id: str) -> None:
+        """A joining node was dialed by a member: it belongs to that member's cluster."""
+        event(log, "cluster_joined", cluster=cluster_id)
+        storage, nursery = self.storage, self._peers.nursery
+        if storage is not None and nursery is not None:
+            nursery.start_soon(storage.set_cluster_id, cluster_id)
+
     def _peer_transport(self) -> PeerTransport:
         s = self.settings
         tls = s.tls
@@ -268,6 +282,7 @@ class Node:
             handshake_timeout=s.client.handshake_timeout_ms / 1000,
             rng=random.Random(self._rng.getrandbits(64)),
             log=log_transport_event,
+            cluster=self.cluster,
         )
 
     async def _sync_metrics(self) -> None:

@@ -5,7 +5,8 @@ Tables (all STRICT, so SQLite itself refuses a value of the wrong type):
 - ``meta(key TEXT PRIMARY KEY, value TEXT)``: facts written once when the data dir is
   first initialised; today the bootstrap membership, ``initial_voters`` and
   ``initial_learners`` (JSON lists). A node initialised without one (``join = true``)
-  has no such rows, and never gets them later.
+  has no such rows, and never gets them later. Also ``cluster_id`` (docs/transport.md,
+  "Cluster identity"), written once it is known.
 - ``hard_state(id, term, vote, "commit")``: a single row, ``id = 0``.
 - ``entries(idx INTEGER PRIMARY KEY, term, kind, data BLOB)``: the log since the snapshot;
   ``idx`` is the rowid itself, so no separate index (and no WITHOUT ROWID) is needed.

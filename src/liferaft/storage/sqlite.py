@@ -330,6 +330,40 @@ class Storage:
             self.last_commit_seconds = time.perf_counter() - start
         self._last_index = max(self._last_index, index)
 
+    def install_base(self, snap: Snapshot, hs: HardState) -> None:
+        """Start the log over at ``snap`` with hard state ``hs`` (one transaction): what
+        ``snapshot restore`` and ``recover`` give a new data dir (node/restore.py)."""
+        conn = self._usable()
+        with self._errors("install_base", poison=True):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(_PUT_SNAPSHOT, _snapshot_row(snap))
+            conn.execute("DELETE FROM entries")
+            conn.execute(_PUT_HARD_STATE, (hs.term, hs.vote, hs.commit))
+            conn.execute("COMMIT")
+        self._snap_index = self._last_index = snap.meta.index
+        self._stale_from = snap.meta.index + 1
+
+    # ------------------------------------------------------- cluster identity
+
+    def cluster_id(self) -> str | None:
+        """The identity of the cluster this log belongs to (None: not known yet, a node
+        that joins learns it from the first member that dials it)."""
+        conn = self._usable()
+        with self._errors("cluster_id"):
+            row = conn.execute("SELECT value FROM meta WHERE key = 'cluster_id'").fetchone()
+        return None if row is None else str(row[0])
+
+    def set_cluster_id(self, value: str) -> None:
+        conn = self._usable()
+        with self._errors("set_cluster_id", poison=True):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('cluster_id', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (value,),
+            )
+            conn.execute("COMMIT")
+
     # ---------------------------------------------------------------- checking
 
     def check(self) -> None:

@@ -66,6 +66,12 @@ class StorageWriter:
     async def save_snapshot(self, snap: Snapshot) -> None:
         await self._write(lambda: self.storage.save_snapshot(snap))
 
+    async def cluster_id(self) -> str | None:
+        return await self._write(self.storage.cluster_id)
+
+    async def set_cluster_id(self, value: str) -> None:
+        await self._write(lambda: self.storage.set_cluster_id(value))
+
     async def checkpoint(self) -> None:
         """``Storage.checkpoint`` on a thread of its own (its own connection): it runs
         beside the writes instead of between them."""

@@ -31,6 +31,7 @@ from liferaft.core.messages import (
     ReadIndexRequest,
     ReadIndexResponse,
 )
+from liferaft.transport.cluster import ClusterIdentity
 from liferaft.transport.codec import encode
 from liferaft.transport.files import PeerMessage, SnapshotChunk
 from liferaft.transport.stats import LogFn, TransportStats
@@ -79,8 +80,10 @@ class PeerLink:
         keepalive: float,
         queue_max_messages: int,
         queue_max_bytes: int,
+        cluster: ClusterIdentity,
     ) -> None:
         self.peer_id = peer_id
+        self._cluster = cluster
         self.address = address
         self._client_ctx = client_ctx
         self._stats = stats
@@ -241,6 +244,7 @@ class PeerLink:
                         PATH,
                         max_message_size=1024,  # the server never sends us messages
                         receive_buffer=RECEIVE_BUFFER,
+                        extra_headers=self._cluster.headers(),
                     )
                 self.connected = True
                 self._stats.connects += 1

@@ -32,6 +32,7 @@ from functools import partial
 import trio
 
 from liferaft.core.messages import MalformedMessage
+from liferaft.transport.cluster import ClusterIdentity
 from liferaft.transport.files import FILE_MESSAGE_TYPES, PeerMessage, validate_file_message
 from liferaft.transport.link import PeerLink
 from liferaft.transport.server import PeerServer
@@ -59,6 +60,7 @@ class PeerTransport:
         inbound_max_batches: int = 256,
         rng: random.Random | None = None,
         log: LogFn | None = None,
+        cluster: ClusterIdentity | None = None,
     ) -> None:
         if handshake_timeout <= 0 or idle_timeout <= 0:
             raise ValueError("timeouts must be positive")
@@ -68,6 +70,7 @@ class PeerTransport:
         self.stats = TransportStats()
         self.port: int | None = None  # the bound listening port, once run() has started
         self._client_ctx = client_ctx
+        self.cluster = cluster if cluster is not None else ClusterIdentity(None)
         self._max_message_bytes = max_message_bytes
         self._handshake_timeout = handshake_timeout
         self._idle_timeout = idle_timeout
@@ -90,6 +93,7 @@ class PeerTransport:
             handshake_timeout=handshake_timeout,
             max_connections=max_connections,
             idle_timeout=idle_timeout,
+            cluster=self.cluster,
         )
         self.set_peers(peers)
 
@@ -190,6 +194,7 @@ class PeerTransport:
             keepalive=self._idle_timeout / 3,
             queue_max_messages=self._queue_max_messages,
             queue_max_bytes=self._queue_max_bytes,
+            cluster=self.cluster,
         )
 
     # ---------------------------------------------------------------- running

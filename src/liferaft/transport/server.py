@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection
 import trio
 
 from liferaft.security.tls import dns_names, peer_node_id
+from liferaft.transport.cluster import HEADER, ClusterIdentity
 from liferaft.transport.codec import CodecError, decode
 from liferaft.transport.files import PeerMessage
 from liferaft.transport.link import PATH, RECEIVE_BUFFER
@@ -49,8 +50,10 @@ class PeerServer:
         handshake_timeout: float,
         max_connections: int,
         idle_timeout: float,
+        cluster: ClusterIdentity,
     ) -> None:
         self._server_ctx = server_ctx
+        self._cluster = cluster
         self._members = members
         self._deliver = deliver
         self._stats = stats
@@ -121,6 +124,13 @@ class PeerServer:
         if request.path != PATH:
             self._reject("path", remote, peer=peer_id, path=request.path[:100])
             await request.reject(404)
+            return None
+        theirs = request.header(HEADER)
+        if not self._cluster.accepts(theirs):
+            self._reject(
+                "cluster", remote, peer=peer_id, theirs=(theirs or b"")[:64].decode("latin-1")
+            )
+            await request.reject(403, body=b"another cluster")
             return None
         ws = await request.accept()
         return peer_id, ws
