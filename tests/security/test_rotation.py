@@ -326,3 +326,22 @@ def test_a_node_swaps_its_contexts_and_keys_on_reload_and_keeps_them_on_failure(
     assert "is not the key of" in str(events(caplog, "tls_reload_refused")[0]["error"])
     assert "jwt-public.pem" in str(events(caplog, "jwt_keys_reload_refused")[0]["error"])
     assert events(caplog, "tls_reloaded") == [] and events(caplog, "jwt_keys_reloaded") == []
+
+
+def test_during_a_ca_change_old_and_new_certificates_meet(d: Path, tmp_path: Path) -> None:
+    """Step 3 of "Changing the CA": both nodes trust both CAs; n1 already presents its
+    new-CA certificate, n2 still its old one. Both directions of the link handshake."""
+    new = tmp_path / "certs-new"
+    generate(new, ["n1", "n2"])
+    bundle = tmp_path / "ca-bundle.pem"
+    bundle.write_bytes((d / "ca.pem").read_bytes() + (new / "ca.pem").read_bytes())
+    n1 = load_node_tls(bundle, new / "n1.pem", new / "n1-key.pem", "n1", now=NOW)
+    n2 = load_node_tls(bundle, d / "n2.pem", d / "n2-key.pem", "n2", now=NOW)
+    assert x509.load_der_x509_certificate(
+        server_certificate(n2.peer_client, n1.peer_server, "n1")
+    ) == load(new / "n1.pem")
+    server_certificate(n1.peer_client, n2.peer_server, "n2")
+    # after step 4 (the new CA alone) the old certificate is refused
+    n1_after = load_node_tls(new / "ca.pem", new / "n1.pem", new / "n1-key.pem", "n1", now=NOW)
+    with pytest.raises(ssl.SSLError):
+        server_certificate(n1_after.peer_client, n2.peer_server, "n2")
