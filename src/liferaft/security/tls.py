@@ -140,7 +140,14 @@ def load_node_tls(
     ca_pem, cert_pem, key_pem = _read(ca), _read(cert), _read(key)
     leaf = _certificate(cert, cert_pem)
     if now is not None:
-        _check(ca, ca_pem, cert, leaf, key, key_pem, node_id, now)
+        try:
+            _check(ca, ca_pem, cert, leaf, key, key_pem, node_id, now)
+        except (TypeError, UnsupportedAlgorithm) as exc:  # an odd key type or extension
+            raise TlsMaterialError(f"{cert}, {key}, {ca}: {exc}") from None
+        except TlsMaterialError:
+            raise
+        except ValueError as exc:
+            raise TlsMaterialError(f"{cert}, {key}, {ca}: {exc}") from None
     try:
         ca_text = ca_pem.decode("ascii")
         contexts = (
@@ -210,7 +217,7 @@ def _check(
 def _issued_by(leaf: x509.Certificate, authority: x509.Certificate) -> bool:
     try:
         leaf.verify_directly_issued_by(authority)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 
