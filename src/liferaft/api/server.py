@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,6 @@ from liferaft.api.backups import MAX_BACKUPS
 from liferaft.api.connection import Connection
 from liferaft.api.watch import WatchHub
 from liferaft.observability.logs import event
-from liferaft.security.tls import client_server_context
 from liferaft.security.tokens import Claims, TokenError, TokenVerifier
 from liferaft.websocket import HandshakeFailed, WebSocket, WebSocketError, read_request
 from liferaft.websocket.tls import TLSStream
@@ -53,12 +53,9 @@ class ClientServer:
         self.max_message_bytes = c.max_message_bytes
         self.max_connections = c.max_connections
         self.handshake_timeout = c.handshake_timeout_ms / 1000
-        a = settings.auth
+        self.auth = a = settings.auth
         self.leeway_s = a.leeway_s
-        self.verifier = TokenVerifier.from_files(
-            list(a.jwt_public_keys), issuer=a.issuer, audience=a.audience, leeway_s=a.leeway_s
-        )
-        self.ssl_ctx = client_server_context(settings.tls.cert, settings.tls.key)
+        self.verifier = self._verifier()
         self.watch_hub = WatchHub()
         self.backups = trio.CapacityLimiter(MAX_BACKUPS)  # api/backups.py
         self.open_connections = 0
@@ -68,6 +65,36 @@ class ClientServer:
         self.port: int | None = None
         self._requests: dict[tuple[str, str], Any] = {}
         self._durations: dict[str, Any] = {}
+
+    def _verifier(self) -> TokenVerifier:
+        a = self.auth
+        return TokenVerifier.from_files(
+            list(a.jwt_public_keys), issuer=a.issuer, audience=a.audience, leeway_s=a.leeway_s
+        )
+
+    def reload_token_keys(self) -> bool:
+        """Read ``[auth] jwt_public_keys`` again (SIGHUP): every token checked from now on,
+        at connect or in a ``refresh``, is checked against those keys. Files that cannot be
+        read are refused with ``jwt_keys_reload_refused`` and the old keys stay."""
+        try:
+            verifier = self._verifier()
+        except (ValueError, OSError) as exc:
+            event(log, "jwt_keys_reload_refused", level=logging.ERROR, error=str(exc)[:500])
+            return False
+        self.verifier = verifier
+        event(
+            log,
+            "jwt_keys_reloaded",
+            files=[str(p) for p in self.auth.jwt_public_keys],
+            keys=len(verifier.keys),
+            kids=sorted({k.kid for k in verifier.keys if k.kid is not None}),
+        )
+        return True
+
+    @property
+    def ssl_ctx(self) -> ssl.SSLContext:
+        """The context of the next client handshake: the node's current certificate."""
+        return self.node.tls.client_server
 
     def observe(self, op: str, code: str, seconds: float) -> None:
         """Count a request; the labelled children are cached (labels() costs a lookup

@@ -26,3 +26,13 @@ async def serve(
         if listen:
             await nursery.start(api.run, address.host, address.port)
         task_status.started(api)
+
+
+def reload_credentials(api: ClientServer) -> bool:
+    """What SIGHUP does besides reopening the audit file: the node's certificate, key and
+    CA, and the token keys, are read again and used for every new handshake and token
+    check (docs/security.md, "Rotating certificates and keys"). Each half is refused on
+    its own if its files are bad, keeping the old material; True when both took."""
+    tls_ok = api.node.reload_tls()
+    keys_ok = api.reload_token_keys()
+    return tls_ok and keys_ok

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import click
 
+from liferaft.security.certs import drop_old_jwt_keys as drop_old_keys
 from liferaft.security.certs import generate
+from liferaft.security.certs import new_jwt_key as rotate_jwt_key
+from liferaft.security.certs import renew as renew_nodes
 from liferaft.security.tokens import mint, parse_roles
 
 
@@ -34,7 +37,7 @@ def _split(value: str) -> list[str]:
     show_default=True,
     help="Directory to write into (created if missing).",
 )
-@click.option("--nodes", required=True, help="Node ids, comma-separated: n1,n2,n3.")
+@click.option("--nodes", default=None, help="Node ids, comma-separated: n1,n2,n3.")
 @click.option(
     "--san",
     "sans",
@@ -42,24 +45,69 @@ def _split(value: str) -> list[str]:
     help="Extra subjectAltName for every node certificate: an IP or a DNS name. Repeatable.",
 )
 @click.option("--force", is_flag=True, help="Replace existing files (a new CA and new keys).")
-def certs(directory: Path, nodes: str, sans: tuple[str, ...], force: bool) -> None:
+@click.option(
+    "--renew",
+    is_flag=True,
+    help="Give the --nodes a new key and certificate under the existing CA; nothing else "
+    "changes. Their extra SANs are kept unless --san is given.",
+)
+@click.option(
+    "--new-jwt-key",
+    is_flag=True,
+    help="Replace jwt-private.pem with a new key and add its public half in front of "
+    "jwt-public.pem, which keeps the old keys (tokens signed by them still verify).",
+)
+@click.option(
+    "--drop-old-jwt-keys",
+    is_flag=True,
+    help="Keep in jwt-public.pem only the public half of jwt-private.pem.",
+)
+def certs(
+    directory: Path,
+    nodes: str | None,
+    sans: tuple[str, ...],
+    force: bool,
+    renew: bool,
+    new_jwt_key: bool,
+    drop_old_jwt_keys: bool,
+) -> None:
     """Write the cluster CA, a certificate and key per node, and the JWT key pair.
 
     Existing files are kept: run it again with more node ids to add only their
     certificates, signed by the existing CA. Private keys are written with mode 0600.
+    --renew, --new-jwt-key and --drop-old-jwt-keys rotate what a running cluster uses;
+    nodes pick the new files up on SIGHUP (docs/security.md, "Rotating certificates and
+    keys").
     """
-    ids = _split(nodes)
-    if not ids:
-        raise click.UsageError("--nodes needs at least one node id", click.get_current_context())
+    ctx = click.get_current_context()
+    rotating_jwt = new_jwt_key or drop_old_jwt_keys
+    if new_jwt_key and drop_old_jwt_keys:
+        raise click.UsageError("--new-jwt-key and --drop-old-jwt-keys exclude each other", ctx)
+    if force and (renew or rotating_jwt):
+        raise click.UsageError("--force makes everything anew; it does not go with renewing", ctx)
+    ids = _split(nodes or "")
+    if not ids and (renew or not rotating_jwt):
+        raise click.UsageError("--nodes needs at least one node id", ctx)
+    if ids and rotating_jwt and not renew:
+        raise click.UsageError("--nodes goes with --renew when rotating the JWT key", ctx)
     try:
-        written = generate(directory, ids, sans=sans, force=force)
+        if renew or rotating_jwt:
+            written = renew_nodes(directory, ids, sans=sans or None) if renew else []
+            if new_jwt_key:
+                written += rotate_jwt_key(directory)
+            if drop_old_jwt_keys:
+                written += drop_old_keys(directory)
+        else:
+            written = generate(directory, ids, sans=sans, force=force)
     except ValueError as exc:  # includes CertsError
         raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot write to {directory}: {exc}") from None
     for path in written:
         click.echo(f"wrote {path}")
-    if not written:
+    if not written and drop_old_jwt_keys:
+        click.echo(f"{directory / 'jwt-public.pem'} holds only the current key; nothing written")
+    elif not written:
         click.echo(f"all files already exist in {directory}; nothing written (--force replaces)")
 
 

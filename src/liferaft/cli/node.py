@@ -33,7 +33,8 @@ GC_THRESHOLDS = (50_000, 20, 20)
 )
 def node(config_path: Path) -> None:
     """Run one cluster node. Logs JSON lines to stderr (audit records to [audit] file
-    if set, reopened on SIGHUP); SIGINT or SIGTERM stops it cleanly (exit 0). A config
+    if set). SIGHUP reopens the audit file and reloads the TLS certificate, key and CA
+    and the JWT public keys; SIGINT or SIGTERM stops it cleanly (exit 0). A config
     error exits 2, a storage error 1."""
     try:
         settings = load(config_path)
@@ -59,16 +60,17 @@ def _first(group: BaseExceptionGroup[StorageError]) -> BaseException:
 
 async def _run(settings: Settings) -> None:
     # imported here: the other commands stay light to start
-    from liferaft.api.service import serve
+    from liferaft.api.service import reload_credentials, serve
     from liferaft.node.node import Node
 
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            await nursery.start(serve, Node(settings))
+            api = await nursery.start(serve, Node(settings))
             async for signum in signals:
-                if signum == signal.SIGHUP:  # logrotate moved the audit file
-                    reopen_audit_files()
+                if signum == signal.SIGHUP:
+                    reopen_audit_files()  # logrotate moved the audit file
                     event(log, "audit_file_reopened", file=str(settings.audit.file))
+                    reload_credentials(api)  # a renewed certificate, rotated token keys
                     continue
                 event(log, "stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

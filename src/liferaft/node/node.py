@@ -22,6 +22,7 @@ import random
 import shutil
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import trio
@@ -60,7 +61,7 @@ from liferaft.observability.gcwatch import GcWatch
 from liferaft.observability.http import HealthServer
 from liferaft.observability.logs import event, node_context
 from liferaft.observability.metrics import NodeMetrics
-from liferaft.security.tls import peer_client_context, peer_server_context
+from liferaft.security.tls import NodeTls, TlsMaterialError, load_node_tls
 from liferaft.storage import offload
 from liferaft.storage.writer import StorageWriter
 from liferaft.transport.base import Transport
@@ -171,6 +172,7 @@ class Node:
         self.receiver: SnapshotReceiver | None = None
         self._gc_watch: GcWatch | None = None
         self.cluster = ClusterIdentity(None)  # read from raft.db at start (transport/cluster.py)
+        self._tls: NodeTls | None = None  # made on first use: the simulator never needs it
         self.space = SpaceAlarm()  # raised: the disk is nearly full (node/space.py)
         self._linked: set[str] = set()  # the peers liferaft_network_peer_connected shows
         self._peers = PeerLinks(self, self._inputs_send)
@@ -271,13 +273,50 @@ class Node:
         if storage is not None and nursery is not None:
             nursery.start_soon(storage.set_cluster_id, cluster_id)
 
+    # ---------------------------------------------------------------- TLS material
+
+    @property
+    def tls(self) -> NodeTls:
+        """The TLS contexts every new handshake uses (peer listener, dialler, client
+        listener); ``reload_tls`` replaces them."""
+        if self._tls is None:
+            t = self.settings.tls
+            self._use_tls(load_node_tls(t.ca, t.cert, t.key, self.id, now=None))
+            assert self._tls is not None
+        return self._tls
+
+    def reload_tls(self) -> bool:
+        """Read the CA, certificate and key files again (SIGHUP) and use them for new
+        handshakes; connections already up carry on. Files that do not fit together are
+        refused with ``tls_reload_refused`` and the node keeps what it has."""
+        t = self.settings.tls
+        try:
+            tls = load_node_tls(t.ca, t.cert, t.key, self.id, now=datetime.now(UTC))
+        except TlsMaterialError as exc:
+            event(log, "tls_reload_refused", level=logging.ERROR, error=str(exc))
+            return False
+        self._use_tls(tls)
+        event(
+            log,
+            "tls_reloaded",
+            cert=str(t.cert),
+            serial=tls.serial_hex,
+            not_after=tls.not_after.isoformat(),
+        )
+        return True
+
+    def _use_tls(self, tls: NodeTls) -> None:
+        self._tls = tls
+        self.metrics.tls_cert_expiry.set(tls.not_after.timestamp())
+        if isinstance(self.transport, PeerTransport):
+            self.transport.set_tls(tls.peer_server, tls.peer_client)
+
     def _peer_transport(self) -> PeerTransport:
         s = self.settings
-        tls = s.tls
         return PeerTransport(
             self.id,
-            server_ctx=peer_server_context(tls.ca, tls.cert, tls.key),
-            client_ctx=peer_client_context(tls.ca, tls.cert, tls.key),
+            server_ctx=self.tls.peer_server,
+            client_ctx=self.tls.peer_client,
             peers={m.id: (m.peer.host, m.peer.port) for m in s.cluster.members if m.id != self.id},
             handshake_timeout=s.client.handshake_timeout_ms / 1000,
             rng=random.Random(self._rng.getrandbits(64)),

@@ -170,6 +170,13 @@ class NodeMetrics:
             registry=r,
         )
 
+        # ------------------------------------------------------------ certificates
+        self.tls_cert_expiry = Gauge(
+            "liferaft_tls_cert_expiry_timestamp_seconds",
+            "When the node certificate in use expires (Unix time); follows reloads.",
+            registry=r,
+        )
+
     def exposition(self) -> bytes:
         """This node's series in the Prometheus text format (``CONTENT_TYPE``)."""
         return generate_latest(self.registry)

@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from liferaft.security.pem import pem_blocks
+
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
 JWT_PRIVATE = "jwt-private.pem"
@@ -159,6 +161,129 @@ def generate(
     return written
 
 
+def renew(
+    directory: Path,
+    nodes: Sequence[str],
+    *,
+    sans: Sequence[str] | None = None,
+    now: datetime | None = None,
+) -> list[Path]:
+    """Give each of ``nodes`` a new key and certificate signed by the existing CA; return
+    the files written. Nothing else changes: not the CA, not the JWT keys, not other
+    nodes' files. The new certificate keeps the old one's extra SANs unless ``sans`` is
+    given, which replaces them. Every check runs before the first write.
+
+    Each node's key is written before its certificate: a node that reloads between the
+    two sees a key that does not fit and keeps its old pair (docs/security.md).
+    """
+    ids = list(dict.fromkeys(validate_node_id(n) for n in nodes))
+    if not ids:
+        raise ValueError("name at least one node to renew")
+    now = now if now is not None else datetime.now(UTC)
+    ca = _signing_ca(directory)
+    given = None if sans is None else list(dict.fromkeys(parse_san(v) for v in sans))
+    plans: list[tuple[str, list[x509.GeneralName]]] = []
+    for node_id in ids:
+        cert_path = directory / f"{node_id}.pem"
+        if not cert_path.exists():
+            raise CertsError(
+                f"{cert_path} does not exist, so there is nothing to renew: run without "
+                "--renew to add the node"
+            )
+        extra = given if given is not None else _extra_sans(cert_path, node_id)
+        for name in extra:
+            if isinstance(name, x509.DNSName) and name.value in ids:
+                raise ValueError(f"bad --san {name.value!r}: it is a node id")
+        plans.append((node_id, extra))
+    written: list[Path] = []
+    for node_id, extra in plans:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _node_certificate(node_id, key, extra, ca.cert, ca.key, now)
+        key_path = directory / f"{node_id}-key.pem"
+        _write(key_path, _private_pem(key), private=True, replace=True, written=written)
+        _write(
+            directory / f"{node_id}.pem",
+            _cert_pem(cert),
+            private=False,
+            replace=True,
+            written=written,
+        )
+    return written
+
+
+@dataclass(frozen=True, slots=True)
+class _SigningCA:
+    cert: x509.Certificate
+    key: SigningKey
+
+
+def _signing_ca(directory: Path) -> _SigningCA:
+    """The CA key and the certificate of it in ``ca.pem`` (which may hold other CA
+    certificates too, while nodes trust two CAs)."""
+    cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    if not key_path.exists() or not cert_path.exists():
+        raise CertsError(
+            f"renewing needs the existing CA: {cert_path} and {key_path} (run where the CA "
+            "key is kept)"
+        )
+    key = _load_signing_key(key_path)
+    try:
+        certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    except ValueError:
+        raise CertsError(f"{cert_path} holds no PEM certificate") from None
+    for cert in certs:
+        if _spki(cert.public_key()) == _spki(key.public_key()):
+            return _SigningCA(cert, key)
+    raise CertsError(f"{key_path} is not the key of any certificate in {cert_path}")
+
+
+def _extra_sans(cert_path: Path, node_id: str) -> list[x509.GeneralName]:
+    """The SANs of a node certificate beyond the ones every node certificate carries."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except ValueError:
+        raise CertsError(f"{cert_path} is not a PEM certificate") from None
+    try:
+        names = list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return []
+    standard = {x509.DNSName(node_id), x509.DNSName("localhost"), x509.IPAddress(LOCALHOST_IP)}
+    return [n for n in names if n not in standard]
+
+
+def new_jwt_key(directory: Path) -> list[Path]:
+    """Start a token key rotation: a new Ed25519 pair whose private half replaces
+    ``jwt-private.pem`` and whose public half is put first in ``jwt-public.pem``, after
+    which the old public keys stay, so tokens signed before keep verifying on nodes given
+    the new file. ``drop_old_jwt_keys`` ends the overlap."""
+    private_path, public_path = directory / JWT_PRIVATE, directory / JWT_PUBLIC
+    if not private_path.exists():
+        raise CertsError(f"{private_path} does not exist: run where the signing key is kept")
+    _existing_jwt_public(directory)  # the pair on disk must be consistent first
+    old = public_path.read_bytes() if public_path.exists() else b""
+    key = ed25519.Ed25519PrivateKey.generate()
+    written: list[Path] = []
+    # public first: a node may trust a key nobody signs with yet, never the reverse
+    bundle = _public_pem(key.public_key()) + b"".join(b for _, b in pem_blocks(old))
+    _write(public_path, bundle, private=False, replace=True, written=written)
+    _write(private_path, _private_pem(key), private=True, replace=True, written=written)
+    return written
+
+
+def drop_old_jwt_keys(directory: Path) -> list[Path]:
+    """End a token key rotation: ``jwt-public.pem`` keeps only the public half of
+    ``jwt-private.pem``. Returns the files written (none if that is all it holds)."""
+    private_path, public_path = directory / JWT_PRIVATE, directory / JWT_PUBLIC
+    public = _existing_jwt_public(directory)
+    if public is None:
+        raise CertsError(f"{private_path} does not exist: run where the signing key is kept")
+    if public_path.read_bytes().strip() == public.strip():
+        return []
+    written: list[Path] = []
+    _write(public_path, public, private=False, replace=True, written=written)
+    return written
+
+
 def _check_consistent(directory: Path, ids: Sequence[str], force: bool) -> None:
     """Refuse, before writing anything, the states that adding files cannot repair."""
     if force:
@@ -243,8 +368,11 @@ def _existing_jwt_public(directory: Path) -> bytes | None:
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise CertsError(f"{private_path} is not an Ed25519 private key")
     public = _public_pem(key.public_key())
-    if public_path.exists() and public_path.read_bytes().strip() != public.strip():
-        raise CertsError(f"{public_path} is not the public half of {private_path}")
+    # jwt-public.pem may hold older keys too, during a rotation (new_jwt_key)
+    if public_path.exists() and public.strip() not in {
+        block.strip() for _, block in pem_blocks(public_path.read_bytes())
+    }:
+        raise CertsError(f"{public_path} does not hold the public half of {private_path}")
     return public
 
 

@@ -24,6 +24,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from liferaft.security.pem import pem_blocks
+
 PublicKey: TypeAlias = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 PrivateKey: TypeAlias = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -173,7 +175,8 @@ class VerifyingKey:
 
 
 def load_public_keys(path: Path) -> list[VerifyingKey]:
-    """The keys in a PEM public key file or a JWKS JSON file, told apart by content.
+    """The keys in a file of PEM public keys (one or several) or a JWKS JSON file, told
+    apart by content.
 
     ValueError names the file. Private key material is refused: nodes hold only public keys.
     """
@@ -183,14 +186,29 @@ def load_public_keys(path: Path) -> list[VerifyingKey]:
     try:
         if data.lstrip().startswith(b"{"):
             return _load_jwks(data)
-        return [_load_pem(data)]
+        return _load_pems(data)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 
 
-def _load_pem(data: bytes) -> VerifyingKey:
+def _load_pems(data: bytes) -> list[VerifyingKey]:
+    """Every PEM public key in the file: during a key rotation it holds the new key and
+    the old one (docs/security.md, "Rotating the token key")."""
     if b"PRIVATE KEY" in data:
         raise ValueError("holds a private key; give the public key (jwt-public.pem)")
+    blocks = pem_blocks(data)
+    if not blocks:
+        raise ValueError("not a PEM public key or a JWKS JSON file")
+    keys: list[VerifyingKey] = []
+    for n, (_, block) in enumerate(blocks, 1):
+        try:
+            keys.append(_load_pem(block))
+        except ValueError as exc:
+            raise ValueError(f"PEM block {n}: {exc}" if len(blocks) > 1 else str(exc)) from None
+    return keys
+
+
+def _load_pem(data: bytes) -> VerifyingKey:
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
@@ -275,6 +293,11 @@ class TokenVerifier:
         self.leeway_s = leeway_s
         # One PyJWS per algorithm, each allowing only that algorithm.
         self._jws = {alg: jwt.PyJWS(algorithms=[alg]) for alg in ALGORITHMS}
+
+    @property
+    def keys(self) -> tuple[VerifyingKey, ...]:
+        """The keys tokens are checked against."""
+        return self._keys
 
     @classmethod
     def from_files(

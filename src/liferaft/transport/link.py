@@ -103,6 +103,10 @@ class PeerLink:
         self._attempt_scope: trio.CancelScope | None = None
         self.connected = False
 
+    def set_tls(self, client_ctx: ssl.SSLContext) -> None:
+        """The next dial uses ``client_ctx``; the connection that is up keeps its own."""
+        self._client_ctx = client_ctx
+
     # ---------------------------------------------------------------- the queue
 
     def __len__(self) -> int:

@@ -181,6 +181,14 @@ class PeerTransport:
                 link.address = address
                 link.redial()
 
+    def set_tls(self, server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> None:
+        """Use these contexts for every handshake from now on (a certificate reload):
+        connections already up keep theirs, so no link drops for it."""
+        self._client_ctx = client_ctx
+        self._server.set_tls(server_ctx)
+        for link in self._links.values():
+            link.set_tls(client_ctx)
+
     def _new_link(self, peer_id: str, address: tuple[str, int]) -> PeerLink:
         return PeerLink(
             peer_id,

@@ -66,6 +66,10 @@ class PeerServer:
         # peer id -> the cancel scope of its current incoming connection
         self._current: dict[str, trio.CancelScope] = {}
 
+    def set_tls(self, server_ctx: ssl.SSLContext) -> None:
+        """Handshakes accepted from now on use ``server_ctx`` (PeerTransport.set_tls)."""
+        self._server_ctx = server_ctx
+
     def drop(self, peer_id: str) -> None:
         """Close the incoming connection from ``peer_id``, if any (it was removed)."""
         scope = self._current.pop(peer_id, None)
