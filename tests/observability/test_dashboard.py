@@ -1,7 +1,12 @@
 """deploy/grafana/liferaft.json: an importable Grafana dashboard whose every query names
 only series a live node exports (scraped over HTTP from a real 3-node cluster), in valid
-PromQL; and the series added for it (transport, apply, snapshot, client connections and
-watches, process) move as the cluster is used."""
+PromQL, and shows something when a real Prometheus scrapes a live cluster; and the
+series added for it (transport, apply, snapshot, client connections and watches,
+process) move as the cluster is used.
+
+The Prometheus test takes about 7 s, most of it Prometheus's own 5 s delay before it
+applies its first targets; it skips without the ``prometheus`` program, which the
+Debian package that brings ``promtool`` installs too (``make tools``)."""
 
 from __future__ import annotations
 
@@ -9,7 +14,11 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +27,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from liferaft import __version__
-from liferaft.client import open_client
-from liferaft.testing.localcluster import LocalCluster
+from liferaft.client import PermissionDenied, Unauthenticated, open_client
+from liferaft.testing.localcluster import LocalCluster, free_ports
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "liferaft.json"
 HANG_GUARD = 60.0  # seconds; a guard against hangs, not a performance claim
@@ -338,3 +347,134 @@ async def test_the_new_series_move_as_the_cluster_is_used(tmp_path: Path, certs:
     assert value(after, "python_gc_collections_total", generation="0") > 0
     info = value(after, "liferaft_server_info", node_id=lead, version=__version__)
     assert info == 1
+
+
+# -------------------------------------------------------------------- through Prometheus
+
+SCRAPE_INTERVAL = "500ms"
+RATE_WINDOW = "3s"  # what Grafana's $__rate_interval is at this scrape interval, about
+SCRAPES = 4  # of every node before the panels are asked
+MAX_WRITES = 1000  # bounds the write loop while Prometheus scrapes
+# Panels that may rightly show nothing on a healthy cluster.
+MAY_BE_EMPTY: frozenset[str] = frozenset()
+
+
+def prometheus_config(path: Path, targets: list[str]) -> Path:
+    path.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": SCRAPE_INTERVAL, "scrape_timeout": "400ms"},
+                "scrape_configs": [
+                    {"job_name": "liferaft", "static_configs": [{"targets": targets}]}
+                ],
+            }
+        )
+    )
+    return path
+
+
+async def prom_query(port: int, expr: str) -> list[dict[str, Any]]:
+    """An instant query to the Prometheus HTTP API; its result (a vector), or the
+    assertion error naming the query Prometheus refused."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+
+    def get() -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                answer: dict[str, Any] = json.load(r)
+        except urllib.error.HTTPError as exc:  # 400/422: a query Prometheus refuses
+            answer = json.load(exc)
+        return answer
+
+    answer = await trio.to_thread.run_sync(get)
+    assert answer["status"] == "success", (expr, answer)
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
+async def wait_ready(port: int) -> None:
+    """Prometheus answers /-/ready with 200 once it serves queries; until then the
+    connection is refused or 503, hence the poll (bounded by the caller)."""
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as r:
+                return bool(r.status == 200)
+        except OSError:  # refused while it starts; HTTPError (503) is an OSError too
+            return False
+
+    while not await trio.to_thread.run_sync(ready):  # noqa: ASYNC110
+        await trio.sleep(0.1)
+
+
+async def test_every_panel_answers_from_a_real_prometheus_scraping_a_live_cluster(
+    tmp_path: Path, certs: Path
+) -> None:
+    """Prometheus (the Debian package's server, beside promtool) scrapes a 3-node cluster
+    that takes writes, a refused write and a refused token; then every panel's queries,
+    with the dashboard's variables filled in as Grafana would, must run without error,
+    and each panel must show something."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:  # make tools installs the package (promtool and prometheus)
+        pytest.skip("prometheus is not installed (make tools installs it as root)")
+    (port,) = free_ports(1)
+    c = LocalCluster(tmp_path / "cluster", certs, ["n1", "n2", "n3"])
+    targets = [f"127.0.0.1:{c.ports[i][2]}" for i in c.ids]
+    config = prometheus_config(tmp_path / "prometheus.yml", targets)
+    command = [
+        prometheus,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=error",
+    ]
+    board = dashboard()
+    answers: dict[str, list[int]] = {}
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        nursery.start_soon(partial(trio.run_process, command, check=False))
+        with trio.fail_after(HANG_GUARD):
+            lead = await c.wait_leader()
+            endpoint = [c.endpoints()[c.ids.index(lead)]]
+            async with open_client(endpoint, token=c.token(), cacert=certs / "ca.pem") as client:
+                for i in range(WRITES):
+                    await client.put(f"p/{i}", f"v{i}")
+                async with open_client(
+                    endpoint, token=c.token("read"), cacert=certs / "ca.pem"
+                ) as reader:
+                    with pytest.raises(PermissionDenied):
+                        await reader.put("p/denied", "x")
+                with pytest.raises(Unauthenticated):
+                    async with open_client(endpoint, token="not-a-token", cacert=certs / "ca.pem"):
+                        pass
+                # Plain bytes on a peer port: a refused peer connection.
+                bad = await trio.open_tcp_stream("127.0.0.1", c.ports[lead][0])
+                await bad.send_all(b"GET / HTTP/1.1\r\n\r\n")
+                await wait_ready(port)
+                # Writes go on until each node has been scraped SCRAPES times.
+                scraped = f'count_over_time(up{{job="liferaft"}}[1m]) >= {SCRAPES}'
+                for i in range(WRITES, MAX_WRITES):  # a few writes a second meanwhile
+                    if len(await prom_query(port, scraped)) == len(targets):
+                        break
+                    await client.put(f"p/{i % WRITES}", f"v{i}")
+                    await trio.sleep(0.1)
+                else:
+                    raise AssertionError(f"Prometheus did not scrape every node {SCRAPES} times")
+                await bad.aclose()
+                up = await prom_query(port, 'up{job="liferaft"} == 1')
+                assert len(up) == len(targets), up
+                fill = {"$__rate_interval": RATE_WINDOW, "$instance": ".*", "$job": ".*"}
+                for title, exprs in queries(board).items():
+                    for expr in exprs:
+                        for var, text in fill.items():
+                            expr = expr.replace(var, text)
+                        if expr.startswith("label_values("):  # a variable: its selector
+                            expr = expr.removeprefix("label_values(").rsplit(",", 1)[0]
+                        result = await prom_query(port, expr)
+                        answers.setdefault(title, []).append(len(result))
+        nursery.cancel_scope.cancel()
+
+    empty = {title for title, sizes in answers.items() if not any(sizes)}
+    assert empty <= MAY_BE_EMPTY, f"panels that show nothing: {sorted(empty)}"
+    assert answers["$instance"] == [len(targets)]  # the node variable lists each node
+    assert answers["Leader"] == [1]
