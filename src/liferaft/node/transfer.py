@@ -152,7 +152,6 @@ class SnapshotSender:
                 ok = await self._stream(msg, out, path)
                 if ok:
                     _observe(self._durations, "send", trio.current_time() - copied)
-                if ok:
                     final = self._finish(msg, out.transfer, out.applied)
                     if final is not None:
                         self._transport.send([final])

@@ -79,7 +79,7 @@ class PeerStats(Protocol):
     @property
     def connect_failures(self) -> Mapping[str, int]: ...  # peer -> failed dials
     @property
-    def disconnects(self) -> Mapping[str, int]: ...  # peer -> outgoing links lost
+    def disconnects(self) -> Mapping[str, int]: ...  # peer -> outgoing links ended
     @property
     def rejects(self) -> Mapping[str, int]: ...  # reason -> incoming refused
     @property
