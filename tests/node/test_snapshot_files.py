@@ -15,6 +15,7 @@ import trio.testing
 from liferaft.client import open_client
 from liferaft.kv.commands import encode_command
 from liferaft.kv.state import StateDB
+from liferaft.node.node import Node
 from liferaft.node.state import StateBehind, install_path, open_state
 from liferaft.testing.localcluster import LocalCluster, wait_until
 
@@ -27,6 +28,17 @@ def _put(i: int, key: str, value: bytes) -> object:
         data = encode_command({"op": "put", "key": key, "value": value, "time_ms": 1})
 
     return E()
+
+
+def timed(node: Node, stage: str) -> float:
+    """How many snapshot ``stage``s the node has timed, from its metrics registry."""
+    (count,) = (
+        s.value
+        for family in node.metrics.registry.collect()
+        for s in family.samples
+        if s.name == "liferaft_snapshot_duration_seconds_count" and s.labels == {"stage": stage}
+    )
+    return count
 
 
 async def test_a_follower_behind_the_log_catches_up_from_a_streamed_state_file(
@@ -52,6 +64,10 @@ async def test_a_follower_behind_the_log_catches_up_from_a_streamed_state_file(
                     await client.put(f"k{i:03d}", b"v%d" % i)
                 await wait_until(lambda: node.applied >= leader.applied)
                 assert leader.sender is not None and leader.sender.sent >= 1
+                # Each completed stage was timed (liferaft_snapshot_duration_seconds).
+                assert timed(leader, "make") >= leader.sender.sent
+                assert timed(leader, "send") >= leader.sender.sent
+                assert timed(node, "receive") >= 1 and timed(node, "install") >= 1
                 assert node.kv.db.digest() == leader.kv.db.digest()
                 kvs, more, _ = node.kv.db.range("k")
                 assert len(kvs) == 450 and not more

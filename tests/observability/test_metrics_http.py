@@ -21,6 +21,7 @@ from liferaft.observability.http import MAX_REQUEST_BYTES, HealthServer, parse_r
 from liferaft.observability.metrics import FSYNC_BUCKETS, NodeMetrics
 from liferaft.testing.localcluster import LocalCluster
 from liferaft.testing.localcluster import wait_until as wait_for_nodes
+from liferaft.transport.stats import TransportStats
 
 HANG_GUARD = 10.0  # seconds; only there so that a bug fails the test instead of hanging it
 
@@ -48,7 +49,35 @@ EXTRA_SERIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "liferaft_storage_db_size_bytes": ("gauge", ()),
     "liferaft_server_info": ("gauge", ("node_id", "version")),
     "liferaft_gc_pause_seconds": ("histogram", ()),
+    "liferaft_server_apply_duration_seconds": ("histogram", ()),
+    "liferaft_snapshot_duration_seconds": ("histogram", ("stage",)),
+    "liferaft_client_connections": ("gauge", ()),
+    "liferaft_client_handshaking_connections": ("gauge", ()),
+    "liferaft_client_watchers": ("gauge", ()),
+    "liferaft_network_peer_dropped_messages_total": ("counter", ("peer",)),
+    "liferaft_network_unknown_peer_messages_total": ("counter", ()),
+    "liferaft_network_peer_connects_total": ("counter", ("direction",)),
+    "liferaft_network_peer_connect_failures_total": ("counter", ("peer",)),
+    "liferaft_network_peer_disconnects_total": ("counter", ("peer",)),
+    "liferaft_network_peer_rejected_connections_total": ("counter", ("reason",)),
+    "liferaft_network_peer_closed_connections_total": ("counter", ("reason",)),
+    "process_cpu_seconds_total": ("counter", ()),
+    "process_resident_memory_bytes": ("gauge", ()),
+    "python_gc_collections_total": ("counter", ("generation",)),
 }
+
+
+def transport_stats() -> TransportStats:
+    """Transport counters as a node's peer transport would have them."""
+    st = TransportStats()
+    st.dropped["n2"] = 3
+    st.dropped_unknown = 1
+    st.connects, st.accepts = 2, 4
+    st.connect_failures["n3"] = 5
+    st.disconnects["n2"] = 1
+    st.rejects["not_member"] = 2
+    st.closes["idle"] = 1
+    return st
 
 
 def exercise(m: NodeMetrics) -> None:
@@ -71,6 +100,12 @@ def exercise(m: NodeMetrics) -> None:
     m.client_requests.labels(op="put", code="ok").inc()
     m.client_request_duration.labels(op="put").observe(0.02)
     m.auth_failures.labels(reason="expired").inc()
+    m.apply_duration.observe(0.0002)
+    m.snapshot_duration.labels("send").observe(1.5)
+    m.client_connections.set(2)
+    m.client_handshakes.set(1)
+    m.client_watchers.set(3)
+    m.peer_stats = transport_stats()
 
 
 # -------------------------------------------------------------------- a raw client
@@ -169,6 +204,35 @@ async def test_unused_labelled_series_are_still_declared(nursery: trio.Nursery) 
     text = (await get(port, "/metrics")).body.decode()
     for name, (kind, _labels) in SERIES.items():
         assert f"# TYPE {name} {kind}\n" in text, name
+
+
+def test_transport_counters_are_read_when_scraped() -> None:
+    """The transport counts in plain integers; each scrape reads them as they are then."""
+    m = NodeMetrics("n1")
+
+    def sample(name: str, **labels: str) -> float | None:
+        values = [
+            s.value
+            for f in text_string_to_metric_families(m.exposition().decode())
+            for s in f.samples
+            if s.name == name and s.labels == labels
+        ]
+        return values[0] if values else None
+
+    dropped = "liferaft_network_peer_dropped_messages_total"
+    assert sample(dropped, peer="n2") is None  # no transport yet: declared, no samples
+    st = m.peer_stats = transport_stats()
+    assert sample(dropped, peer="n2") == 3
+    assert sample("liferaft_network_peer_connects_total", direction="out") == 2
+    assert sample("liferaft_network_peer_connects_total", direction="in") == 4
+    assert sample("liferaft_network_peer_rejected_connections_total", reason="not_member") == 2
+    st.dropped["n2"] += 4
+    st.connects += 1
+    st.rejects["tls"] += 1
+    assert sample(dropped, peer="n2") == 7
+    assert sample("liferaft_network_peer_connects_total", direction="out") == 3
+    assert sample("liferaft_network_peer_rejected_connections_total", reason="tls") == 1
+    assert sample("liferaft_network_unknown_peer_messages_total") == 1
 
 
 def test_fsync_buckets_run_from_half_a_millisecond_to_about_four_seconds() -> None:

@@ -58,13 +58,18 @@ class ClientServer:
         self.verifier = self._verifier()
         self.watch_hub = WatchHub()
         self.backups = trio.CapacityLimiter(MAX_BACKUPS)  # api/backups.py
-        self.open_connections = 0
+        self.open_connections = 0  # TCP connections accepted and not yet closed
+        self.clients = 0  # connections past the upgrade, serving requests
         # connections in their handshake, oldest first: (cancel scope, remote address)
         self._handshaking: dict[int, tuple[trio.CancelScope, str]] = {}
         self._arrivals = itertools.count()
         self.port: int | None = None
         self._requests: dict[tuple[str, str], Any] = {}
         self._durations: dict[str, Any] = {}
+        # Read at each scrape: counting stays an integer increment per connection.
+        self.metrics.client_connections.set_function(lambda: self.clients)
+        self.metrics.client_handshakes.set_function(lambda: len(self._handshaking))
+        self.metrics.client_watchers.set_function(lambda: len(self.watch_hub))
 
     def _verifier(self) -> TokenVerifier:
         a = self.auth
@@ -157,7 +162,11 @@ class ClientServer:
                 accepted = await self._upgrade(stream, remote)
             self._handshaking.pop(arrival, None)
             if accepted is not None:
-                await Connection(self, accepted[0], accepted[1], remote).run()
+                self.clients += 1
+                try:
+                    await Connection(self, accepted[0], accepted[1], remote).run()
+                finally:
+                    self.clients -= 1
         except* (trio.BrokenResourceError, WebSocketError, OSError):
             pass  # the client went away mid-handshake or mid-connection, or spoke no WebSocket
         except* Exception as group:  # the edge of one connection: log it, keep serving

@@ -28,6 +28,10 @@ class WatchHub:
     def __init__(self) -> None:
         self._subs: set[trio.MemorySendChannel[list[dict[str, Any]]]] = set()
 
+    def __len__(self) -> int:
+        """How many subscriptions (open watches) receive what is published."""
+        return len(self._subs)
+
     def publish(self, rows: list[EventRow]) -> None:
         """Send the events of ``rows`` (as maps, made only when someone watches)."""
         if self._subs:

@@ -90,6 +90,7 @@ class Applier:
     async def _apply(self, entries: list[Entry]) -> None:
         node = self._node
         state = node.kv
+        started = trio.current_time()
         size = sum(len(e.data) for e in entries)
         self._log_bytes += size
         self._unchecked_bytes += size
@@ -106,6 +107,7 @@ class Applier:
         if applied.rows:  # one publication per applied run, revisions in order
             for callback in node.on_events:
                 callback(applied.rows)
+        node.metrics.apply_duration.observe(trio.current_time() - started)
         self._applied_to(state.db.applied)
 
     def _applied_to(self, index: int) -> None:
@@ -136,7 +138,9 @@ class Applier:
         node = self._node
         about = transfer.parse(snap.data)
         crashpoint("snapshot_before_swap")
+        started = trio.current_time()
         await node.kv.install(about["transfer"])
+        node.metrics.snapshot_duration.labels("install").observe(trio.current_time() - started)
         learn_from_snapshot(node.addresses, about, replace=False)
         learn_from_snapshot(node.applied_addresses, about, replace=True)
         node.snapshot_meta = snap.meta  # the core restores only past its own snapshot

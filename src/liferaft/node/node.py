@@ -224,14 +224,18 @@ class Node:
             )
             make = self._make_transport
             self.transport = self._peer_transport() if make is None else make(self)
+            self.metrics.peer_stats = self.transport.stats  # read at each scrape
             self.sender = SnapshotSender(
                 self.id,
                 self.transport,
                 self.state,
                 self._peers.finish_transfer,
                 random.Random(self._rng.getrandbits(64)),
+                durations=self.metrics.snapshot_duration,
             )
-            self.receiver = SnapshotReceiver(self.id, self.transport, self.state)
+            self.receiver = SnapshotReceiver(
+                self.id, self.transport, self.state, durations=self.metrics.snapshot_duration
+            )
             health = HealthServer(self.metrics, self.healthy, self.ready)
             # A collection longer than a heartbeat interval delays a heartbeat: say so.
             gc_watch = GcWatch(self.metrics.gc_pause, warn_s=s.raft.heartbeat_interval_ms / 1000)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import trio
+from prometheus_client import Histogram
 
 from liferaft.core import InstallSnapshot
 from liferaft.crashpoint import crashpoint
@@ -93,10 +94,14 @@ class SnapshotSender:
         state: StateService,
         finish: Callable[[InstallSnapshot, int, int], InstallSnapshot | None],
         rng: random.Random,
+        *,
+        durations: Histogram | None = None,
     ) -> None:
         """``finish(msg, transfer, applied)`` gives the InstallSnapshot to send at the
-        end (None: this node is no longer the leader that asked)."""
+        end (None: this node is no longer the leader that asked). ``durations`` (by
+        ``stage``) observes the seconds of each copy made and each transfer streamed."""
         self.id = node_id
+        self._durations = durations
         self._transport = transport
         self._state = state
         self._finish = finish
@@ -139,10 +144,14 @@ class SnapshotSender:
         path = self._state.snapshot_dir / f"send-{peer}-{out.transfer:d}.db"
         try:
             with out.scope:
+                started = trio.current_time()
                 out.applied = await self._state.backup(path)
+                copied = trio.current_time()
+                _observe(self._durations, "make", copied - started)
                 crashpoint("snapshot_copy")
                 ok = await self._stream(msg, out, path)
                 if ok:
+                    _observe(self._durations, "send", trio.current_time() - copied)
                     final = self._finish(msg, out.transfer, out.applied)
                     if final is not None:
                         self._transport.send([final])
@@ -218,15 +227,26 @@ class _Incoming:
     file: BinaryIO
     received: int = 0
     hasher: Any = None
+    started: float = 0.0  # trio.current_time() at the first chunk
 
 
 class SnapshotReceiver:
     """The follower's side: one transfer at a time; a new one replaces an unfinished one."""
 
-    def __init__(self, node_id: str, transport: Transport, state: StateService) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        transport: Transport,
+        state: StateService,
+        *,
+        durations: Histogram | None = None,
+    ) -> None:
+        """``durations`` (by ``stage``) observes the seconds of each file received whole,
+        from its first chunk to the file renamed in place."""
         self.id = node_id
         self._transport = transport
         self._state = state
+        self._durations = durations
         # Chunks to write, and ids of received files to delete (off the event loop).
         self._send, self._recv = trio.open_memory_channel[SnapshotChunk | int](4 * WINDOW)
         self._current: _Incoming | None = None
@@ -293,7 +313,15 @@ class SnapshotReceiver:
             path = self._state.snapshot_dir / f"incoming-{chunk.transfer:d}.part"
             f: BinaryIO = await offload.run_sync(lambda: open(path, "wb"))  # noqa: SIM115
             cur = self._current = _Incoming(
-                chunk.transfer, chunk.src, chunk.term, chunk.size, path, f, 0, file_hasher()
+                chunk.transfer,
+                chunk.src,
+                chunk.term,
+                chunk.size,
+                path,
+                f,
+                0,
+                file_hasher(),
+                trio.current_time(),
             )
             event(log, "snapshot_receive_started", leader=chunk.src, bytes=chunk.size)
         if (
@@ -344,5 +372,11 @@ class SnapshotReceiver:
             self._ack(chunk, 0, ok=False)
             return
         self.complete.add(cur.transfer)
+        _observe(self._durations, "receive", trio.current_time() - cur.started)
         event(log, "snapshot_received", leader=chunk.src, bytes=cur.size)
         self._ack(chunk, cur.received, ok=True)
+
+
+def _observe(durations: Histogram | None, stage: str, seconds: float) -> None:
+    if durations is not None:
+        durations.labels(stage).observe(seconds)

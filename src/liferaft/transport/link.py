@@ -209,12 +209,15 @@ class PeerLink:
                 was_connected, self.connected = self.connected, False
                 if was_connected:
                     failures = 0
+                    self._stats.disconnects[self.peer_id] += 1
                     self._log(
                         "peer_disconnected",
                         {"peer": self.peer_id, "direction": "out", "error": _describe(error)},
                     )
                 if error is None:  # redial() asked for a new connection
                     continue
+                if not was_connected:
+                    self._stats.connect_failures[self.peer_id] += 1
                 if not was_connected and failures % 32 == 0:  # first failure, every 32nd
                     self._log(
                         "peer_connect_failed",

@@ -30,6 +30,8 @@ class TransportStats:
     dropped: Counter[str] = field(default_factory=Counter)  # peer -> peer messages dropped
     dropped_unknown: int = 0  # messages addressed to a node that is not a peer
     connects: int = 0  # outgoing links established
+    connect_failures: Counter[str] = field(default_factory=Counter)  # peer -> failed dials
+    disconnects: Counter[str] = field(default_factory=Counter)  # peer -> outgoing links lost
     accepts: int = 0  # incoming links authenticated and upgraded
     rejects: Counter[str] = field(default_factory=Counter)  # reason -> incoming refused
     closes: Counter[str] = field(default_factory=Counter)  # reason -> incoming closed by us
