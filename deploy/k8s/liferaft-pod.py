@@ -76,6 +76,7 @@ class Env:
     peer_service: str  # LIFERAFT_PEER_SERVICE: the headless Service (pod DNS names)
     client_service: str  # LIFERAFT_CLIENT_SERVICE
     domain: str  # LIFERAFT_CLUSTER_DOMAIN
+    host_template: str  # LIFERAFT_HOST_TEMPLATE: a member's address, from {id} and the above
     listen_host: str  # LIFERAFT_LISTEN_HOST: 0.0.0.0, or :: for IPv6
     peer_port: int
     client_port: int
@@ -103,6 +104,7 @@ class Env:
             peer_service=e("LIFERAFT_PEER_SERVICE", "liferaft-peer"),
             client_service=e("LIFERAFT_CLIENT_SERVICE", "liferaft-client"),
             domain=e("LIFERAFT_CLUSTER_DOMAIN", "cluster.local"),
+            host_template=e("LIFERAFT_HOST_TEMPLATE", "{id}.{service}.{namespace}.svc.{domain}"),
             listen_host=e("LIFERAFT_LISTEN_HOST", "0.0.0.0"),
             peer_port=_int("LIFERAFT_PEER_PORT", 7001),
             client_port=_int("LIFERAFT_CLIENT_PORT", 8001),
@@ -130,7 +132,15 @@ class Env:
 
     def host(self, ordinal: int) -> str:
         """A pod's DNS name under the headless Service (resolves before it is ready)."""
-        return f"{self.member_id(ordinal)}.{self.peer_service}.{self.namespace}.svc.{self.domain}"
+        try:
+            return self.host_template.format(
+                id=self.member_id(ordinal),
+                service=self.peer_service,
+                namespace=self.namespace,
+                domain=self.domain,
+            )
+        except (KeyError, IndexError, ValueError) as e:
+            raise Failed(f"LIFERAFT_HOST_TEMPLATE {self.host_template!r}: {e!r}") from None
 
     def cluster_endpoints(self) -> str:
         """The client Service first, then every initial member directly."""
@@ -140,10 +150,6 @@ class Env:
         urls = [f"wss://{service}:{self.client_port}"]
         urls += [f"wss://{self.host(i)}:{self.client_port}" for i in range(self.initial)]
         return ",".join(urls)
-
-    @property
-    def local_endpoint(self) -> str:
-        return f"wss://127.0.0.1:{self.client_port}"
 
     @property
     def cacert(self) -> Path:
@@ -259,16 +265,18 @@ def liferaft(env: Env, *args: str, endpoints: str | None = None) -> tuple[int, A
         "--token-file",
         str(env.token_file),
         "--timeout",
-        "5",
+        os.environ.get("LIFERAFT_CALL_TIMEOUT", "5"),
         "-o",
         "json",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    except OSError as e:
+        raise Failed(f"cannot run {cmd[0]}: {e}") from None
     if proc.returncode != 0:
         log(f"{' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()}")
-        return proc.returncode, None
     try:
-        return 0, json.loads(proc.stdout)
+        return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None
     except json.JSONDecodeError:
         raise Failed(f"{' '.join(args)}: output is not JSON: {proc.stdout!r}") from None
 
@@ -364,6 +372,16 @@ def statefulset_replicas(env: Env) -> int | None:
         return None
 
 
+def leader(env: Env) -> str | None:
+    """The leader's id as the endpoints that answer `liferaft status` see it."""
+    _, doc = liferaft(env, "status")
+    for row in (doc or {}).get("endpoints", []):
+        leader_id = (row.get("status") or {}).get("leader_id")
+        if leader_id:
+            return str(leader_id)
+    return None
+
+
 def leave(env: Env) -> bool:
     """The preStop hook: remove this member if the StatefulSet shrank below it.
     True if it was removed (or was no member), False if it stays."""
@@ -378,9 +396,7 @@ def leave(env: Env) -> bool:
     deadline = time.monotonic() + env.leave_seconds
     pause = 0.5
     while True:
-        code, doc = liferaft(env, "status", endpoints=env.local_endpoint)
-        status = (doc or {}).get("endpoints", [{}])[0].get("status") or {}
-        if status.get("role") == "leader":
+        if leader(env) == env.pod:
             liferaft(env, "transfer-leader")
         code, _ = liferaft(env, "member", "remove", env.pod)
         if code == 0:
