@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import ssl
 import stat
 import subprocess
@@ -35,6 +36,14 @@ K8S = DEPLOY / "k8s"
 SCRIPT = K8S / "liferaft-pod.py"
 IDS = [f"liferaft-{i}" for i in range(5)]
 HANG = 60.0  # a guard against hangs, not a performance claim
+# The --san list docs/deploy.md gives for namespace liferaft.
+SANS = [
+    "liferaft-client",
+    "liferaft-client.liferaft",
+    "liferaft-client.liferaft.svc",
+    "liferaft-client.liferaft.svc.cluster.local",
+    "*.liferaft-peer.liferaft.svc.cluster.local",
+]
 
 
 def load_script() -> ModuleType:
@@ -62,7 +71,7 @@ def secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     client Service's names, every file mode 0440 (a Secret volume with fsGroup)."""
     root = tmp_path_factory.mktemp("secrets")
     made = root / "made"
-    generate(made, IDS, sans=["liferaft-client.liferaft.svc.cluster.local"])
+    generate(made, IDS, sans=SANS)
     (root / "tls").mkdir()
     (root / "jwt").mkdir()
     (root / "admin").mkdir()
@@ -336,3 +345,27 @@ def test_leave_stays_when_the_api_cannot_be_read(
     result = run_script("leave", env)
     assert result.returncode == 0, result.stderr
     assert "HTTP Error 403" in result.stderr and "staying a member" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("liferaft-client.liferaft.svc.cluster.local", True),
+        ("liferaft-client", True),
+        ("liferaft-3.liferaft-peer.liferaft.svc.cluster.local", True),  # the wildcard
+        ("liferaft-3.liferaft-peer.other.svc.cluster.local", False),
+    ],
+)
+def test_the_documented_sans_satisfy_a_client_that_dialled_those_names(
+    secrets: Path, api: FakeApi, name: str, ok: bool
+) -> None:
+    """A TLS client checks the name it dialled against the certificate: a handshake on
+    loopback with that name as server_hostname (no DNS involved)."""
+    ctx = ssl.create_default_context(cafile=str(secrets / "made" / "ca.pem"))
+    with socket.create_connection(("127.0.0.1", api.port), timeout=HANG) as raw:
+        if ok:
+            with ctx.wrap_socket(raw, server_hostname=name) as tls:
+                assert tls.version() is not None
+        else:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                ctx.wrap_socket(raw, server_hostname=name)
