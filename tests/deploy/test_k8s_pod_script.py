@@ -204,7 +204,7 @@ def api(secrets: Path, tmp_path: Path) -> Iterator[FakeApi]:
     ctx.load_cert_chain(made / "liferaft-0.pem", made / "liferaft-0-key.pem")  # IP 127.0.0.1
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield state
