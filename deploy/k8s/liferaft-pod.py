@@ -15,9 +15,11 @@ new cluster or joins a running one:
   back as a learner if the cluster answers and no longer lists it (it was removed by an
   earlier scale-down, and its volume kept);
 - an empty data dir first asks the cluster (``liferaft member list`` through the client
-  Service and the initial members). If it answers, the pod joins it (``join = true``, and
-  ``liferaft member add --learner`` unless it is already a member). If nothing answers,
-  an initial member (ordinal below the initial size) starts the cluster with the others;
+  Service and the initial members). If it answers and does not list this pod, the pod
+  is added (``liferaft member add --learner``) and joins (``join = true``); if it lists
+  it already, the pod starts empty and catches up (an initial member from the bootstrap
+  membership like the others, any other with ``join = true``). If nothing answers, an
+  initial member (ordinal below the initial size) starts the cluster with the others;
   any other pod fails, and the kubelet runs the init container again later.
 
 ``leave`` removes this pod's member from the cluster, handing leadership over first, but
@@ -325,12 +327,15 @@ def init(env: Env) -> None:
                 raise Failed("the cluster does not answer, and this pod is not an initial member")
             log(f"no cluster answers: {env.pod} starts it with the other initial members")
             join = False
+        elif env.pod in members:
+            # Listed already: an initial member slower to start than the others (it starts
+            # from the same bootstrap membership they did), or a pod added before its node
+            # ever ran. Either way it starts empty and catches up from the leader.
+            join = scaled
+            log(f"{env.pod} is already a member; it starts empty and catches up")
         else:
             join = True
-            if env.pod in members:
-                log(f"{env.pod} is already a member; it starts empty and catches up")
-            else:
-                add_self(env)
+            add_self(env)
     else:
         # A restart on its own data: an initial member's config lists it, any other joined.
         join = scaled

@@ -297,6 +297,15 @@ def test_init_starts_a_cluster_joins_a_scaled_pod_and_leave_removes_it_on_scale_
     try:
         wait_ready(metrics0, node)
 
+        # An initial member whose init runs once the others already run (its volume
+        # empty): listed already, it starts from the bootstrap membership, not as a joiner.
+        late_env = pod_env("liferaft-0", secrets, tmp_path / "late", **common, **ports0)
+        late = run_script("init", late_env)
+        assert late.returncode == 0, late.stderr
+        assert "already a member" in late.stderr
+        late_cfg = Path(late_env["LIFERAFT_ETC_DIR"]) / "node.toml"
+        assert config.load(late_cfg).cluster.join is False
+
         joined = run_script("init", env1)
         assert joined.returncode == 0, joined.stderr
         assert "added liferaft-1 as a learner" in joined.stderr
