@@ -131,6 +131,7 @@ def test_probes_hooks_and_ports(built: dict[tuple[str, str], dict[str, Any]]) ->
         "metrics": int(env["LIFERAFT_METRICS_PORT"]),
     }
     assert node["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    assert node["startupProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
     assert node["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert node["args"] == ["node", "--config", "/etc/liferaft/node.toml"]
     assert node["lifecycle"]["preStop"]["exec"]["command"][-1] == "leave"
