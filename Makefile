@@ -14,12 +14,13 @@ empty :=
 space := $(empty) $(empty)
 
 .DEFAULT_GOAL := help
-.PHONY: help install tools test test-slow chaos lint fmt typecheck demo certs cluster clean
+.PHONY: help install tools deploy-tools test test-slow chaos lint fmt typecheck demo certs cluster clean
 
 help:
 	@echo "liferaft make targets:"
 	@echo "  install    create $(VENV) and install liferaft with the test extras (editable)"
 	@echo "  tools      programs some tests need besides Python: promtool (apt, when run as root)"
+	@echo "             and, for tests/deploy, kubectl and systemd-analyze (deploy-tools)"
 	@echo "  test       lint, format check, mypy, import contracts, then pytest (what CI runs)"
 	@echo "             extra pytest arguments: make test PYTEST_ARGS='-k election -x'"
 	@echo "  test-slow  the slow soak/chaos tests only (pytest -m slow)"
@@ -57,6 +58,29 @@ tools:
 	  echo "tools: promtool not found; its test will skip. To install it:"; \
 	  echo "tools:   sudo apt-get install --no-install-recommends prometheus  (Debian/Ubuntu)"; \
 	  echo "tools:   or put promtool from a Prometheus release on PATH"; \
+	fi
+
+# tests/deploy builds deploy/k8s with `kubectl kustomize` and checks the systemd unit with
+# `systemd-analyze verify` (hadolint comes with the test extra). As root on Debian (CI),
+# install what is missing: kubectl from kubernetes-client, systemd-analyze from systemd.
+# Otherwise say how; those tests skip on a developer's machine, and fail under CI=true.
+tools: deploy-tools
+deploy-tools:
+	@missing=""; \
+	command -v kubectl >/dev/null 2>&1 || missing="$$missing kubernetes-client"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -z "$$missing" ]; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "deploy-tools: installing$$missing (Debian packages)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends $$missing >/dev/null && \
+	  command -v kubectl >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || \
+	  { echo "deploy-tools: could not install$$missing with apt-get" >&2; exit 1; }; \
+	else \
+	  echo "deploy-tools: missing$$missing; their tests in tests/deploy will skip. To install:"; \
+	  echo "deploy-tools:   sudo apt-get install --no-install-recommends$$missing  (Debian/Ubuntu)"; \
 	fi
 
 test: install tools
