@@ -6,6 +6,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +346,23 @@ async def test_status_reports_the_cluster(tmp_path: Path, certs: Path) -> None:
         assert st["version"] == liferaft.__version__ and st["alarms"] == []
         assert {m["id"] for m in st["members"]} == set(c.ids)
         assert all(m["voter"] for m in st["members"])
+        assert st["last_error"] is None
+
+
+async def test_status_shows_the_nodes_last_error(tmp_path: Path, certs: Path) -> None:
+    async with cluster(tmp_path, certs) as c, connect(c, c.token("read")) as r:
+        # A request that fails inside the node logs an error event as that node.
+        node = c.nodes["n1"]
+        assert node.reload_tls() is True  # (a good reload is no error)
+        broken = tmp_path / "broken.pem"
+        broken.write_text("not a certificate")
+        node.settings = replace(node.settings, tls=replace(node.settings.tls, cert=broken))
+        assert node.reload_tls() is False
+        st = await r.call(op="status")
+        err = st["last_error"]
+        assert err["event"] == "tls_reload_refused" and "broken.pem" in err["detail"]
+        other = c.nodes["n2"].last_error.last
+        assert other is None  # recorded for the node that logged it only
 
 
 async def test_bad_frames_close_only_that_connection(tmp_path: Path, certs: Path) -> None:

@@ -14,6 +14,7 @@ It is not the server: no Raft, no JWT (the token is compared as a string), no li
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -382,6 +383,11 @@ class FakeServer:
                 "db_size": 123456,
                 "version": "0.1.0",
                 "alarms": ["nospace"] if self.node_id == "n2" else [],
+                "last_error": (
+                    {"event": "tls_reload_refused", "at": time.time() - 90, "detail": "x"}
+                    if self.node_id == "n2"
+                    else None
+                ),
             }
         if op in ("member_add", "member_promote", "member_remove"):
             return self._member(req)

@@ -160,11 +160,14 @@ async def test_status(cluster: FakeCluster, certs: Path) -> None:
         "SIZE",
         "VERSION",
         "ALARMS",
+        "LAST",
+        "ERROR",
     ]
     assert lines[1].split()[1:4] == ["n1", "leader", "3"]
-    assert lines[1].split()[-2:] == ["0.1.0", "none"]
+    assert lines[1].split()[-3:] == ["0.1.0", "none", "none"]
     assert lines[2].split()[1:3] == ["n2", "follower"] and "123.5 kB" in lines[2]
-    assert lines[2].split()[7] == "0" and lines[2].split()[-1] == "nospace"  # lag, alarms
+    assert lines[2].split()[7] == "0" and lines[2].split()[-4] == "nospace"  # lag, alarms
+    assert lines[2].endswith("tls_reload_refused (90s ago)") or lines[2].endswith("(91s ago)")
     doc = json.loads(ok(await run(["status", "-o", "json", *c])))
     assert [e["status"]["node_id"] for e in doc["endpoints"]] == ["n1", "n2"]
 

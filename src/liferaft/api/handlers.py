@@ -165,6 +165,7 @@ def status(node: Node) -> dict[str, Any]:
         "db_size": node.db_size,
         "version": __version__,
         "alarms": ["nospace"] if node.space.raised else [],
+        "last_error": node.last_error.last,
     }
 
 

@@ -29,7 +29,7 @@ import trio
 from liferaft.api.backups import MAX_BACKUPS
 from liferaft.api.connection import Connection
 from liferaft.api.watch import WatchHub
-from liferaft.observability.logs import event
+from liferaft.observability.logs import event, node_context
 from liferaft.security.tokens import Claims, TokenError, TokenVerifier
 from liferaft.websocket import HandshakeFailed, WebSocket, WebSocketError, read_request
 from liferaft.websocket.tls import TLSStream
@@ -84,7 +84,8 @@ class ClientServer:
         try:
             verifier = self._verifier()
         except (ValueError, OSError) as exc:
-            event(log, "jwt_keys_reload_refused", level=logging.ERROR, error=str(exc)[:500])
+            with node_context(self.node.id, self.node.last_error):  # from the signal handler
+                event(log, "jwt_keys_reload_refused", level=logging.ERROR, error=str(exc)[:500])
             return False
         self.verifier = verifier
         event(

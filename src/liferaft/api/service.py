@@ -6,6 +6,7 @@ import trio
 
 from liferaft.api.server import ClientServer
 from liferaft.node.node import Node
+from liferaft.observability.logs import node_context
 
 
 async def serve(
@@ -21,11 +22,13 @@ async def serve(
     node.on_events.append(api.watch_hub.publish)
     node.on_restore = api.watch_hub.reset
     address = node.settings.client.listen
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
-        if listen:
-            await nursery.start(api.run, address.host, address.port)
-        task_status.started(api)
+    # the API's tasks log as this node too, and record its errors for status
+    with node_context(node.id, node.last_error):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            if listen:
+                await nursery.start(api.run, address.host, address.port)
+            task_status.started(api)
 
 
 def reload_credentials(api: ClientServer) -> bool:

@@ -30,6 +30,7 @@ import binascii
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,8 +508,8 @@ def watch(key: str, prefix: bool, rev: int, **common: Any) -> None:
 def status(**common: Any) -> None:
     """One row per endpoint: its node id, role, term, leader, commit and applied index,
     lag (entries it has yet to apply of what the leader committed), revision, database
-    size, version and raised alarms. Exit 1 if some endpoints failed, the error's exit
-    code if all did."""
+    size, version, raised alarms and its last logged error. Exit 1 if some endpoints
+    failed, the error's exit code if all did."""
     s = settings(**common)
     rows = trio.run(_status_all, s)
     errors = [(url, err) for url, _, err in rows if err is not None]
@@ -542,6 +543,7 @@ def status(**common: Any) -> None:
                         "db size",
                         "version",
                         "alarms",
+                        "last error",
                     ],
                     [
                         [
@@ -557,6 +559,7 @@ def status(**common: Any) -> None:
                             human_bytes(st.get("db_size", st.get("db_size_bytes"))),
                             st.get("version", "?"),
                             ",".join(st.get("alarms") or []) or "none",
+                            _last_error(st.get("last_error")),
                         ]
                         for url, st in good
                     ],
@@ -567,6 +570,27 @@ def status(**common: Any) -> None:
     if errors:
         code = exit_code_for(errors[0][1]) if len(errors) == len(rows) else EXIT_FAILED
         sys.exit(code)
+
+
+def _last_error(err: object) -> str:
+    """``event (N s ago)`` of the node's last logged error; its log has the rest."""
+    if not isinstance(err, dict) or not isinstance(err.get("event"), str):
+        return "none"
+    at = err.get("at")
+    if not isinstance(at, int | float):
+        return str(err["event"])
+    return f"{err['event']} ({_ago(time.time() - at)} ago)"
+
+
+def _ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 2 * 86400:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
 
 
 def _lag(leader_commit: int | None, st: dict[str, Any]) -> str:

@@ -59,7 +59,7 @@ from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
 from liferaft.node.waiters import NodeStopped, Outcome, Settable, Waiters
 from liferaft.observability.gcwatch import GcWatch
 from liferaft.observability.http import HealthServer
-from liferaft.observability.logs import event, node_context
+from liferaft.observability.logs import LastError, event, node_context
 from liferaft.observability.metrics import NodeMetrics
 from liferaft.security.tls import NodeTls, TlsMaterialError, load_node_tls
 from liferaft.storage import offload
@@ -171,6 +171,7 @@ class Node:
         self.sender: SnapshotSender | None = None
         self.receiver: SnapshotReceiver | None = None
         self._gc_watch: GcWatch | None = None
+        self.last_error = LastError()  # its last error event (status shows it)
         self.cluster = ClusterIdentity(None)  # read from raft.db at start (transport/cluster.py)
         self._tls: NodeTls | None = None  # made on first use: the simulator never needs it
         self.space = SpaceAlarm()  # raised: the disk is nearly full (node/space.py)
@@ -188,7 +189,7 @@ class Node:
     # ---------------------------------------------------------------- running
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with node_context(self.id):  # every task below logs this node's id
+        with node_context(self.id, self.last_error):  # every task below logs as this node
             await self._run(task_status)
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
@@ -297,7 +298,8 @@ class Node:
         try:
             tls = load_node_tls(t.ca, t.cert, t.key, self.id, now=datetime.now(UTC))
         except TlsMaterialError as exc:
-            event(log, "tls_reload_refused", level=logging.ERROR, error=str(exc))
+            with node_context(self.id, self.last_error):  # called from the signal handler
+                event(log, "tls_reload_refused", level=logging.ERROR, error=str(exc))
             return False
         self._use_tls(tls)
         event(

@@ -82,13 +82,36 @@ def bind_node(node_id: str) -> contextvars.Token[str | None]:
     return _node.set(node_id)
 
 
+class LastError:
+    """Where a node's tasks record its last error-level event (``liferaft status`` shows
+    it, so an operator sees a node's latest trouble without its logs)."""
+
+    TEXT = 300  # characters of the event's fields kept
+
+    def __init__(self) -> None:
+        self.last: dict[str, object] | None = None  # {"event", "at" (Unix time), "detail"}
+
+    def record(self, name: str, fields: Mapping[str, object]) -> None:
+        detail = ", ".join(f"{k}={v}" for k, v in fields.items())
+        self.last = {"event": name, "at": time.time(), "detail": detail[: self.TEXT]}
+
+
+_errors: contextvars.ContextVar[LastError | None] = contextvars.ContextVar(
+    "liferaft_last_error", default=None
+)
+
+
 @contextlib.contextmanager
-def node_context(node_id: str) -> Iterator[None]:
-    """``with node_context("n1"):`` binds the node id for the block (see bind_node)."""
+def node_context(node_id: str, errors: LastError | None = None) -> Iterator[None]:
+    """``with node_context("n1"):`` binds the node id for the block (see bind_node), and
+    ``errors`` as where its error events are recorded."""
     token = _node.set(node_id)
+    errors_token = _errors.set(errors) if errors is not None else None
     try:
         yield
     finally:
+        if errors_token is not None:
+            _errors.reset(errors_token)
         _node.reset(token)
 
 
@@ -215,6 +238,8 @@ def event(
         while isinstance(target, logging.LoggerAdapter):
             target = target.logger
     base: logging.Logger = target
+    if level >= logging.ERROR and (errors := _errors.get()) is not None:
+        errors.record(name, fields)
     if not base.isEnabledFor(level):
         return
     if exc_info is True:
