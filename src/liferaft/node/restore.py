@@ -72,12 +72,21 @@ def restore(backup: Path, settings: Settings) -> Restored:
     cluster_id = derive("restore", info.digest, *sorted(voters))
     book = {m.id: (str(m.peer), str(m.client)) for m in settings.cluster.members}
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write_state(info, data_dir)
-    membership = Membership(voters)
-    snap = Snapshot(SnapshotMeta(info.applied, 1, membership), addresses.snapshot_data(book))
-    with Storage.open(data_dir, initial=membership) as st:
-        st.install_base(snap, HardState(1, None, info.applied))
-        st.set_cluster_id(cluster_id)
+    try:
+        _write_state(info, data_dir)
+        membership = Membership(voters)
+        snap = Snapshot(SnapshotMeta(info.applied, 1, membership), addresses.snapshot_data(book))
+        with Storage.open(data_dir, initial=membership) as st:
+            st.install_base(snap, HardState(1, None, info.applied))
+            st.set_cluster_id(cluster_id)
+    except BaseException:
+        # The dir was empty: leave it empty, so that restore can simply be run again.
+        for p in data_dir.iterdir():
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        raise
     return Restored(data_dir, cluster_id, info.applied, info.revision, tuple(sorted(voters)))
 
 
