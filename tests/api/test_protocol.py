@@ -360,7 +360,7 @@ async def test_status_shows_the_nodes_last_error(tmp_path: Path, certs: Path) ->
         assert node.reload_tls() is False
         st = await r.call(op="status")
         err = st["last_error"]
-        assert err["event"] == "tls_reload_refused" and "broken.pem" in err["detail"]
+        assert err["event"] == "tls_reload_refused" and err["at"] > 0
         other = c.nodes["n2"].last_error.last
         assert other is None  # recorded for the node that logged it only
 

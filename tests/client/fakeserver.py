@@ -384,7 +384,7 @@ class FakeServer:
                 "version": "0.1.0",
                 "alarms": ["nospace"] if self.node_id == "n2" else [],
                 "last_error": (
-                    {"event": "tls_reload_refused", "at": time.time() - 90, "detail": "x"}
+                    {"event": "tls_reload_refused", "at": time.time() - 90}
                     if self.node_id == "n2"
                     else None
                 ),

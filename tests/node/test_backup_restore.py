@@ -16,8 +16,10 @@ from click.testing import CliRunner
 
 from liferaft.backupfile import TRAILER, BackupError, read_info
 from liferaft.cli import cli
-from liferaft.client import Client, open_client
+from liferaft.client import Client, PermissionDenied, open_client
 from liferaft.core import Role
+from liferaft.kv.queries import read_applied
+from liferaft.node import restore as restore_module
 from liferaft.node.restore import RestoreError, recover, restore, tls_probe
 from liferaft.testing.localcluster import LocalCluster, wait_until
 
@@ -166,7 +168,7 @@ def test_restore_fills_only_an_empty_data_dir(tmp_path: Path, certs: Path) -> No
 
 
 async def test_a_lone_survivor_recovers_as_a_new_cluster_and_members_are_added_back(
-    tmp_path: Path, certs: Path
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     c = LocalCluster(tmp_path, certs, list(IDS))
     async with trio.open_nursery() as nursery:
@@ -184,6 +186,21 @@ async def test_a_lone_survivor_recovers_as_a_new_cluster_and_members_are_added_b
             # Now n2 and n3 are gone for good.
             await _crash(c, "n2")
             await _crash(c, "n3")
+            # A recover that fails part way leaves the survivor's data exactly as it was.
+            state = tmp_path / "data" / "n1" / "state.db"
+            applied_before = read_applied(state)
+            real_fsync_dir = restore_module.fsync_dir
+
+            def failing_fsync_dir(path: Path) -> None:
+                if path.name.endswith(".recovering"):
+                    raise OSError(28, "No space left on device")
+                real_fsync_dir(path)
+
+            with monkeypatch.context() as m:
+                m.setattr(restore_module, "fsync_dir", failing_fsync_dir)
+                with pytest.raises(OSError, match="No space"):
+                    await trio.to_thread.run_sync(lambda: recover(s1, probe=tls_probe(s1)))
+            assert read_applied(state) == applied_before
             done = await trio.to_thread.run_sync(lambda: recover(s1, probe=tls_probe(s1)))
             assert done.applied >= len(revs) and done.revision == revs[-1]
             assert done.moved_to is not None and (done.moved_to / "raft.db").exists()
@@ -209,4 +226,28 @@ async def test_a_lone_survivor_recovers_as_a_new_cluster_and_members_are_added_b
                 await wait_until(lambda: n2.applied >= n1.applied)
             assert n2.kv.db.digest() == n1.kv.db.digest()
             assert n2.cluster.value == n1.cluster.value == done.cluster_id
+        nursery.cancel_scope.cancel()
+
+
+async def test_backups_one_after_another_and_only_for_tokens_of_every_key(
+    tmp_path: Path, certs: Path
+) -> None:
+    c = LocalCluster(tmp_path, certs, ["n1"])
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            await c.wait_leader()
+            async with _client(c, certs) as client:
+                await client.put("app/x", b"1")
+                await client.put("other/y", b"2")
+                for i in range(4):  # more than the two a node makes at once, in turn
+                    meta = await client.snapshot_save(tmp_path / f"b{i}.lrb")
+                    assert meta["keys"] == 2
+            snapshots = tmp_path / "data" / "n1" / "snapshots"
+            await wait_until(lambda: not any(snapshots.iterdir()))  # went with the connection
+            token = c.token("read,write,admin", prefixes=["app/"])
+            async with open_client(c.endpoints(), token=token, cacert=certs / "ca.pem") as client:
+                with pytest.raises(PermissionDenied):
+                    await client.snapshot_save(tmp_path / "denied.lrb")
+            assert not (tmp_path / "denied.lrb").exists()
         nursery.cancel_scope.cancel()

@@ -18,8 +18,6 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from liferaft import __version__
 from liferaft.api import handlers
 from liferaft.api.errors import invalid, unavailable
@@ -35,25 +33,37 @@ MAX_BACKUPS = 2  # copies being made or streamed at once on one node (disk and I
 HASH_BLOCK = 1024 * 1024
 
 
+class BackupCount:
+    """The backups a node is making or streaming now (MAX_BACKUPS at most)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 class BackupStream:
     """The backup copy one connection is streaming, if any."""
 
-    def __init__(self, node: Node, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, node: Node, running: BackupCount) -> None:
         self._node = node
-        self._limiter = limiter
+        self._running = running
         self._path: Path | None = None
         self._size = 0
         self._id = 0
         self._holding = False
+        self._making = False
 
     async def begin(self) -> dict[str, Any]:
+        if self._making:
+            raise invalid("a snapshot is being made on this connection already")
         self.close()
         node = self._node
-        try:
-            self._limiter.acquire_nowait()
-        except trio.WouldBlock:
-            raise unavailable(f"{MAX_BACKUPS} backups are being made already") from None
+        if self._running.value >= MAX_BACKUPS:
+            raise unavailable(f"{MAX_BACKUPS} backups are being made already")
+        # A count, not a CapacityLimiter: the copy is released by whichever task ends
+        # the connection, not the request's task that took it.
+        self._running.value += 1
         self._holding = True
+        self._making = True
         try:
             await handlers.confirm_read(node)
             self._id = random.getrandbits(63)
@@ -64,6 +74,8 @@ class BackupStream:
         except BaseException:
             self.close()
             raise
+        finally:
+            self._making = False
         self._size = path.stat().st_size
         return {
             "snapshot_id": self._id,
@@ -93,7 +105,7 @@ class BackupStream:
             self._path = None
         if self._holding:
             self._holding = False
-            self._limiter.release()
+            self._running.value -= 1
 
 
 def _read_at(path: Path, offset: int, count: int) -> bytes:

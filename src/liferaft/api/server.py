@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from liferaft.api.backups import MAX_BACKUPS
+from liferaft.api.backups import BackupCount
 from liferaft.api.connection import Connection
 from liferaft.api.watch import WatchHub
 from liferaft.observability.logs import event, node_context
@@ -57,7 +57,7 @@ class ClientServer:
         self.leeway_s = a.leeway_s
         self.verifier = self._verifier()
         self.watch_hub = WatchHub()
-        self.backups = trio.CapacityLimiter(MAX_BACKUPS)  # api/backups.py
+        self.backups = BackupCount()  # api/backups.py
         self.open_connections = 0  # TCP connections accepted and not yet closed
         self.clients = 0  # connections past the upgrade, serving requests
         # connections in their handshake, oldest first: (cancel scope, remote address)

@@ -198,12 +198,13 @@ class Node:
         initial = None if s.cluster.join else Membership.of(sorted(members))
         self.storage = await StorageWriter.open(s.node.data_dir, initial=initial)
         try:
+            restored = await self.storage.load()
             cluster_id = await self.storage.cluster_id()
-            if cluster_id is None and initial is not None:  # bootstrapped (before ids, too)
-                cluster_id = bootstrap_id(initial.voters)
+            bootstrapped = restored.initial_membership.voters  # as recorded at first start
+            if cluster_id is None and bootstrapped:  # (data dirs from before ids get it too)
+                cluster_id = bootstrap_id(bootstrapped)
                 await self.storage.set_cluster_id(cluster_id)
             self.cluster = ClusterIdentity(cluster_id, on_adopt=self._adopt_cluster)
-            restored = await self.storage.load()
             snap = restored.snapshot
             about = transfer.parse(snap.data) if snap is not None else {}
             self.state = await StateService.open(

@@ -27,7 +27,7 @@ from liferaft.backupfile import BackupInfo, extract_db, read_info
 from liferaft.config import Settings
 from liferaft.core import ConfEntry, EntryKind, HardState, Membership, Snapshot, SnapshotMeta
 from liferaft.kv.queries import read_applied
-from liferaft.kv.state import DB_NAME
+from liferaft.kv.state import DB_NAME, StateDB
 from liferaft.node import addresses, transfer
 from liferaft.node.state import open_state
 from liferaft.security.tls import peer_client_context
@@ -71,23 +71,28 @@ def restore(backup: Path, settings: Settings) -> Restored:
     voters = frozenset(m.id for m in settings.cluster.members)
     cluster_id = derive("restore", info.digest, *sorted(voters))
     book = {m.id: (str(m.peer), str(m.client)) for m in settings.cluster.members}
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        _write_state(info, data_dir)
-        membership = Membership(voters)
-        snap = Snapshot(SnapshotMeta(info.applied, 1, membership), addresses.snapshot_data(book))
-        with Storage.open(data_dir, initial=membership) as st:
-            st.install_base(snap, HardState(1, None, info.applied))
-            st.set_cluster_id(cluster_id)
-    except BaseException:
-        # The dir was empty: leave it empty, so that restore can simply be run again.
-        for p in data_dir.iterdir():
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        raise
+    # Built whole beside the data dir, then renamed into place: a crash part way leaves
+    # no half data dir that a node could start from (only a `.restoring` dir to delete).
+    work = _fresh_dir(data_dir.with_name(data_dir.name + ".restoring"))
+    _write_state(info, work)
+    membership = Membership(voters)
+    snap = Snapshot(SnapshotMeta(info.applied, 1, membership), addresses.snapshot_data(book))
+    with Storage.open(work, initial=membership) as st:
+        st.install_base(snap, HardState(1, None, info.applied), cluster_id=cluster_id)
+    if data_dir.exists():
+        data_dir.rmdir()  # empty (checked above); fails if someone wrote into it meanwhile
+    os.rename(work, data_dir)
+    fsync_dir(data_dir.parent)
     return Restored(data_dir, cluster_id, info.applied, info.revision, tuple(sorted(voters)))
+
+
+def _fresh_dir(path: Path) -> Path:
+    """An empty private directory at ``path`` (what an interrupted run left is only ever
+    a copy, and is removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(mode=0o700, parents=True)
+    return path
 
 
 def _write_state(info: BackupInfo, data_dir: Path) -> None:
@@ -171,33 +176,37 @@ def recover(settings: Settings, *, probe: Probe) -> Restored:
         raise RestoreError(f"no address known for {me}")
     last = stored.entries[-1] if stored.entries else None
     term = last.term if last is not None else (snap.meta.term if snap is not None else 0)
-    new_dir = data_dir.with_name(data_dir.name + ".recovering")
-    if new_dir.exists():
-        shutil.rmtree(new_dir)  # a recover that was interrupted: it is only ever a copy
-    new_dir.mkdir(mode=0o700)
-    with Storage.open(data_dir):  # hold the lock while reading the state
-        db = open_state(
+    new_dir = _fresh_dir(data_dir.with_name(data_dir.name + ".recovering"))
+    copy = new_dir / DB_NAME
+    with Storage.open(data_dir):  # hold the lock while copying the state
+        db = open_state(  # (finishes a snapshot install a crash interrupted, as a start would)
             data_dir,
             snapshot_index=snap.meta.index if snap is not None else 0,
             transfer=about.get("transfer"),
             history_revisions=settings.kv.history_revisions,
         )
         try:
-            todo = [e for e in stored.entries if e.index > db.applied]
-            for i in range(0, len(todo), APPLY_RUN):
-                db.apply(todo[i : i + APPLY_RUN])
-            applied, revision = db.applied, db.revision
-            db.backup(new_dir / DB_NAME)
+            db.backup(copy)  # the survivor's own files are only read from here on
         finally:
             db.close()
+    db = StateDB.open(copy, history_revisions=settings.kv.history_revisions)
+    try:
+        todo = [e for e in stored.entries if e.index > db.applied]
+        for i in range(0, len(todo), APPLY_RUN):
+            db.apply(todo[i : i + APPLY_RUN])
+        applied, revision = db.applied, db.revision
+        db.sync()
+    finally:
+        db.close()
+    fsync_dir(new_dir)
     cluster_id = derive("recover", old_id or "", me, secrets.token_hex(8))
     mine = Membership.of([me])
     base = Snapshot(
         SnapshotMeta(applied, max(term, 1), mine), addresses.snapshot_data({me: book[me]})
     )
+    hard = HardState(max(stored.hard_state.term, term, 1), None, applied)
     with Storage.open(new_dir, initial=mine) as st:
-        st.install_base(base, HardState(max(stored.hard_state.term, term, 1), None, applied))
-        st.set_cluster_id(cluster_id)
+        st.install_base(base, hard, cluster_id=cluster_id)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     moved = data_dir.with_name(f"{data_dir.name}.lost-{stamp}")
     os.rename(data_dir, moved)

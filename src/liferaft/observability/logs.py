@@ -86,14 +86,13 @@ class LastError:
     """Where a node's tasks record its last error-level event (``liferaft status`` shows
     it, so an operator sees a node's latest trouble without its logs)."""
 
-    TEXT = 300  # characters of the event's fields kept
-
     def __init__(self) -> None:
-        self.last: dict[str, object] | None = None  # {"event", "at" (Unix time), "detail"}
+        self.last: dict[str, object] | None = None  # {"event", "at" (Unix time)}
 
-    def record(self, name: str, fields: Mapping[str, object]) -> None:
-        detail = ", ".join(f"{k}={v}" for k, v in fields.items())
-        self.last = {"event": name, "at": time.time(), "detail": detail[: self.TEXT]}
+    def record(self, name: str) -> None:
+        # Only the event's name and time: its fields may say more than a read-role
+        # token should see (status is a read op); the node's log has them.
+        self.last = {"event": name, "at": time.time()}
 
 
 _errors: contextvars.ContextVar[LastError | None] = contextvars.ContextVar(
@@ -239,7 +238,7 @@ def event(
             target = target.logger
     base: logging.Logger = target
     if level >= logging.ERROR and (errors := _errors.get()) is not None:
-        errors.record(name, fields)
+        errors.record(name)
     if not base.isEnabledFor(level):
         return
     if exc_info is True:

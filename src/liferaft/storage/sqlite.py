@@ -67,6 +67,10 @@ _PUT_SNAPSHOT = (
     "ON CONFLICT (id) DO UPDATE SET idx = excluded.idx, term = excluded.term, "
     "voters = excluded.voters, learners = excluded.learners, data = excluded.data"
 )
+_PUT_CLUSTER_ID = (
+    "INSERT INTO meta (key, value) VALUES ('cluster_id', ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
 
 
 def _wrap(what: str, exc: sqlite3.Error) -> StorageError:
@@ -330,15 +334,17 @@ class Storage:
             self.last_commit_seconds = time.perf_counter() - start
         self._last_index = max(self._last_index, index)
 
-    def install_base(self, snap: Snapshot, hs: HardState) -> None:
-        """Start the log over at ``snap`` with hard state ``hs`` (one transaction): what
-        ``snapshot restore`` and ``recover`` give a new data dir (node/restore.py)."""
+    def install_base(self, snap: Snapshot, hs: HardState, *, cluster_id: str) -> None:
+        """Start the log over at ``snap`` with hard state ``hs``, in the cluster
+        ``cluster_id`` (one transaction): what ``snapshot restore`` and ``recover`` give
+        a new data dir (node/restore.py)."""
         conn = self._usable()
         with self._errors("install_base", poison=True):
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(_PUT_SNAPSHOT, _snapshot_row(snap))
             conn.execute("DELETE FROM entries")
             conn.execute(_PUT_HARD_STATE, (hs.term, hs.vote, hs.commit))
+            conn.execute(_PUT_CLUSTER_ID, (cluster_id,))
             conn.execute("COMMIT")
         self._snap_index = self._last_index = snap.meta.index
         self._stale_from = snap.meta.index + 1
@@ -357,11 +363,7 @@ class Storage:
         conn = self._usable()
         with self._errors("set_cluster_id", poison=True):
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('cluster_id', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (value,),
-            )
+            conn.execute(_PUT_CLUSTER_ID, (value,))
             conn.execute("COMMIT")
 
     # ---------------------------------------------------------------- checking
