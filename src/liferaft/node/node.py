@@ -52,6 +52,7 @@ from liferaft.node.applier import (
 from liferaft.node.inputs import MAX_MERGED_BYTES, MAX_MERGED_COMMANDS, Call, Input, Propose, Writes
 from liferaft.node.loop import MAX_INPUTS_PER_ROUND, CoreLoop
 from liferaft.node.peers import PeerLinks, log_transport_event
+from liferaft.node.promote import AutoPromoter
 from liferaft.node.space import SpaceAlarm
 from liferaft.node.state import StateService
 from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
@@ -179,6 +180,7 @@ class Node:
             ticks=self._inputs_send,
             peers=self._peers,
             to_apply=self._applier.queue,
+            promoter=AutoPromoter.of(settings, raft_config(settings).election_ticks),
         )
 
     # ---------------------------------------------------------------- running

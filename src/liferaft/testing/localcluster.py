@@ -51,6 +51,7 @@ def write_config(
     snapshot_entries: int = 10000,
     history_revisions: int = 100000,
     join: bool = False,
+    auto_promote: bool = False,
 ) -> Path:
     """A node config file (docs/operations.md, "Configuration"); ``members`` maps id ->
     ports."""
@@ -79,6 +80,7 @@ members = [
 {rows}
 ]
 join = {"true" if join else "false"}
+auto_promote = {"true" if auto_promote else "false"}
 
 [tls]
 ca = "{certs / "ca.pem"}"
