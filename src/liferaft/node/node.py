@@ -466,14 +466,21 @@ class Node:
         return index
 
     async def change_membership(self, change: ConfChange) -> None:
-        """Propose a membership change and wait until it is applied here."""
+        """Propose a membership change and wait until it is applied here. A leader that
+        has not yet committed an entry of its term, or whose previous change is still
+        uncommitted, proposes it once that passes (the caller bounds the wait): right
+        after a transfer, or beside an automatic promotion, a change is not refused."""
         out: Outcome[object] = Outcome()
 
-        def go(raft: Raft) -> None:
+        def go(raft: Raft) -> bool:
+            if raft.role is Role.LEADER and not raft.conf_change_ready:
+                return False
             index = raft.propose_conf_change(change)
             self.waiters.proposals[index] = (raft.term, out)
+            return True
 
-        await self.call(go)
+        while not await self.call(go):  # noqa: ASYNC110 - the core has no event for it
+            await trio.sleep(self.settings.raft.heartbeat_interval_ms / 1000)
         await out.wait()
 
     async def transfer_leadership(self, to: str | None) -> str:
