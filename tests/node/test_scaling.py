@@ -4,6 +4,9 @@ Nodes in one process (``LocalCluster``); the real-process run is test_scaling_pr
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -85,3 +88,40 @@ async def test_removing_the_leader_hands_leadership_over_first(tmp_path: Path, c
         assert all(n.status().term == term + 1 for n in rest)
         kvs, _ = await client.range("")
         assert sorted(kv.key for kv in kvs) == ["after", "before"]
+
+
+async def cli(c: LocalCluster, *args: str) -> list[dict[str, object]]:
+    """``liferaft <args> -o json`` as an operator runs it; the members it prints."""
+    env = dict(os.environ)
+    env["LIFERAFT_ENDPOINTS"] = ",".join(c.endpoints())
+    env["LIFERAFT_CACERT"] = str(c.certs / "ca.pem")
+    env["LIFERAFT_TOKEN"] = c.token()
+    proc = await trio.run_process(
+        [sys.executable, "-m", "liferaft", *args, "-o", "json"],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    members: list[dict[str, object]] = json.loads(proc.stdout)["members"]
+    return members
+
+
+async def test_an_operator_scales_with_the_member_commands(tmp_path: Path, certs: Path) -> None:
+    """Add a learner, promote it, remove the leader: each command exits 0 with the new
+    member list."""
+    async with scaling_cluster(tmp_path, certs, auto_promote=False) as (c, client):
+        peer, client_addr = c.reserve("n4")
+        members = await cli(
+            c, "member", "add", "n4", "--peer", peer, "--client", client_addr, "--learner"
+        )
+        assert "n4" not in voters(members) and len(members) == 4
+        n4 = await c.start_node("n4")
+        lead = c.nodes[await c.wait_leader()]
+        await wait_until(lambda: n4.applied >= lead.applied > 0)
+        assert voters(await cli(c, "member", "promote", "n4")) == {"n1", "n2", "n3", "n4"}
+        old = await c.wait_leader()
+        members = await cli(c, "member", "remove", old)
+        assert voters(members) == {"n1", "n2", "n3", "n4"} - {old}
+        await client.put("after", "shrink")
