@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
-from liferaft.client import Client, open_client
+from liferaft.client import Client, MemberError, open_client
 from liferaft.core import ConfChangeType, ConfEntry, EntryKind, Role
 from liferaft.testing.localcluster import LocalCluster, wait_until
 
@@ -125,3 +126,18 @@ async def test_an_operator_scales_with_the_member_commands(tmp_path: Path, certs
         members = await cli(c, "member", "remove", old)
         assert voters(members) == {"n1", "n2", "n3", "n4"} - {old}
         await client.put("after", "shrink")
+
+
+async def test_a_transfer_the_target_never_takes_is_refused_not_left_hanging(
+    tmp_path: Path, certs: Path
+) -> None:
+    """The core gives a transfer up after an election timeout: the caller hears
+    member_error at once, and the leader goes on leading."""
+    async with scaling_cluster(tmp_path, certs, auto_promote=False) as (c, client):
+        old = await c.wait_leader()
+        target = next(i for i in c.ids if i != old)
+        c.faults.isolate(target, c.ids)
+        with pytest.raises(MemberError, match="did not take over"):
+            await client.transfer_leader(target)
+        assert c.nodes[old].status().role is Role.LEADER
+        await client.put("still", "writable")

@@ -484,8 +484,10 @@ class Node:
         await out.wait()
 
     async def transfer_leadership(self, to: str | None) -> str:
-        """Hand leadership to ``to`` (or the most up-to-date voter); returns the new leader
-        once this node sees it."""
+        """Hand leadership to ``to`` (or the most up-to-date voter, preferring those that
+        answered within the last election timeout); returns the new leader once this node
+        sees it. ProposalRefused if the core gave the transfer up (the target did not
+        take over within an election timeout) and this node still leads."""
 
         def go(raft: Raft) -> str:
             target = to
@@ -494,12 +496,17 @@ class Node:
                 voters = [p for p in st.peers if p in st.membership.voters]
                 if not voters:
                     raise ProposalRefused("no other voter to hand leadership to")
-                target = max(voters, key=lambda p: (st.peers[p].match, p))
+                target = max(
+                    voters, key=lambda p: (st.peers[p].recent_active, st.peers[p].match, p)
+                )
             raft.transfer_leadership(target)
             return target
 
         target = await self.call(go)
-        while self.raft is None or self.raft.leader != target:  # noqa: ASYNC110
+        while self.raft is None or self.raft.leader != target:
+            raft = self.raft
+            if raft is not None and raft.role is Role.LEADER and raft.transferee != target:
+                raise ProposalRefused(f"{target} did not take over within an election timeout")
             await trio.sleep(self.settings.raft.heartbeat_interval_ms / 1000)
         return target
 
