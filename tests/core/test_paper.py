@@ -473,6 +473,7 @@ def test_conf_change_ready_is_false_while_a_change_is_uncommitted() -> None:
     assert c.raft("n1").conf_change_ready
     c.raft("n1").propose_conf_change(ConfChange(ConfChangeType.REMOVE, "n3"))
     assert not c.raft("n1").conf_change_ready
+    c.drain("n1")
     c.stabilize()
     assert c.raft("n1").conf_change_ready
 
