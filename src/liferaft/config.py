@@ -219,6 +219,8 @@ class Member:
 class ClusterSettings:
     members: tuple[Member, ...]  # the initial members, used when data_dir is empty
     join: bool = False  # start empty as a learner, to be added by `member add`
+    # the leader promotes a caught-up learner to voter by itself (node/promote.py)
+    auto_promote: bool = False
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -362,7 +364,7 @@ _SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
     "peer": ("listen",),
     "client": ("listen", "max_message_bytes", "max_connections", "handshake_timeout_ms"),
     "metrics": ("listen",),
-    "cluster": ("members", "join"),
+    "cluster": ("members", "join", "auto_promote"),
     "tls": ("ca", "cert", "key"),
     "auth": ("jwt_public_keys", "issuer", "audience", "leeway_s"),
     "raft": ("heartbeat_interval_ms", "election_timeout_ms", "snapshot_entries"),
@@ -580,7 +582,11 @@ class _Loader:
                     Member(id=m.string("id"), peer=m.address("peer"), client=m.address("client"))
                 )
         with t.invariants():
-            return ClusterSettings(members=tuple(members), join=t.boolean("join", False))
+            return ClusterSettings(
+                members=tuple(members),
+                join=t.boolean("join", False),
+                auto_promote=t.boolean("auto_promote", False),
+            )
 
     # -------------------------------------------------------- the files it names
 

@@ -127,6 +127,7 @@ def test_defaults_apply_when_keys_are_left_out(node1: Path) -> None:
     assert (s.raft.heartbeat_interval_ms, s.raft.election_timeout_ms) == (50, 300)
     assert s.raft.snapshot_entries == 10000
     assert s.cluster.join is False
+    assert s.cluster.auto_promote is False
     assert s.log.level == "info"
 
 
@@ -176,6 +177,11 @@ def test_join_allows_a_node_outside_the_initial_members(node1: Path) -> None:
     assert s.node.id == "n4"
     assert s.cluster.join is True
     assert s.cluster.member("n4") is None
+
+
+def test_auto_promote_is_read(node1: Path) -> None:
+    edit(node1, lambda text: replace(text, "# auto_promote = true", "auto_promote = true"))
+    assert load(node1).cluster.auto_promote is True
 
 
 def test_members_as_an_array_of_tables_and_ipv6_addresses(node1: Path) -> None:
@@ -386,6 +392,12 @@ CASES = [
         "cluster.join",
         "expected a boolean",
         id="string-is-not-bool",
+    ),
+    pytest.param(
+        sub("# auto_promote = true", "auto_promote = 1"),
+        "cluster.auto_promote",
+        "expected a boolean (true or false), got integer 1",
+        id="int-is-not-bool",
     ),
     pytest.param(
         lambda t: "raft = 5\n" + drop_section(t, "raft"),

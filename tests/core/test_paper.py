@@ -467,6 +467,17 @@ def test_only_one_membership_change_at_a_time() -> None:
         c.raft("n1").propose_conf_change(ConfChange(ConfChangeType.REMOVE, "n2"))
 
 
+def test_conf_change_ready_is_false_while_a_change_is_uncommitted() -> None:
+    c = make(3)
+    elect(c, "n1")  # its NOOP is committed
+    assert c.raft("n1").conf_change_ready
+    c.raft("n1").propose_conf_change(ConfChange(ConfChangeType.REMOVE, "n3"))
+    assert not c.raft("n1").conf_change_ready
+    c.drain("n1")
+    c.stabilize()
+    assert c.raft("n1").conf_change_ready
+
+
 # ---------------------------------------------------------------- crashes
 
 

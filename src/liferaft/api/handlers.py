@@ -9,7 +9,7 @@ import trio
 
 from liferaft import __version__
 from liferaft.api.errors import ApiError, invalid, unavailable
-from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused
+from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused, Role
 from liferaft.kv.state import FutureRevision, StateDB
 from liferaft.kv.watch import Compacted
 from liferaft.node.waiters import NodeStopped, ProposalDropped, ReadFailed
@@ -190,6 +190,11 @@ async def member_change(node: Node, req: dict[str, Any]) -> dict[str, Any]:
         change = ConfChange(ConfChangeType.REMOVE, mid)
     try:
         with trio.fail_after(REQUEST_TIMEOUT):
+            if change.type is ConfChangeType.REMOVE and mid == node.id and _leads(node):
+                # Removing the leader: hand leadership to the most caught-up voter first,
+                # then send the client there to remove this node as a follower (no
+                # leaderless gap; docs/operations.md, "Scaling a running cluster").
+                raise NotLeader(await node.transfer_leadership(None))
             await node.change_membership(change)
     except NotLeader as exc:
         raise not_leader(node, exc.leader) from None
@@ -198,6 +203,10 @@ async def member_change(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     except (ProposalDropped, NodeStopped, trio.TooSlowError) as exc:
         raise unavailable(f"the change may or may not have happened: {exc}") from None
     return {"members": status(node)["members"]}
+
+
+def _leads(node: Node) -> bool:
+    return node.raft is not None and node.raft.role is Role.LEADER
 
 
 async def transfer_leader(node: Node, req: dict[str, Any]) -> dict[str, Any]:

@@ -737,7 +737,8 @@ def member_add(member_id: str, peer: str, client_addr: str, learner: bool, **com
 @click.argument("member_id", metavar="ID")
 @client_options
 def member_promote(member_id: str, **common: Any) -> None:
-    """Make learner ID a voter."""
+    """Make learner ID a voter (with [cluster] auto_promote the leader does this by
+    itself once ID has caught up)."""
     s = settings(**common)
     members = run_client(s, lambda c: c.member_promote(member_id))
     if not s.json:
@@ -749,7 +750,8 @@ def member_promote(member_id: str, **common: Any) -> None:
 @click.argument("member_id", metavar="ID")
 @client_options
 def member_remove(member_id: str, **common: Any) -> None:
-    """Remove member ID from the cluster."""
+    """Remove member ID from the cluster; removing the leader hands leadership to the
+    most caught-up voter first. Stop ID's process afterwards."""
     s = settings(**common)
     members = run_client(s, lambda c: c.member_remove(member_id))
     if not s.json:

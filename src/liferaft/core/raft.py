@@ -142,6 +142,12 @@ class Raft:
     def transferee(self) -> str | None:
         return self._transferee
 
+    @property
+    def conf_change_ready(self) -> bool:
+        """Whether a leader would take a membership change now: an entry of its term is
+        committed and no change is uncommitted (§5; both pass by themselves)."""
+        return self._committed_in_term() and not self._conf_pending()
+
     def soft_state(self) -> SoftState:
         return SoftState(self.role, self.leader, self.term)
 

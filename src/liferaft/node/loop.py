@@ -24,6 +24,7 @@ from liferaft.node.addresses import learn_from_entries
 from liferaft.node.applyqueue import ApplyQueue
 from liferaft.node.inputs import Call, Input, Messages, Propose, Tick, Writes, propose_writes
 from liferaft.node.peers import PeerLinks
+from liferaft.node.promote import AutoPromoter
 from liferaft.node.waiters import ReadFailed
 from liferaft.observability.logs import event
 
@@ -57,12 +58,15 @@ class CoreLoop:
         ticks: trio.MemorySendChannel[Input],  # the send side of ``inputs``, for ticks
         peers: PeerLinks,
         to_apply: ApplyQueue,
+        promoter: AutoPromoter | None = None,
     ) -> None:
         self._node = node
         self._inputs = inputs
         self._ticks = ticks
         self._peers = peers
         self._to_apply = to_apply
+        self._promoter = promoter  # [cluster] auto_promote (node/promote.py)
+        self.ticks = 0  # ticks given to the core so far: the promoter's clock
         self._ticks_due = 0  # ticks counted by the ticker, not yet given to the core
         self._tick_queued = False  # a Tick input is on its way to the core loop
         self._tick_wakeup = trio.Event()
@@ -102,6 +106,7 @@ class CoreLoop:
         """Tick the core for every tick due and send the heartbeats that come of it
         (this may run while a Ready is outstanding: see ``Raft.tick``)."""
         ticks, self._ticks_due = self._ticks_due, 0
+        self.ticks += ticks
         for _ in range(ticks):
             raft.tick()
         if ticks:
@@ -130,7 +135,10 @@ class CoreLoop:
                     self._handle(raft, item)
             if writes:
                 propose_writes(raft, writes, self._node.waiters)
+            ticks = self.ticks
             self._take_ticks(raft)
+            if self._promoter is not None and self.ticks != ticks:
+                self._promoter.on_ticks(raft, self.ticks)
             # Observe before the first await: health and metrics are read while the
             # Ready is being written, and must agree with the core (a sole voter that
             # just elected itself is ready, and its is_leader gauge must say so).

@@ -53,6 +53,7 @@ from liferaft.node.applier import (
 from liferaft.node.inputs import MAX_MERGED_BYTES, MAX_MERGED_COMMANDS, Call, Input, Propose, Writes
 from liferaft.node.loop import MAX_INPUTS_PER_ROUND, CoreLoop
 from liferaft.node.peers import PeerLinks, log_transport_event
+from liferaft.node.promote import AutoPromoter
 from liferaft.node.space import SpaceAlarm
 from liferaft.node.state import StateService
 from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
@@ -184,6 +185,7 @@ class Node:
             ticks=self._inputs_send,
             peers=self._peers,
             to_apply=self._applier.queue,
+            promoter=AutoPromoter.of(settings, raft_config(settings).election_ticks),
         )
 
     # ---------------------------------------------------------------- running
@@ -525,19 +527,28 @@ class Node:
         return index
 
     async def change_membership(self, change: ConfChange) -> None:
-        """Propose a membership change and wait until it is applied here."""
+        """Propose a membership change and wait until it is applied here. A leader that
+        has not yet committed an entry of its term, or whose previous change is still
+        uncommitted, proposes it once that passes (the caller bounds the wait): right
+        after a transfer, or beside an automatic promotion, a change is not refused."""
         out: Outcome[object] = Outcome()
 
-        def go(raft: Raft) -> None:
+        def go(raft: Raft) -> bool:
+            if raft.role is Role.LEADER and not raft.conf_change_ready:
+                return False
             index = raft.propose_conf_change(change)
             self.waiters.proposals[index] = (raft.term, out)
+            return True
 
-        await self.call(go)
+        while not await self.call(go):  # noqa: ASYNC110 - the core has no event for it
+            await trio.sleep(self.settings.raft.heartbeat_interval_ms / 1000)
         await out.wait()
 
     async def transfer_leadership(self, to: str | None) -> str:
-        """Hand leadership to ``to`` (or the most up-to-date voter); returns the new leader
-        once this node sees it."""
+        """Hand leadership to ``to`` (or the most up-to-date voter, preferring those that
+        answered within the last election timeout); returns the new leader once this node
+        sees it. ProposalRefused if the core gave the transfer up (the target did not
+        take over within an election timeout) and this node still leads."""
 
         def go(raft: Raft) -> str:
             target = to
@@ -546,12 +557,17 @@ class Node:
                 voters = [p for p in st.peers if p in st.membership.voters]
                 if not voters:
                     raise ProposalRefused("no other voter to hand leadership to")
-                target = max(voters, key=lambda p: (st.peers[p].match, p))
+                target = max(
+                    voters, key=lambda p: (st.peers[p].recent_active, st.peers[p].match, p)
+                )
             raft.transfer_leadership(target)
             return target
 
         target = await self.call(go)
-        while self.raft is None or self.raft.leader != target:  # noqa: ASYNC110
+        while self.raft is None or self.raft.leader != target:
+            raft = self.raft
+            if raft is not None and raft.role is Role.LEADER and raft.transferee != target:
+                raise ProposalRefused(f"{target} did not take over within an election timeout")
             await trio.sleep(self.settings.raft.heartbeat_interval_ms / 1000)
         return target
 

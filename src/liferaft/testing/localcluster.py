@@ -51,6 +51,7 @@ def write_config(
     snapshot_entries: int = 10000,
     history_revisions: int = 100000,
     join: bool = False,
+    auto_promote: bool = False,
 ) -> Path:
     """A node config file (docs/operations.md, "Configuration"); ``members`` maps id ->
     ports."""
@@ -79,6 +80,7 @@ members = [
 {rows}
 ]
 join = {"true" if join else "false"}
+auto_promote = {"true" if auto_promote else "false"}
 
 [tls]
 ca = "{certs / "ca.pem"}"
@@ -156,6 +158,7 @@ class LocalCluster:
         election_ms: int = 100,
         snapshot_entries: int = 10000,
         kv_history: int = 10_000,
+        auto_promote: bool = False,
     ) -> None:
         self.base = base
         self.certs = certs
@@ -168,6 +171,7 @@ class LocalCluster:
         }
         self.timing = (heartbeat_ms, election_ms, snapshot_entries)
         self.kv_history = kv_history
+        self.auto_promote = auto_promote
         self.joiners: set[str] = set()
         self.nodes: dict[str, Node] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
@@ -186,6 +190,7 @@ class LocalCluster:
             snapshot_entries=self.timing[2],
             history_revisions=self.kv_history,
             join=node_id in self.joiners,
+            auto_promote=self.auto_promote,
         )
         return load(path)
 

@@ -61,6 +61,7 @@ def process_cluster(
     heartbeat_ms: int = 50,
     election_ms: int = 300,
     snapshot_entries: int = 10000,
+    auto_promote: bool = False,
 ) -> ProcessCluster:
     """Config files (and, unless ``certs`` is given, certificates) under ``base``."""
     if certs is None:
@@ -78,7 +79,39 @@ def process_cluster(
             heartbeat_ms=heartbeat_ms,
             election_ms=election_ms,
             snapshot_entries=snapshot_entries,
+            auto_promote=auto_promote,
         )
         for i in ids
     }
     return ProcessCluster(ids, certs, members, configs)
+
+
+def add_joiner(
+    pc: ProcessCluster,
+    base: Path,
+    node_id: str,
+    *,
+    heartbeat_ms: int = 50,
+    election_ms: int = 300,
+    snapshot_entries: int = 10000,
+    auto_promote: bool = False,
+) -> tuple[str, str]:
+    """Ports and a config file with ``join = true`` for a node to add to ``pc`` while it
+    runs (``pc.command(node_id)`` starts it, empty); returns the peer and client
+    addresses to give ``member add``."""
+    peer, client, metrics = free_ports(3)
+    pc.members[node_id] = (peer, client, metrics)
+    pc.ids.append(node_id)
+    pc.configs[node_id] = write_config(
+        base / f"{node_id}.toml",
+        node_id,
+        pc.members,
+        pc.certs,
+        base / "data" / node_id,
+        heartbeat_ms=heartbeat_ms,
+        election_ms=election_ms,
+        snapshot_entries=snapshot_entries,
+        join=True,
+        auto_promote=auto_promote,
+    )
+    return f"127.0.0.1:{peer}", f"127.0.0.1:{client}"
