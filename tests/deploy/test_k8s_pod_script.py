@@ -137,19 +137,15 @@ def test_the_config_for_an_ordinal_loads(
 def test_auto_promote_is_written_when_asked(
     secrets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With LIFERAFT_AUTO_PROMOTE=true the config says so; a liferaft whose loader does
-    not know the key yet refuses it by name (so the manifests keep it false until then)."""
+    """With LIFERAFT_AUTO_PROMOTE=true the node's config turns the leader's automatic
+    promotion of caught-up learners on."""
     env = pod_env("liferaft-3", secrets, tmp_path, LIFERAFT_AUTO_PROMOTE="true")
     e = read_env(monkeypatch, env)
     pod.copy_certs(e)
     path = e.etc / "node.toml"
     path.write_text(pod.render_config(e, join=True))
     assert "auto_promote = true" in path.read_text()
-    if "auto_promote" in config._SECTIONS["cluster"]:
-        assert config.load(path).cluster.auto_promote is True  # type: ignore[attr-defined]
-    else:
-        with pytest.raises(config.ConfigError, match=r"cluster\.auto_promote"):
-            config.load(path)
+    assert config.load(path).cluster.auto_promote is True
 
 
 def test_a_pod_without_a_certificate_in_the_secret_is_told_so(
