@@ -115,6 +115,27 @@ class MemberError(LiferaftError):
     code = "member_error"
 
 
+class NotFound(LiferaftError):
+    """The lease named does not exist: never granted, revoked, or expired (a lease op, or
+    a put with that lease). Not retried: the lease and its keys are gone."""
+
+    code = "not_found"
+
+
+class LeaseLost(LiferaftError):
+    """The client's own verdict that a lease it was keeping alive is gone: the cluster
+    said ``not_found``, or no renewal was confirmed within its TTL (so it may have
+    expired). Whatever the lease guarded (a lock, a leadership) must be taken as lost:
+    another holder may already have it. ``lease`` is the lease's id."""
+
+    code = "lease_lost"
+
+    @property
+    def lease(self) -> int | None:
+        value = self.details.get("lease")
+        return value if type(value) is int else None
+
+
 class NoSpace(LiferaftError):
     """The leader's disk is nearly full: it refuses writes that would grow the store
     (puts, transactions with puts) until space returns; reads, deletes and compaction
@@ -140,6 +161,7 @@ _BY_CODE: dict[str, type[LiferaftError]] = {
         Unavailable,
         Compacted,
         MemberError,
+        NotFound,
         NoSpace,
         InternalError,
     )

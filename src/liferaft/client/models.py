@@ -24,6 +24,8 @@ from typing import Any, Literal
 from liferaft.client.errors import InternalError, InvalidRequest
 
 MAX_KEY_BYTES = 4096
+MAX_LEASE_TTL = 86400  # seconds: a lease's TTL is 1..86400 (docs/client-protocol.md)
+MAX_UINT = 2**63 - 1  # the largest integer field the protocol takes
 
 CompareTarget = Literal["value", "version", "create_revision", "mod_revision"]
 CompareResult = Literal["==", "!=", "<", ">"]
@@ -87,6 +89,28 @@ class TxnResult:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A lease the cluster granted: its ``id`` and its ``ttl`` in seconds. Keys put with
+    the lease are deleted when it expires (no keepalive reached the leader for ``ttl``)
+    or is revoked."""
+
+    id: int
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseTTL:
+    """What the cluster says of a lease: ``ttl``, the seconds it has left; ``granted_ttl``,
+    the TTL it was granted with; ``keys``, the keys attached to it when they were asked
+    for (else None)."""
+
+    id: int
+    ttl: int
+    granted_ttl: int
+    keys: list[str] | None = None
+
+
 # ---------------------------------------------------------------- transaction builders
 
 
@@ -96,9 +120,12 @@ def compare(key: str, target: CompareTarget, result: CompareResult, value: Any) 
     return {"key": key, "target": target, "result": result, "value": value}
 
 
-def op_put(key: str, value: bytes | str) -> dict[str, Any]:
-    """A put inside a transaction."""
-    return {"op": "put", "key": key, "value": value}
+def op_put(key: str, value: bytes | str, *, lease: int | None = None) -> dict[str, Any]:
+    """A put inside a transaction; with ``lease``, the key goes when that lease does."""
+    op: dict[str, Any] = {"op": "put", "key": key, "value": value}
+    if lease is not None:
+        op["lease"] = lease
+    return op
 
 
 def op_get(key: str) -> dict[str, Any]:
@@ -166,6 +193,20 @@ def check_revision(revision: object) -> int:
     return revision
 
 
+def check_lease_id(lease: object) -> int:
+    """A lease id: an int 1..2**63-1 (0 is no lease), else InvalidRequest."""
+    if type(lease) is not int or not 1 <= lease <= MAX_UINT:
+        raise InvalidRequest(f"a lease id is an int 1..{MAX_UINT}, not {lease!r:.40}")
+    return lease
+
+
+def check_ttl(ttl: object) -> int:
+    """A lease TTL in whole seconds, 1..86400, else InvalidRequest."""
+    if type(ttl) is not int or not 1 <= ttl <= MAX_LEASE_TTL:
+        raise InvalidRequest(f"a lease TTL is whole seconds 1..{MAX_LEASE_TTL}, not {ttl!r:.40}")
+    return ttl
+
+
 def compare_to_wire(c: Mapping[str, Any]) -> dict[str, Any]:
     """A compare checked and normalised for the wire (``str`` values become bytes)."""
     if not isinstance(c, Mapping):
@@ -193,7 +234,14 @@ def txn_op_to_wire(op: Mapping[str, Any]) -> dict[str, Any]:
     if name not in _TXN_OPS:
         raise InvalidRequest(f"a txn op's op must be one of {', '.join(_TXN_OPS)}")
     if name == "put":
-        return {"op": "put", "key": check_key(op.get("key")), "value": to_bytes(op.get("value"))}
+        put: dict[str, Any] = {
+            "op": "put",
+            "key": check_key(op.get("key")),
+            "value": to_bytes(op.get("value")),
+        }
+        if op.get("lease") is not None:
+            put["lease"] = check_lease_id(op["lease"])
+        return put
     if name == "get":
         return {"op": "get", "key": check_key(op.get("key"))}
     if name == "delete":
