@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -24,14 +24,19 @@ import trio
 
 from liferaft.client import backup, put_many
 from liferaft.client.connection import ConnectionLost, Dial, tls_dialer
-from liferaft.client.errors import InternalError, InvalidRequest, error_from_wire
+from liferaft.client.errors import InternalError, InvalidRequest, NotFound, error_from_wire
+from liferaft.client.leases import KeepAlive
 from liferaft.client.models import (
     KeyValue,
+    Lease,
+    LeaseTTL,
     TxnResult,
     check_key,
+    check_lease_id,
     check_limit,
     check_prefix,
     check_revision,
+    check_ttl,
     compare_to_wire,
     kv_from_wire,
     ops_to_wire,
@@ -231,12 +236,19 @@ class Client:
 
     # ---------------------------------------------------------------- key-value
 
-    async def put(self, key: str, value: bytes | str) -> int:
+    async def put(self, key: str, value: bytes | str, *, lease: int | None = None) -> int:
         """Set ``key`` to ``value`` (``str`` is stored as UTF-8); the revision it made.
+        With ``lease`` (an id from :meth:`lease_grant`) the key is deleted when that
+        lease expires or is revoked; an unknown or expired lease raises NotFound.
 
         Retried, with the same session and seq, until it succeeds or ``timeout`` passes.
         """
-        resp = await self._write("put", key=check_key(key), value=to_bytes(value))
+        if lease is None:
+            resp = await self._write("put", key=check_key(key), value=to_bytes(value))
+        else:
+            resp = await self._write(
+                "put", key=check_key(key), value=to_bytes(value), lease=check_lease_id(lease)
+            )
         return uint_from_wire(resp, "revision")
 
     async def put_many(self, items: Sequence[tuple[str, bytes | str]]) -> list[int]:
@@ -388,6 +400,92 @@ class Client:
         if type(start_revision) is not int or start_revision < 0:
             raise InvalidRequest("start_revision must be an int >= 0")
         return Watch(self._retrier, selector, start_revision)
+
+    # ---------------------------------------------------------------- leases
+
+    async def lease_grant(self, ttl: int, *, lease: int | None = None) -> Lease:
+        """A new lease of ``ttl`` seconds (1..86400), with the id ``lease`` if given (else
+        the cluster picks one). It expires unless kept alive (:meth:`keep_alive`).
+        A write: retried with its session and seq, so a retry never grants twice."""
+        fields: dict[str, Any] = {"ttl": check_ttl(ttl)}
+        if lease is not None:
+            fields["lease"] = check_lease_id(lease)
+        resp = await self._write("lease_grant", **fields)
+        return Lease(uint_from_wire(resp, "lease"), uint_from_wire(resp, "ttl"))
+
+    async def lease_keepalive_once(self, lease: int) -> int:
+        """Renew ``lease`` once; the seconds it has left. NotFound if it is gone. For
+        renewing as long as needed, use :meth:`keep_alive`."""
+        return await self._lease_keepalive(check_lease_id(lease))
+
+    async def _lease_keepalive(self, lease: int, *, deadline: float | None = None) -> int:
+        # Not a logged write (the leader renews in memory): retried freely.
+        resp = await self._retrier.request(
+            {"op": "lease_keepalive", "lease": lease}, deadline=deadline
+        )
+        ttl = uint_from_wire(resp, "ttl")
+        if ttl <= 0:  # what etcd answers for a lease it no longer has
+            raise NotFound(f"lease {lease:x} has expired")
+        return ttl
+
+    async def lease_revoke(self, lease: int) -> int:
+        """Revoke ``lease``: its keys are deleted, at the revision returned (with delete
+        events). NotFound if it is already gone."""
+        resp = await self._write("lease_revoke", lease=check_lease_id(lease))
+        return uint_from_wire(resp, "revision")
+
+    async def lease_ttl(self, lease: int, *, keys: bool = False) -> LeaseTTL:
+        """What the cluster says of ``lease``: seconds left, granted TTL and, with
+        ``keys=True``, its keys. NotFound if it is gone."""
+        fields: dict[str, Any] = {"op": "lease_ttl", "lease": check_lease_id(lease)}
+        if keys:
+            fields["keys"] = True
+        resp = await self._retrier.request(fields)
+        ttl = resp.get("ttl")
+        if type(ttl) is not int:
+            raise InternalError("lease_ttl response without an integer ttl")
+        key_list = resp.get("keys") if keys else None
+        if keys and not (isinstance(key_list, list) and all(isinstance(k, str) for k in key_list)):
+            raise InternalError("lease_ttl response without a keys list")
+        return LeaseTTL(lease, ttl, uint_from_wire(resp, "granted_ttl"), key_list)
+
+    async def lease_list(self) -> list[int]:
+        """The ids of every lease the cluster holds."""
+        leases = (await self._retrier.request({"op": "lease_list"})).get("leases")
+        if not isinstance(leases, list) or not all(type(x) is int for x in leases):
+            raise InternalError("lease_list response without a list of ids")
+        return list(leases)
+
+    def keep_alive(
+        self, *leases: Lease | int, fraction: float = 1 / 3, cancel_on_loss: bool = True
+    ) -> KeepAlive:
+        """Keep ``leases`` alive while a block runs, renewing each at ``fraction`` of its
+        TTL, the renewals due together in one message::
+
+            lease = await client.lease_grant(10)
+            await client.put("service/me", "10.0.0.5:80", lease=lease.id)
+            async with client.keep_alive(lease) as ka:
+                await serve()   # cancelled, and LeaseLost raised, if the lease is lost
+
+        A lease is lost when the cluster says it is gone or when no renewal was
+        confirmed within its TTL (the cluster may have expired it); ``ka.lost`` is then
+        set. With ``cancel_on_loss=False`` the block is not cancelled. Leaving the block
+        stops renewing (the leases then expire, unless revoked). See
+        :class:`~liferaft.client.leases.KeepAlive`.
+        """
+        return KeepAlive(self, leases, fraction=fraction, cancel_on_loss=cancel_on_loss)
+
+    async def _spawn(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``fn`` among the client's background tasks (it must catch its errors)."""
+        await self._pool.spawn(fn)
+
+    async def _range_at(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """Every key under ``prefix`` and the revision they were read at."""
+        resp = await self._retrier.request({"op": "range", "prefix": check_prefix(prefix)})
+        kvs = resp.get("kvs")
+        if not isinstance(kvs, list):
+            raise InternalError("range response without a kvs list")
+        return [kv_from_wire(kv) for kv in kvs], uint_from_wire(resp, "revision")
 
     # ---------------------------------------------------------------- cluster
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import ssl
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -87,6 +88,16 @@ class ConnectionPool:
 
         trio.lowlevel.spawn_system_task(host, name=f"liferaft.client {self.endpoints[0].url}")
         await ready.wait()
+
+    async def spawn(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``fn`` in the background, alongside the connections, until it returns or
+        the pool closes; it must catch its own errors (one would close the client)."""
+        if self._nursery is None:
+            raise RuntimeError("the client is not started: use Client.connect or open_client")
+        if self.closed:
+            raise trio.ClosedResourceError("the client is closed")
+        self._nursery.start_soon(fn)
+        await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         """Close the connections (in-flight requests fail) and stop; safe to call twice."""
