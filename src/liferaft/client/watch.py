@@ -39,6 +39,12 @@ class Watch:
         """The revision a resubscription would start from (0 until one is known)."""
         return self._next_revision
 
+    def peek(self) -> WatchEvent | None:
+        """The next event if it has arrived already, without taking it. The events of
+        one revision arrive together, so this tells whether more of the revision just
+        delivered are still to come (to act on a revision as a whole)."""
+        return self._buffer[0] if self._buffer else None
+
     async def __aenter__(self) -> Watch:
         if self._stream is None:
             await self._subscribe()

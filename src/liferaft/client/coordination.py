@@ -1,0 +1,427 @@
+"""Locks and elections on leases, with only the public protocol (docs/coordination.md).
+
+Both follow etcd's recipe. A contender grants itself a lease and puts the key
+``<prefix><name>/<lease id in hex>`` with that lease, in a txn that creates it only if
+absent. Contenders are ordered by their key's ``create_revision``: the lowest holds the
+lock (or leads). A waiter watches only the key just before its own (its predecessor),
+for a delete, then looks again: one release wakes one waiter, not all of them. The
+holder's ``create_revision`` is its **fencing token**: every later holder's is higher,
+so a resource that remembers the highest token it saw can refuse a holder that lost the
+lock without knowing it (paused past its TTL, say).
+
+If the holder dies, its lease expires and its key goes with it; the next waiter takes
+over within the TTL (plus an election timeout if the cluster's leader changes too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import trio
+
+from liferaft.client.errors import (
+    Compacted,
+    InvalidRequest,
+    LeaseLost,
+    LiferaftError,
+    NotFound,
+)
+from liferaft.client.leases import KeepAlive
+from liferaft.client.models import (
+    KeyValue,
+    Lease,
+    check_key,
+    compare,
+    op_get,
+    op_put,
+    op_range,
+    to_bytes,
+)
+
+if TYPE_CHECKING:
+    from liferaft.client.client import Client
+
+LOCK_PREFIX = "_liferaft/lock/"
+ELECTION_PREFIX = "_liferaft/elect/"
+DEFAULT_TTL = 10  # seconds: how long a dead holder keeps others waiting
+
+
+class LockLost(LeaseLost):
+    """The lease behind a held lock is lost: another holder may have the lock now."""
+
+
+class NotElected(LiferaftError):
+    """An election call that needs leadership (proclaim) made without it, or after it
+    was lost (the key is gone or another contender's)."""
+
+    code = "not_elected"
+
+
+def _children(kvs: list[KeyValue], pfx: str) -> list[KeyValue]:
+    # Only the keys right under the prefix: "a/" must not count the contenders of "a/b".
+    return [kv for kv in kvs if kv.key.startswith(pfx) and "/" not in kv.key[len(pfx) :]]
+
+
+def first_created(kvs: list[KeyValue], pfx: str) -> KeyValue | None:
+    """The contender that holds the lock or leads: the lowest create_revision."""
+    return min(_children(kvs, pfx), key=lambda kv: kv.create_revision, default=None)
+
+
+class _Contender:
+    """The recipe shared by Lock and Election: a key with our lease, and the wait for
+    every key created before it to go."""
+
+    def __init__(self, client: Client, name: str, *, ttl: int, prefix: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("a name is a non-empty str")
+        self._client = client
+        self.name = name
+        self.ttl = ttl
+        self.prefix = prefix + name + "/"
+        check_key(self.prefix + "f" * 16)
+        self.lease: Lease | None = None
+        self.key: str | None = None
+        self.create_revision = 0  # of our key, once created
+        self.keeper: KeepAlive | None = None
+        self.watches = 0  # watches opened while waiting (one per predecessor)
+        self.watching: str | None = None  # the predecessor's key, while waiting
+        self._body: AbstractContextManager[None] | None = None
+
+    @property
+    def lost(self) -> trio.Event:
+        """Set when the lease behind our key is lost (so is the lock or leadership)."""
+        if self.keeper is None:
+            raise RuntimeError("not contending yet")
+        return self.keeper.lost
+
+    async def _start_lease(self) -> None:
+        if self.lease is not None:
+            return
+        client = self._client
+        granted_at = trio.current_time()  # before the grant: the deadline errs early
+        self.lease = await client.lease_grant(self.ttl)
+        self.keeper = KeepAlive(client, cancel_on_loss=False)
+        self.keeper.add(self.lease, renewed_at=granted_at)
+        await self.keeper.start()
+
+    async def _create(self, value: bytes) -> tuple[bool, list[KeyValue], int]:
+        """Create our key if absent: (whether we created it, the contenders, the
+        revision they were read at)."""
+        assert self.lease is not None
+        key = self.key = f"{self.prefix}{self.lease.id:x}"
+        r = await self._client.txn(
+            [compare(key, "create_revision", "==", 0)],
+            [op_put(key, value, lease=self.lease.id), op_range(self.prefix)],
+            [op_get(key), op_range(self.prefix)],
+        )
+        if r.succeeded:
+            self.create_revision = r.revision
+        else:  # already ours (the same lease contending again): keep its place
+            kv = r.results[0].get("kv")
+            if not isinstance(kv, KeyValue):
+                raise NotFound(f"{key} vanished while being created")
+            self.create_revision = kv.create_revision
+        return r.succeeded, list(r.results[1].get("kvs", [])), r.revision
+
+    async def _wait_turn(self, kvs: list[KeyValue], revision: int) -> None:
+        """Return once no key under the prefix was created before ours."""
+        while True:
+            mine = [kv for kv in _children(kvs, self.prefix) if kv.key == self.key]
+            if not mine:
+                lease = self.lease.id if self.lease is not None else None
+                raise LeaseLost(
+                    f"{self.key} is gone: its lease expired or was revoked", lease=lease
+                )
+            earlier = [
+                kv
+                for kv in _children(kvs, self.prefix)
+                if kv.create_revision < self.create_revision
+            ]
+            if not earlier:
+                return
+            pred = max(earlier, key=lambda kv: kv.create_revision)
+            self.watches += 1
+            self.watching = pred.key
+            try:
+                async with self._client.watch(pred.key, start_revision=revision + 1) as events:
+                    async for ev in events:
+                        if ev.type == "delete":
+                            break
+            except Compacted:
+                pass  # look again from now
+            finally:
+                self.watching = None
+            kvs, revision = await self._client._range_at(self.prefix)
+
+    async def _contend(self, value: bytes) -> None:
+        """Grant the lease, create the key and wait for our turn, cancelled (with
+        LeaseLost) if the lease is lost meanwhile; on any failure, leave."""
+        try:
+            await self._start_lease()
+            assert self.keeper is not None
+            with self.keeper.guard():
+                created, kvs, revision = await self._create(value)
+                if not created:
+                    await self._proclaim_own(value)
+                await self._wait_turn(kvs, revision)
+        except BaseException:
+            await self._leave()
+            raise
+
+    async def _proclaim_own(self, value: bytes) -> None:
+        """Set our key's value, if the key is still the one we created."""
+        assert self.key is not None and self.lease is not None
+        r = await self._client.txn(
+            [compare(self.key, "create_revision", "==", self.create_revision)],
+            [op_put(self.key, value, lease=self.lease.id)],
+        )
+        if not r.succeeded:
+            raise NotElected(f"{self.key} is no longer ours (its lease expired?)")
+
+    async def _leave(self) -> None:
+        """Stop renewing and revoke the lease (which deletes our key), bounded and
+        shielded; a failure leaves the lease to expire by its TTL."""
+        keeper, lease = self.keeper, self.lease
+        self.keeper = None
+        self.lease = None
+        if keeper is not None:
+            keeper.stop()
+        if lease is not None:
+            # gone already, or the cluster cannot say: then the TTL frees it
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self._client._retrier.timeout),
+                contextlib.suppress(LiferaftError, trio.ClosedResourceError),
+            ):
+                await self._client.lease_revoke(lease.id)
+        self.key = None
+        self.create_revision = 0
+
+    def _enter_guard(self) -> None:
+        assert self.keeper is not None
+        self._body = self.keeper.guard()
+        self._body.__enter__()
+
+    def _exit_guard(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        body, self._body = self._body, None
+        return bool(body.__exit__(exc_type, exc, tb)) if body is not None else False
+
+
+class Lock(_Contender):
+    """A cluster-wide lock that frees itself when its holder dies::
+
+        async with Lock(client, "jobs/nightly", ttl=10) as lock:
+            await storage.write(data, fencing_token=lock.token)
+
+    Entering waits for the lock (cancel it to give up: ``trio.move_on_after``); leaving
+    releases it. The block is cancelled, and :class:`LockLost` raised, if the lock's
+    lease is lost while it runs (it may then already be someone else's). ``token`` is
+    the fencing token: higher for every later holder. The key is
+    ``_liferaft/lock/<name>/<lease hex>`` (``prefix`` changes the first part).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        *,
+        ttl: int = DEFAULT_TTL,
+        prefix: str = LOCK_PREFIX,
+        value: bytes | str = b"",
+    ) -> None:
+        super().__init__(client, name, ttl=ttl, prefix=prefix)
+        self._value = to_bytes(value)
+        self.held = False
+
+    @property
+    def token(self) -> int:
+        """The fencing token: the create_revision of our key (held locks only)."""
+        if not self.held:
+            raise RuntimeError("the lock is not held")
+        return self.create_revision
+
+    async def acquire(self) -> int:
+        """Wait until the lock is ours; its fencing token. Raises LockLost if its lease
+        is lost while waiting. Without ``async with`` nothing cancels the caller when
+        the lease is lost later: watch ``lost``."""
+        if self.held or self.lease is not None:
+            raise RuntimeError("this Lock is held or being acquired already")
+        try:
+            await self._contend(self._value)
+        except LeaseLost as exc:
+            raise LockLost(f"lock {self.name!r}: {exc.message}", **exc.details) from None
+        self.held = True
+        return self.create_revision
+
+    async def release(self) -> None:
+        """Release the lock (revoke its lease, which deletes its key)."""
+        self.held = False
+        await self._leave()
+
+    async def __aenter__(self) -> Lock:
+        await self.acquire()
+        self._enter_guard()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            return self._exit_guard(exc_type, exc, tb)
+        except LeaseLost as lost:
+            raise LockLost(f"lock {self.name!r}: {lost.message}", **lost.details) from None
+        finally:
+            await self.release()
+
+
+class Election(_Contender):
+    """A leader election among the replicas of a service::
+
+        election = Election(client, "billing", ttl=10)
+        async with election:                     # leaving resigns
+            await election.campaign(b"10.0.0.5:80")   # waits until elected
+            await serve_as_leader()              # cancelled if leadership is lost
+
+    Observers follow the leader without campaigning::
+
+        async with election.observe() as leaders:
+            async for kv in leaders:
+                print("leader:", kv.value)
+
+    The leader is the contender whose key ``_liferaft/elect/<name>/<lease hex>`` has the
+    lowest create_revision; its value is what it campaigned with or last proclaimed.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        *,
+        ttl: int = DEFAULT_TTL,
+        prefix: str = ELECTION_PREFIX,
+    ) -> None:
+        super().__init__(client, name, ttl=ttl, prefix=prefix)
+        self.leading = False
+
+    async def campaign(self, value: bytes | str) -> None:
+        """Stand with ``value``; return once elected. Raises LeaseLost if the lease is
+        lost while waiting. Cancel it to stop standing (then call :meth:`resign`)."""
+        if self.leading:
+            raise RuntimeError("already leading: proclaim a new value instead")
+        await self._contend(to_bytes(value))
+        self.leading = True
+
+    async def proclaim(self, value: bytes | str) -> None:
+        """Change the leader's value (observers see it); NotElected unless leading."""
+        if not self.leading or self.key is None:
+            raise NotElected(f"not the leader of {self.name!r}")
+        await self._proclaim_own(to_bytes(value))
+
+    async def resign(self) -> None:
+        """Stop leading (or standing): the next contender takes over at once."""
+        self.leading = False
+        await self._leave()
+
+    async def leader(self) -> KeyValue | None:
+        """The current leader's key and value; None when nobody leads."""
+        kvs, _ = await self._client._range_at(self.prefix)
+        return first_created(kvs, self.prefix)
+
+    def observe(self) -> LeaderWatch:
+        """The leader now (if any) and each new leader or value after it; see
+        :class:`LeaderWatch`."""
+        return LeaderWatch(self._client, self.prefix)
+
+    async def __aenter__(self) -> Election:
+        await self._start_lease()
+        self._enter_guard()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            return self._exit_guard(exc_type, exc, tb)
+        finally:
+            await self.resign()
+
+
+class LeaderWatch:
+    """An async iterator of the leaders of one election, as :class:`KeyValue`: the one
+    at the start (if any), then each change of leader or of its value, in the order the
+    cluster made them. Between two it yields nothing when nobody leads. A context
+    manager that stops watching on exit."""
+
+    def __init__(self, client: Client, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._gen: AsyncGenerator[KeyValue, None] | None = None
+
+    async def __aenter__(self) -> LeaderWatch:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> LeaderWatch:
+        return self
+
+    async def __anext__(self) -> KeyValue:
+        if self._gen is None:
+            self._gen = self._leaders()
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        gen, self._gen = self._gen, None
+        if gen is not None:
+            await gen.aclose()
+
+    async def _leaders(self) -> AsyncGenerator[KeyValue, None]:
+        pfx = self._prefix
+        kvs, revision = await self._client._range_at(pfx)
+        keys = {kv.key: kv for kv in _children(kvs, pfx)}
+        shown: KeyValue | None = None
+        while True:
+            now = first_created(list(keys.values()), pfx)
+            if now is not None and now != shown:
+                shown = now
+                yield now
+            try:
+                async with self._client.watch(prefix=pfx, start_revision=revision + 1) as events:
+                    async for ev in events:
+                        revision = max(revision, ev.kv.mod_revision)
+                        if ev.type == "delete":
+                            keys.pop(ev.kv.key, None)
+                        elif "/" not in ev.kv.key[len(pfx) :]:
+                            keys[ev.kv.key] = ev.kv
+                        following = events.peek()
+                        if following is not None and following.kv.mod_revision == revision:
+                            continue  # judge a revision once all its events are in
+                        now = first_created(list(keys.values()), pfx)
+                        if now is not None and now != shown:
+                            shown = now
+                            yield now
+                return  # the watch ended (closed)
+            except Compacted:
+                kvs, revision = await self._client._range_at(pfx)
+                keys = {kv.key: kv for kv in _children(kvs, pfx)}
