@@ -39,6 +39,12 @@ For scripts without Trio, :class:`SyncClient` has the same methods and blocks::
         c.put("k", "v")
         print(c.get("k").text)
 
+Coordination (docs/coordination.md): leases (``lease_grant``, ``keep_alive``, ``put(...,
+lease=...)``), :class:`Lock` with fencing tokens and :class:`Election`::
+
+    async with Lock(client, "jobs/nightly", ttl=10) as lock:
+        await write_somewhere(fencing_token=lock.token)
+
 Errors are typed (:class:`LiferaftError` and one subclass per error code of the protocol):
 ``Unauthenticated`` for a refused token, ``PermissionDenied``, ``Unavailable`` when no
 quorum or no endpoint answered within the call's ``timeout``, ``Compacted``, and so on.
@@ -47,14 +53,25 @@ quorum or no endpoint answered within the call's ``timeout``, ``Compacted``, and
 from __future__ import annotations
 
 from liferaft.client.client import DEFAULT_ENDPOINT, Client, open_client
+from liferaft.client.coordination import (
+    ELECTION_PREFIX,
+    LOCK_PREFIX,
+    Election,
+    LeaderWatch,
+    Lock,
+    LockLost,
+    NotElected,
+)
 from liferaft.client.errors import (
     Compacted,
     ConnectionFailed,
     InternalError,
     InvalidRequest,
+    LeaseLost,
     LiferaftError,
     MemberError,
     NoSpace,
+    NotFound,
     NotLeader,
     PermissionDenied,
     TLSError,
@@ -63,8 +80,11 @@ from liferaft.client.errors import (
     Unavailable,
     error_from_wire,
 )
+from liferaft.client.leases import KeepAlive
 from liferaft.client.models import (
     KeyValue,
+    Lease,
+    LeaseTTL,
     TxnResult,
     WatchEvent,
     compare,
@@ -73,23 +93,44 @@ from liferaft.client.models import (
     op_put,
     op_range,
 )
-from liferaft.client.sync import SyncClient, SyncWatch
+from liferaft.client.sync import (
+    SyncClient,
+    SyncElection,
+    SyncKeepAlive,
+    SyncLock,
+    SyncWatch,
+)
 from liferaft.client.watch import Watch
 
 __all__ = [
     "DEFAULT_ENDPOINT",
+    "ELECTION_PREFIX",
+    "LOCK_PREFIX",
     "Client",
     "Compacted",
     "ConnectionFailed",
+    "Election",
     "InternalError",
     "InvalidRequest",
+    "KeepAlive",
     "KeyValue",
+    "LeaderWatch",
+    "Lease",
+    "LeaseLost",
+    "LeaseTTL",
     "LiferaftError",
+    "Lock",
+    "LockLost",
     "MemberError",
     "NoSpace",
+    "NotElected",
+    "NotFound",
     "NotLeader",
     "PermissionDenied",
     "SyncClient",
+    "SyncElection",
+    "SyncKeepAlive",
+    "SyncLock",
     "SyncWatch",
     "TLSError",
     "TooLarge",

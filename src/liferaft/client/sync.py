@@ -30,7 +30,17 @@ from typing import Any, TypeVar
 import trio
 
 from liferaft.client.client import DEFAULT_MAX_MESSAGE_BYTES, Client
-from liferaft.client.models import KeyValue, TxnResult, WatchEvent
+from liferaft.client.coordination import (
+    DEFAULT_TTL,
+    ELECTION_PREFIX,
+    LOCK_PREFIX,
+    Election,
+    Lock,
+    LockLost,
+)
+from liferaft.client.errors import LeaseLost
+from liferaft.client.leases import KeepAlive
+from liferaft.client.models import KeyValue, Lease, LeaseTTL, TxnResult, WatchEvent
 from liferaft.client.watch import Watch
 from liferaft.client.wire import MAX_BATCH
 
@@ -133,9 +143,9 @@ class SyncClient:
 
     # ---------------------------------------------------------------- the methods
 
-    def put(self, key: str, value: bytes | str) -> int:
+    def put(self, key: str, value: bytes | str, *, lease: int | None = None) -> int:
         """See :meth:`Client.put`."""
-        return self._run(self.client.put, key, value)
+        return self._run(self.client.put, key, value, lease=lease)
 
     def put_many(self, items: Sequence[tuple[str, bytes | str]]) -> list[int]:
         """See :meth:`Client.put_many`."""
@@ -215,6 +225,220 @@ class SyncClient:
     def refresh(self, token: str) -> None:
         """See :meth:`Client.refresh`."""
         self._run(self.client.refresh, token)
+
+    # ---------------------------------------------------------------- leases, locks
+
+    def lease_grant(self, ttl: int, *, lease: int | None = None) -> Lease:
+        """See :meth:`Client.lease_grant`."""
+        return self._run(self.client.lease_grant, ttl, lease=lease)
+
+    def lease_keepalive_once(self, lease: int) -> int:
+        """See :meth:`Client.lease_keepalive_once`."""
+        return self._run(self.client.lease_keepalive_once, lease)
+
+    def lease_revoke(self, lease: int) -> int:
+        """See :meth:`Client.lease_revoke`."""
+        return self._run(self.client.lease_revoke, lease)
+
+    def lease_ttl(self, lease: int, *, keys: bool = False) -> LeaseTTL:
+        """See :meth:`Client.lease_ttl`."""
+        return self._run(self.client.lease_ttl, lease, keys=keys)
+
+    def lease_list(self) -> list[int]:
+        """See :meth:`Client.lease_list`."""
+        return self._run(self.client.lease_list)
+
+    def keep_alive(self, *leases: Lease | int, fraction: float = 1 / 3) -> SyncKeepAlive:
+        """Keep ``leases`` alive while a ``with`` block runs (see :meth:`Client.keep_alive`).
+        A thread cannot be cancelled: check ``lost`` (a ``threading.Event``); leaving
+        the block raises LeaseLost if a lease was lost meanwhile."""
+        keeper = self._run(_call_soon, KeepAlive, self.client, leases, fraction=fraction)
+        return SyncKeepAlive(self, keeper)
+
+    def lock(
+        self,
+        name: str,
+        *,
+        ttl: int = DEFAULT_TTL,
+        prefix: str = LOCK_PREFIX,
+        value: bytes | str = b"",
+    ) -> SyncLock:
+        """A cluster-wide lock (see :class:`Lock`) for ``with``::
+
+            with c.lock("jobs/nightly", ttl=10) as lock:
+                write(data, fencing_token=lock.token)
+
+        Entering blocks until the lock is held. A thread cannot be cancelled when the
+        lock's lease is lost: ``lock.lost`` (a ``threading.Event``) is set, and leaving
+        the block raises LockLost, since the work it did may have overlapped another
+        holder's (hence the fencing token)."""
+        return SyncLock(self, Lock(self.client, name, ttl=ttl, prefix=prefix, value=value))
+
+    def election(
+        self, name: str, *, ttl: int = DEFAULT_TTL, prefix: str = ELECTION_PREFIX
+    ) -> SyncElection:
+        """An election (see :class:`Election`): ``campaign``, ``proclaim``, ``resign``,
+        ``leader``, ``observe``; as a ``with`` block it resigns on exit."""
+        return SyncElection(self, Election(self.client, name, ttl=ttl, prefix=prefix))
+
+
+class _LossFlag:
+    """A ``threading.Event`` set from the Trio thread when a lease is lost."""
+
+    def __init__(self) -> None:
+        self.lost = threading.Event()
+        self.error: LeaseLost | None = None
+
+    def __call__(self, error: LeaseLost) -> None:
+        if self.error is None:
+            self.error = error
+        self.lost.set()
+
+
+class SyncKeepAlive:
+    """Leases kept alive by the background loop while a ``with`` block runs."""
+
+    def __init__(self, owner: SyncClient, keeper: KeepAlive) -> None:
+        self._owner = owner
+        self.keeper = keeper
+        self._flag = _LossFlag()
+        owner._run(_call_soon, keeper.on_lost, self._flag)
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set when a lease is lost."""
+        return self._flag.lost
+
+    @property
+    def error(self) -> LeaseLost | None:
+        return self._flag.error
+
+    def __enter__(self) -> SyncKeepAlive:
+        self._owner._run(self.keeper.start)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._owner._run(_call_soon, self.keeper.stop)
+        if exc is None and self._flag.error is not None:
+            raise LeaseLost(self._flag.error.message, **self._flag.error.details)
+
+
+class SyncLock:
+    """A held lock in a ``with`` block (from :meth:`SyncClient.lock`)."""
+
+    def __init__(self, owner: SyncClient, lock: Lock) -> None:
+        self._owner = owner
+        self.lock = lock
+        self._flag = _LossFlag()
+
+    @property
+    def token(self) -> int:
+        """The fencing token (see :attr:`Lock.token`)."""
+        return self.lock.token
+
+    @property
+    def key(self) -> str | None:
+        return self.lock.key
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set when the lock's lease is lost: the lock may be someone else's now."""
+        return self._flag.lost
+
+    def acquire(self) -> int:
+        """Block until the lock is held; the fencing token."""
+        token = self._owner._run(self.lock.acquire)
+        assert self.lock.keeper is not None
+        self._owner._run(_call_soon, self.lock.keeper.on_lost, self._flag)
+        return token
+
+    def release(self) -> None:
+        """Release the lock."""
+        self._owner._run(self.lock.release)
+
+    def __enter__(self) -> SyncLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+        if exc is None and self._flag.error is not None:
+            raise LockLost(f"lock {self.lock.name!r}: {self._flag.error.message}")
+
+
+class SyncElection:
+    """An election for threads (from :meth:`SyncClient.election`)."""
+
+    def __init__(self, owner: SyncClient, election: Election) -> None:
+        self._owner = owner
+        self.election = election
+        self._flag = _LossFlag()
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set when the lease behind our candidacy or leadership is lost."""
+        return self._flag.lost
+
+    @property
+    def leading(self) -> bool:
+        return self.election.leading
+
+    def campaign(self, value: bytes | str) -> None:
+        """Block until elected (see :meth:`Election.campaign`)."""
+        self._owner._run(self.election.campaign, value)
+        assert self.election.keeper is not None
+        self._owner._run(_call_soon, self.election.keeper.on_lost, self._flag)
+
+    def proclaim(self, value: bytes | str) -> None:
+        """See :meth:`Election.proclaim`."""
+        self._owner._run(self.election.proclaim, value)
+
+    def resign(self) -> None:
+        """See :meth:`Election.resign`."""
+        self._owner._run(self.election.resign)
+
+    def leader(self) -> KeyValue | None:
+        """See :meth:`Election.leader`."""
+        return self._owner._run(self.election.leader)
+
+    def observe(self) -> Iterator[KeyValue]:
+        """The leaders as they change (see :meth:`Election.observe`); blocks between."""
+        watch = self.election.observe()
+        try:
+            while True:
+                try:
+                    yield self._owner._run(watch.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._owner._closed:
+                self._owner._run(watch.aclose)
+
+    def __enter__(self) -> SyncElection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.resign()
+
+
+async def _call_soon(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a plain function on the client's loop (the objects it touches live there)."""
+    return fn(*args, **kwargs)
 
 
 class SyncWatch:
