@@ -8,6 +8,11 @@ knobs a test turns: answer ``not_leader`` (with or without a ``leader_endpoint``
 order one message each. Every received WebSocket message is recorded, decoded, so tests
 can assert batching.
 
+Leases: granted, renewed, revoked and listed like the real ones, with keys put under a
+lease; they never expire by themselves: a test expires one with ``Store.expire`` (its
+keys go at one revision, with delete events, as a leader's expiry would). Every
+keepalive is recorded with the (possibly mock) time it arrived.
+
 It is not the server: no Raft, no JWT (the token is compared as a string), no limits.
 """
 
@@ -30,7 +35,10 @@ from liferaft.security.certs import generate
 from liferaft.security.tls import client_server_context
 
 TOKEN = "good-token"
-WRITES = frozenset({"put", "delete", "txn"})
+WRITES = frozenset({"put", "delete", "txn", "lease_grant", "lease_revoke"})
+# what only the leader answers (a node with redirect_to set sends these there)
+LEADER_OPS = WRITES | {"lease_keepalive", "lease_ttl", "lease_list"}
+FIRST_LEASE = 0x7E57_0001
 
 
 @asynccontextmanager
@@ -68,11 +76,56 @@ class Store:
         self.members: list[dict[str, Any]] = []
         self.watchers: list[_Watcher] = []
         self.leader_id = "n1"
+        self.leases: dict[int, _Lease] = {}
+        self.next_lease = FIRST_LEASE
+        self.keepalives: list[tuple[float, int]] = []  # (time, lease) of each renewal
+        self.event_pushes = 0  # watch event messages sent, to every watcher
+        self._changed = trio.Event()
+
+    def changed(self) -> None:
+        """Wake the tests waiting in :meth:`until`."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def until(self, predicate: Any) -> None:
+        """Wait until ``predicate()`` holds; checked after every request handled."""
+        while not predicate():
+            await self._changed.wait()
+
+    def expire(self, lease_id: int) -> int:
+        """Expire a lease as the leader would: its keys deleted at one revision, with
+        delete events; the revision (unchanged if it had no keys)."""
+        lease = self.leases.pop(lease_id)
+        events: list[dict[str, Any]] = []
+        rev = self.revision + 1
+        for key in sorted(lease.keys):
+            self._delete({"key": key}, rev, events)
+        self._commit(rev, events)
+        self.changed()
+        return self.revision
+
+    def _check_lease(self, lease_id: object) -> None:
+        if lease_id is not None and lease_id not in self.leases:
+            raise _Refused("not_found", f"lease {lease_id!r} not found")
+
+    def _attach(self, key: str, lease_id: int | None) -> None:
+        for lease in self.leases.values():
+            lease.keys.discard(key)
+        if lease_id is not None:
+            self.leases[lease_id].keys.add(key)
 
     def kv(self, key: str) -> dict[str, Any] | None:
         return self.data.get(key)
 
-    def _put(self, key: str, value: bytes, rev: int, events: list[dict[str, Any]]) -> None:
+    def _put(
+        self,
+        key: str,
+        value: bytes,
+        rev: int,
+        events: list[dict[str, Any]],
+        lease: int | None = None,
+    ) -> None:
+        self._attach(key, lease)
         old = self.data.get(key)
         kv = {
             "key": key,
@@ -90,6 +143,7 @@ class Store:
         else:
             keys = sorted(k for k in self.data if k.startswith(req["prefix"]))
         for k in keys:
+            self._attach(k, None)
             old = self.data.pop(k)
             events.append(
                 {
@@ -129,21 +183,43 @@ class Store:
         sid = (req.get("session"), req.get("seq"))
         if isinstance(sid[0], bytes) and isinstance(sid[1], int) and sid in self.sessions:
             return self.sessions[sid]  # type: ignore[index]
+        op = req["op"]
+        # refusals first: a refused write applies nothing
+        if op == "put":
+            self._check_lease(req.get("lease"))
+        elif op == "txn":
+            succeeded = all(self._holds(c) for c in req["compare"])
+            for sub in req["success"] if succeeded else req["failure"]:
+                if sub["op"] == "put":
+                    self._check_lease(sub.get("lease"))
+        elif op == "lease_revoke":
+            self._check_lease(req["lease"])
+        elif op == "lease_grant" and req.get("lease") in self.leases:
+            raise _Refused("invalid_request", f"lease {req['lease']} exists")
         self.applied.append(req)
         rev = self.revision + 1
         events: list[dict[str, Any]] = []
-        op = req["op"]
         if op == "put":
-            self._put(req["key"], req["value"], rev, events)
+            self._put(req["key"], req["value"], rev, events, req.get("lease"))
             result: dict[str, Any] = {}
         elif op == "delete":
             result = {"deleted": self._delete(req, rev, events)}
+        elif op == "lease_grant":
+            lease_id = req.get("lease")
+            if lease_id is None:
+                lease_id = self.next_lease
+                self.next_lease += 1
+            self.leases[lease_id] = _Lease(req["ttl"])
+            result = {"lease": lease_id, "ttl": req["ttl"]}
+        elif op == "lease_revoke":
+            for key in sorted(self.leases.pop(req["lease"]).keys):
+                self._delete({"key": key}, rev, events)
+            result = {}
         else:
-            succeeded = all(self._holds(c) for c in req["compare"])
             results = []
             for sub in req["success"] if succeeded else req["failure"]:
                 if sub["op"] == "put":
-                    self._put(sub["key"], sub["value"], rev, events)
+                    self._put(sub["key"], sub["value"], rev, events, sub.get("lease"))
                     results.append({"revision": rev})
                 elif sub["op"] == "delete":
                     results.append({"deleted": self._delete(sub, rev, events)})
@@ -152,18 +228,29 @@ class Store:
                 else:
                     results.append(self._range(sub))
             result = {"succeeded": succeeded, "results": results}
+        self._commit(rev, events)
+        result["revision"] = self.revision
+        if isinstance(sid[0], bytes) and isinstance(sid[1], int):
+            self.sessions[sid] = result  # type: ignore[index]
+        return result
+
+    def _commit(self, rev: int, events: list[dict[str, Any]]) -> None:
         if events:
             self.revision = rev
-        result["revision"] = self.revision
         for ev in events:
             self.history.append({**ev, "revision": rev})
         for w in list(self.watchers):
             mine = [e for e in events if w.matches(e["kv"]["key"])]
             if mine:
                 w.conn.push({"watch_id": w.watch_id, "events": mine, "revision": rev})
-        if isinstance(sid[0], bytes) and isinstance(sid[1], int):
-            self.sessions[sid] = result  # type: ignore[index]
-        return result
+                self.event_pushes += 1
+
+
+@dataclass
+class _Lease:
+    ttl: int  # as granted
+    keys: set[str] = field(default_factory=set)
+    left: int | None = None  # what lease_ttl answers (None: ttl)
 
 
 @dataclass
@@ -183,9 +270,15 @@ class _Conn:
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self.ws = ws
         self.send, self.receive = trio.open_memory_channel[object](math.inf)
+        # While a message of this connection is handled, its watch events wait here:
+        # a watch made by that message must be answered before its first event.
+        self.deferred: list[object] | None = None
 
     def push(self, msg: object) -> None:
-        self.send.send_nowait(msg)
+        if self.deferred is not None:
+            self.deferred.append(msg)
+        else:
+            self.send.send_nowait(msg)
 
     async def writer(self) -> None:
         async for msg in self.receive:
@@ -277,6 +370,7 @@ class FakeServer:
                 self.messages.append(msg)
                 self.arrivals += [trio.current_time()] * (len(msg) if isinstance(msg, list) else 1)
                 responses = []
+                conn.deferred = []
                 for req in msg if isinstance(msg, list) else [msg]:
                     if req["op"] in WRITES:
                         self.seqs.append((req["seq"], self.write_answers))
@@ -291,6 +385,9 @@ class FakeServer:
                     resp = self._answer(conn, req, fault)
                     responses.append(resp)
                     self.write_answers += req["op"] in WRITES
+                    self.store.changed()
+                live = conn.deferred
+                conn.deferred = None
                 if self.reverse:
                     for resp in reversed(responses):
                         conn.push(resp)
@@ -299,6 +396,8 @@ class FakeServer:
                 for resp in responses:  # replays of watches with a start_revision
                     for event_msg in resp.pop("_after", []):
                         conn.push(event_msg)
+                for event_msg in live:  # what writes of this message made
+                    conn.push(event_msg)
         except trio_websocket.ConnectionClosed:
             return
 
@@ -325,7 +424,7 @@ class FakeServer:
             extra = {k: v for k, v in fault.args.items() if k != "code"}
             return _error(rid, code, f"injected {code}", **extra)
         op = req["op"]
-        if op in WRITES and self.redirect_to is not None:
+        if op in LEADER_OPS and self.redirect_to is not None:
             return _error(rid, "not_leader", "not the leader", leader_endpoint=self.redirect_to)
         if op in WRITES and self.forbidden and str(req.get("key", "")).startswith(self.forbidden):
             return _error(rid, "permission_denied", f"the token does not cover {req['key']!r}")
@@ -360,6 +459,22 @@ class FakeServer:
                     for e in old
                 ]
             return result
+        if op == "lease_keepalive":
+            st._check_lease(req["lease"])
+            st.keepalives.append((trio.current_time(), req["lease"]))
+            return {"ttl": st.leases[req["lease"]].ttl}
+        if op == "lease_ttl":
+            st._check_lease(req["lease"])
+            lease = st.leases[req["lease"]]
+            out: dict[str, Any] = {
+                "ttl": lease.ttl if lease.left is None else lease.left,
+                "granted_ttl": lease.ttl,
+            }
+            if req.get("keys"):
+                out["keys"] = sorted(lease.keys)
+            return out
+        if op == "lease_list":
+            return {"leases": sorted(st.leases)}
         if op == "unwatch":
             st.watchers = [
                 w for w in st.watchers if not (w.conn is conn and w.watch_id == req["watch_id"])
