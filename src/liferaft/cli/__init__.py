@@ -21,6 +21,7 @@ from liferaft.cli.client_cmds import (
     txn,
     watch,
 )
+from liferaft.cli.coord_cmds import elect, lease, lock
 from liferaft.cli.node import node
 from liferaft.cli.sim import sim
 from liferaft.cli.snapshot import recover_cmd, snapshot
@@ -47,6 +48,9 @@ cli.add_command(compact)
 cli.add_command(status)
 cli.add_command(member)
 cli.add_command(transfer_leader)
+cli.add_command(lease)
+cli.add_command(lock)
+cli.add_command(elect)
 cli.add_command(bench)
 cli.add_command(snapshot)
 cli.add_command(recover_cmd)

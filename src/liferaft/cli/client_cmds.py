@@ -285,14 +285,32 @@ def human_bytes(n: object) -> str:
     type=click.File("rb"),
     help="Read the value's bytes from this file ('-' for stdin) instead of VALUE.",
 )
+@click.option(
+    "--lease",
+    "lease_hex",
+    metavar="ID",
+    help="Attach the key to this lease (hex id): it is deleted when the lease goes.",
+)
 @client_options
-def put(key: str, value: str | None, value_file: IO[bytes] | None, **common: Any) -> None:
+def put(
+    key: str,
+    value: str | None,
+    value_file: IO[bytes] | None,
+    lease_hex: str | None,
+    **common: Any,
+) -> None:
     """Set KEY to VALUE (stored as UTF-8), or to the bytes of --value-file."""
     s = settings(**common)
     if (value is None) == (value_file is None):
         raise click.UsageError("give VALUE or --value-file (one of them)")
+    lease = None
+    if lease_hex is not None:
+        try:
+            lease = int(lease_hex.strip().lower().removeprefix("0x"), 16)
+        except ValueError:
+            raise click.BadParameter("not a lease id (hexadecimal)", param_hint="--lease") from None
     data = value_file.read() if value_file is not None else (value or "").encode("utf-8")
-    revision = run_client(s, lambda c: c.put(key, data))
+    revision = run_client(s, lambda c: c.put(key, data, lease=lease))
     if s.json:
         print_json({"revision": revision})
     else:
