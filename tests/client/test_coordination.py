@@ -291,3 +291,22 @@ async def test_crashed_leader_is_replaced(cluster: FakeCluster, certs: Path) -> 
             assert (await seen.receive()).value == b"b"
             assert second.leading
             nursery.cancel_scope.cancel()
+
+
+async def test_sync_election(cluster: FakeCluster, certs: Path) -> None:
+    def work() -> list[bytes]:
+        with SyncClient(cluster.urls[:1], token=TOKEN, cacert=certs / "ca.pem") as c:
+            observed = c.election("sync").observe()
+            with c.election("sync", ttl=5) as first:
+                assert first.leader() is None
+                first.campaign("a")
+                assert first.leading and not first.lost.is_set()
+                first.proclaim("b")
+                leader = first.leader()
+                assert leader is not None and leader.value == b"b"
+                seen = [next(observed).value]
+            assert c.election("sync").leader() is None  # resigned on leaving
+            observed.close()
+            return seen
+
+    assert await trio.to_thread.run_sync(work) == [b"b"]

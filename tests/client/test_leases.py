@@ -264,6 +264,31 @@ async def test_keep_alive_follows_the_leader(
     assert renewals == pytest.approx([2, 4, 6, 8, 10, 12])
 
 
+async def test_keep_alive_survives_a_dropped_connection(cluster: FakeCluster, certs: Path) -> None:
+    """The node drops the connection as a renewal arrives (a crash, say): the renewal
+    is retried on a new connection and the lease is never reported lost."""
+    n1 = cluster["n1"]
+    renewed = trio.Event()
+    count = 0
+
+    def on_renewed(lease_id: int, ttl: int) -> None:
+        nonlocal count
+        count += 1
+        if count == 4:
+            renewed.set()
+
+    async with opened(cluster, certs) as c:
+        lease = await c.lease_grant(1)
+        n1.inject("drop", op="lease_keepalive")
+        ka = c.keep_alive(lease)
+        ka.on_renewed(on_renewed)
+        with trio.fail_after(HANG):
+            async with ka:
+                await renewed.wait()
+        assert not ka.lost.is_set()
+    assert n1.accepted == 2
+
+
 async def test_lost_lease_cancels_the_block(
     cluster: FakeCluster, certs: Path, mock_clock: MockClock
 ) -> None:
