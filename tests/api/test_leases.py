@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 from test_protocol import HANG, cluster, connect, leader_index
 
-from liferaft.testing.localcluster import LocalCluster
+from liferaft.testing.localcluster import LocalCluster, wait_until
 
 
 async def test_keys_go_with_an_expired_lease_at_one_revision_never_before_its_ttl(
@@ -147,3 +147,47 @@ async def test_a_new_leader_restarts_the_countdown_and_never_expires_a_lease_ear
                 while (await r.call(op="get", key="k"))["kv"] is not None:  # noqa: ASYNC110 - polling the cluster
                     await trio.sleep(0.05)
         assert trio.current_time() >= written + 2
+
+
+async def test_leases_survive_a_restart_of_every_node_and_a_snapshot_install(
+    tmp_path: Path, certs: Path
+) -> None:
+    """Leases are state: a whole-cluster restart keeps them (and their keys), a follower
+    that catches up from a snapshot file holds them too, and they still expire."""
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"], snapshot_entries=50)
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            await c.wait_leader()
+            lead = await leader_index(c)
+            lagging = c.ids[(lead + 1) % 3]
+            stopped = c.nodes[lagging]
+            c.crash(lagging)
+            await stopped.stopped.wait()
+            async with connect(c, c.token(), lead) as r:
+                lease = (await r.call(op="lease_grant", ttl=3))["lease"]
+                await r.call(op="put", key="held", value=b"1", lease=lease)
+                for i in range(120):  # compactions: the lagging node needs a snapshot
+                    await r.call(op="put", key=f"filler{i}", value=b"x")
+            for node_id in list(c.nodes):
+                node = c.nodes[node_id]
+                c.crash(node_id)
+                await node.stopped.wait()
+            for node_id in c.ids:
+                await c.start_node(node_id)
+            await c.wait_leader()
+            node = c.nodes[lagging]
+            async with connect(c, c.token(), await leader_index(c)) as r:
+                ttl = await r.call(op="lease_ttl", lease=lease, keys=True)
+                assert ttl["ok"] and ttl["keys"] == ["held"], ttl
+            await LocalCluster.wait_leader(c)
+            leader_node = c.nodes[c.ids[await leader_index(c)]]
+            await wait_until(lambda: node.applied >= leader_node.applied)
+            assert leader_node.sender is not None and leader_node.sender.sent >= 1  # a file
+            assert node.kv.db.lease_keys(lease) == ["held"]
+            # No keepalive since the grant: it expires (the new leader's countdown).
+            async with connect(c, c.token(), await leader_index(c)) as r:
+                while (await r.call(op="get", key="held"))["kv"] is not None:  # noqa: ASYNC110 - polling the cluster
+                    await trio.sleep(0.1)
+            await wait_until(lambda: node.kv.db.lease(lease) is None)
+        nursery.cancel_scope.cancel()
