@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import ssl
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,8 +27,6 @@ from liferaft.security.certs import (
 )
 from liferaft.security.tls import NodeTls, TlsMaterialError, load_node_tls
 from liferaft.security.tokens import TokenError, TokenVerifier, mint
-
-NOW = datetime.now(UTC)
 
 
 def load(path: Path) -> x509.Certificate:
@@ -69,8 +68,12 @@ def d(tmp_path: Path) -> Path:
     return d
 
 
-def node_tls(d: Path, node: str = "n1", now: datetime | None = NOW) -> NodeTls:
-    return load_node_tls(d / "ca.pem", d / f"{node}.pem", d / f"{node}-key.pem", node, now=now)
+def node_tls(d: Path, node: str = "n1", now: datetime | None = None) -> NodeTls:
+    """Load with the reload checks, validity at ``now`` (default: the moment of the call,
+    not of the module's import: the suite runs for minutes, certificates are made during
+    it)."""
+    at = now if now is not None else datetime.now(UTC)
+    return load_node_tls(d / "ca.pem", d / f"{node}.pem", d / f"{node}-key.pem", node, now=at)
 
 
 # ------------------------------------------------------------------ checking on reload
@@ -101,14 +104,16 @@ def test_a_key_that_is_not_the_certificates_is_refused(d: Path) -> None:
 
 def test_a_certificate_for_another_node_is_refused(d: Path) -> None:
     with pytest.raises(TlsMaterialError, match=r"names .*n2.*not this node n1"):
-        load_node_tls(d / "ca.pem", d / "n2.pem", d / "n2-key.pem", "n1", now=NOW)
+        load_node_tls(d / "ca.pem", d / "n2.pem", d / "n2-key.pem", "n1", now=datetime.now(UTC))
 
 
 def test_a_certificate_from_another_ca_is_refused(d: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     generate(other, ["n1"])
     with pytest.raises(TlsMaterialError, match="not signed by a CA in"):
-        load_node_tls(d / "ca.pem", other / "n1.pem", other / "n1-key.pem", "n1", now=NOW)
+        load_node_tls(
+            d / "ca.pem", other / "n1.pem", other / "n1-key.pem", "n1", now=datetime.now(UTC)
+        )
 
 
 def test_a_ca_file_with_two_cas_accepts_certificates_of_either(d: Path, tmp_path: Path) -> None:
@@ -118,7 +123,9 @@ def test_a_ca_file_with_two_cas_accepts_certificates_of_either(d: Path, tmp_path
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes((d / "ca.pem").read_bytes() + (other / "ca.pem").read_bytes())
     for directory in (d, other):
-        load_node_tls(bundle, directory / "n1.pem", directory / "n1-key.pem", "n1", now=NOW)
+        load_node_tls(
+            bundle, directory / "n1.pem", directory / "n1-key.pem", "n1", now=datetime.now(UTC)
+        )
 
 
 def test_an_expired_or_not_yet_valid_certificate_is_refused(d: Path) -> None:
@@ -201,24 +208,22 @@ def test_renew_refuses_what_it_cannot_do_before_writing(d: Path) -> None:
 
 def test_token_key_rotation_overlaps_then_ends(d: Path) -> None:
     old_private = (d / "jwt-private.pem").read_bytes()
-    old_token = mint(old_private, sub="a", roles=["read"], now=NOW.timestamp())
+    old_token = mint(old_private, sub="a", roles=["read"], now=time.time())
     written = new_jwt_key(d)
     assert [p.name for p in written] == ["jwt-public.pem", "jwt-private.pem"]
     assert (d / "jwt-private.pem").stat().st_mode & 0o777 == 0o600
-    new_token = mint(
-        (d / "jwt-private.pem").read_bytes(), sub="b", roles=["read"], now=NOW.timestamp()
-    )
+    new_token = mint((d / "jwt-private.pem").read_bytes(), sub="b", roles=["read"], now=time.time())
     both = TokenVerifier.from_files([d / "jwt-public.pem"])
     assert len(both.keys) == 2
-    assert both.verify(old_token, now=NOW.timestamp()).sub == "a"
-    assert both.verify(new_token, now=NOW.timestamp()).sub == "b"
+    assert both.verify(old_token, now=time.time()).sub == "a"
+    assert both.verify(new_token, now=time.time()).sub == "b"
     generate(d, ["n1", "n2"])  # the directory is still consistent for generate
     assert [p.name for p in drop_old_jwt_keys(d)] == ["jwt-public.pem"]
     assert drop_old_jwt_keys(d) == []
     only_new = TokenVerifier.from_files([d / "jwt-public.pem"])
-    assert only_new.verify(new_token, now=NOW.timestamp()).sub == "b"
+    assert only_new.verify(new_token, now=time.time()).sub == "b"
     with pytest.raises(TokenError) as refused:
-        only_new.verify(old_token, now=NOW.timestamp())
+        only_new.verify(old_token, now=time.time())
     assert refused.value.reason == "bad_signature"
 
 
@@ -335,13 +340,15 @@ def test_during_a_ca_change_old_and_new_certificates_meet(d: Path, tmp_path: Pat
     generate(new, ["n1", "n2"])
     bundle = tmp_path / "ca-bundle.pem"
     bundle.write_bytes((d / "ca.pem").read_bytes() + (new / "ca.pem").read_bytes())
-    n1 = load_node_tls(bundle, new / "n1.pem", new / "n1-key.pem", "n1", now=NOW)
-    n2 = load_node_tls(bundle, d / "n2.pem", d / "n2-key.pem", "n2", now=NOW)
+    n1 = load_node_tls(bundle, new / "n1.pem", new / "n1-key.pem", "n1", now=datetime.now(UTC))
+    n2 = load_node_tls(bundle, d / "n2.pem", d / "n2-key.pem", "n2", now=datetime.now(UTC))
     assert x509.load_der_x509_certificate(
         server_certificate(n2.peer_client, n1.peer_server, "n1")
     ) == load(new / "n1.pem")
     server_certificate(n1.peer_client, n2.peer_server, "n2")
     # after step 4 (the new CA alone) the old certificate is refused
-    n1_after = load_node_tls(new / "ca.pem", new / "n1.pem", new / "n1-key.pem", "n1", now=NOW)
+    n1_after = load_node_tls(
+        new / "ca.pem", new / "n1.pem", new / "n1-key.pem", "n1", now=datetime.now(UTC)
+    )
     with pytest.raises(ssl.SSLError):
         server_certificate(n1_after.peer_client, n2.peer_server, "n2")

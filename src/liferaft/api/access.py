@@ -1,7 +1,7 @@
 """Who may do what: the role each op needs and the keys a request touches.
 
 Roles (docs/security.md, "What a token can do"): ``read`` = get, range, watch, status;
-``write`` = read + put, delete, txn; ``admin`` = everything (membership, leader transfer,
+``write`` = read + put, delete, txn, leases; ``admin`` = everything (membership, leader transfer,
 compaction, backups). A token's ``prefixes`` (absent: all keys) must cover every key and prefix a
 request touches, txn compares and nested ops included.
 """
@@ -29,6 +29,11 @@ OP_ROLE: dict[str, Role] = {
     "member_remove": Role.ADMIN,
     "transfer_leader": Role.ADMIN,
     "compact": Role.ADMIN,
+    "lease_grant": Role.WRITE,
+    "lease_revoke": Role.WRITE,
+    "lease_keepalive": Role.WRITE,
+    "lease_ttl": Role.WRITE,
+    "lease_list": Role.WRITE,
     "snapshot": Role.ADMIN,  # a backup holds every key: admin only
     "snapshot_chunk": Role.ADMIN,
 }

@@ -308,6 +308,12 @@ class Connection:
             return handlers.status(node)
         if op == "transfer_leader":
             return await handlers.transfer_leader(node, req)
+        if op == "lease_keepalive":
+            return await handlers.lease_keepalive(node, req)
+        if op == "lease_ttl":
+            return await handlers.lease_ttl(node, req)
+        if op == "lease_list":
+            return await handlers.lease_list(node)
         if op == "snapshot":
             return await self._backup.begin()
         if op == "snapshot_chunk":

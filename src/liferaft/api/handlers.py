@@ -12,6 +12,7 @@ from liferaft.api.errors import ApiError, invalid, unavailable
 from liferaft.core import ConfChange, ConfChangeType, NotLeader, ProposalRefused, Role
 from liferaft.kv.state import FutureRevision, StateDB
 from liferaft.kv.watch import Compacted
+from liferaft.node.lessor import LeaseNotFound
 from liferaft.node.waiters import NodeStopped, ProposalDropped, ReadFailed
 
 if TYPE_CHECKING:
@@ -223,3 +224,53 @@ async def transfer_leader(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     except trio.TooSlowError:
         raise unavailable("leadership did not move in time") from None
     return {"leader_id": leader}
+
+
+# ---------------------------------------------------------------- leases
+
+
+async def lease_keepalive(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+    """Renew a lease at the leader, once a read index confirmed that it leads (a deposed
+    leader must not renew what the new one will expire)."""
+    lease = req["lease"]
+    try:
+        _leader_only(node)
+        await confirm_read(node)
+        return {"ttl": await node.lessor.keepalive(lease)}
+    except LeaseNotFound:
+        raise ApiError("not_found", f"lease {lease} not found (expired or revoked)") from None
+    except NotLeader as exc:
+        raise not_leader(node, exc.leader) from None
+    except trio.TooSlowError:
+        raise unavailable("the leader is still taking over its leases") from None
+
+
+async def lease_ttl(node: Node, req: dict[str, Any]) -> dict[str, Any]:
+    """The TTL a lease has left, by the leader's clock (and its keys if asked)."""
+    lease = req["lease"]
+    try:
+        _leader_only(node)
+        await confirm_read(node)
+        left, granted = await node.lessor.time_to_live(lease)
+    except LeaseNotFound:
+        raise ApiError("not_found", f"lease {lease} not found (expired or revoked)") from None
+    except NotLeader as exc:
+        raise not_leader(node, exc.leader) from None
+    except trio.TooSlowError:
+        raise unavailable("the leader is still taking over its leases") from None
+    out: dict[str, Any] = {"ttl": left, "granted_ttl": granted}
+    if req.get("keys"):
+        out["keys"] = await node.kv.read(lambda db: db.lease_keys(lease))
+    return out
+
+
+async def lease_list(node: Node) -> dict[str, Any]:
+    await confirm_read(node)
+    leases = await node.kv.read(lambda db: db.leases())
+    return {"leases": [lease for lease, _ttl, _left in leases]}
+
+
+def _leader_only(node: Node) -> None:
+    raft = node.raft
+    if raft is None or raft.role is not Role.LEADER:
+        raise NotLeader(raft.leader if raft is not None else None)

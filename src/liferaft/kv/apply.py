@@ -27,6 +27,7 @@ from liferaft.crashpoint import crashpoint
 from liferaft.kv.commands import (
     INVALID_REQUEST,
     MAX_BATCH_COMMANDS,
+    TOO_LARGE,
     CommandError,
     check_command,
     decode_entry,
@@ -39,6 +40,9 @@ Result = dict[str, Any]
 
 NORMAL = 0  # liferaft.core.EntryKind.NORMAL: kv stays importable without the core
 COMPACT_STEP = 4096  # revisions of history physically compacted per batch, at least
+MAX_LEASES = 10_000  # leases in the store at once
+MAX_KEYS_PER_LEASE = 10_000
+NOT_FOUND = "not_found"
 
 # An event as a row of the events table: (key, rev, create_rev, version, value), value
 # None for a delete. Maps (``liferaft.kv.watch``) are made only for those who watch.
@@ -66,6 +70,9 @@ class Applied:
 
     results: list[Result | list[Result] | None] = field(default_factory=list)
     rows: list[EventRow] = field(default_factory=list)
+    # leases granted (id, ttl ms) or gone (id, None), in order: the leader's lessor
+    # follows them (node/lessor.py)
+    leases: list[tuple[int, int | None]] = field(default_factory=list)
 
     @property
     def events(self) -> list[list[Event]]:
@@ -110,6 +117,13 @@ class Applier:
         self._put_kv: list[tuple[str, int, int, int]] = []  # buffered puts (_flush_puts)
         self._put_rows: list[EventRow] = []
         self._known: dict[str, tuple[int, int] | None] = {}
+        self._leases: list[tuple[int, int | None]] = []  # this run's lease changes
+        # Whether any key may hold a lease: plain puts then detach their keys (a put
+        # without a lease takes the key off its lease, as in etcd); never cleared.
+        # (fetchall: a statement left unfinished would hold a read transaction open)
+        self._maybe_leased = (
+            writer.execute("SELECT EXISTS (SELECT 1 FROM lease_keys)").fetchall()[0][0] == 1
+        )
 
     def apply(self, entries: Sequence[EntryLike]) -> Applied:
         """Apply a run of committed entries in one transaction; see the module doc.
@@ -134,6 +148,7 @@ class Applier:
                 out = Applied([None] * len(entries))
                 w.execute("BEGIN IMMEDIATE")
                 self._apply_run(todo, out, offset, guarded=True)
+            out.leases, self._leases = self._leases, []
             self._sessions.flush()
             # at least as many revisions as this run wrote (an entry may hold many)
             self._compact_some(max(len(todo), self.revision - before[1]))
@@ -179,6 +194,7 @@ class Applier:
         self._put_kv = []
         self._put_rows = []
         self._known.clear()
+        self._leases = []
 
     def _apply_run(
         self, todo: Sequence[EntryLike], out: Applied, offset: int, *, guarded: bool
@@ -215,7 +231,7 @@ class Applier:
         w = self._w
         before = self._mirror()
         self._sessions.flush()  # so a rollback to the savepoint can reload
-        mark = len(rows)
+        mark, lease_mark = len(rows), len(self._leases)
         w.execute("SAVEPOINT cmd")
         try:
             result = self._command(cmd, used, rows)
@@ -224,7 +240,9 @@ class Applier:
             raise
         except Exception as exc:  # every replica fails alike: same answer
             w.execute("ROLLBACK TO cmd")
+            leases = self._leases[:lease_mark]
             self._restore(before)
+            self._leases = leases
             del rows[mark:]
             result = error("internal", f"applying entry {index} failed: {exc!r:.200}")
         w.execute("RELEASE cmd")
@@ -244,11 +262,11 @@ class Applier:
                 return error(INVALID_REQUEST, "sequence number too old")
             if first is not None:
                 return first
-        if cmd["op"] == "put":
+        if cmd["op"] == "put" and "lease" not in cmd:
             result = self._put_buffered(cmd["key"], cmd["value"], rows)
         else:
             self._flush_puts()  # what follows reads the tables
-            result = self._execute(cmd, rows)
+            result = self._execute(cmd, rows, used)
         if session is not None:
             self._sessions.record(session, seq, result, self.log_time_ms, used)
         return result
@@ -300,25 +318,45 @@ class Applier:
             w = self._w
             w.executemany(_SET_KV, self._put_kv)
             w.executemany(_INSERT_EVENT, self._put_rows)
+            if self._maybe_leased:  # a plain put takes its key off any lease
+                keys = [k[0] for k in self._put_kv]
+                for start in range(0, len(keys), 500):
+                    chunk = keys[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    w.execute(f"DELETE FROM lease_keys WHERE key IN ({marks})", chunk)
             self._put_kv = []
             self._put_rows = []
         self._known.clear()
 
-    def _execute(self, cmd: dict[str, Any], rows: list[EventRow]) -> Result:
+    def _execute(self, cmd: dict[str, Any], rows: list[EventRow], used: int) -> Result:
         op = cmd["op"]
         if op == "compact":
             return self._compact_op(cmd["revision"])
+        if op == "lease_grant":
+            return self._lease_grant(cmd, used)
+        if op == "lease_checkpoint":
+            return self._lease_checkpoint(cmd["leases"])
         rev = self.revision + 1  # the revision of this write, if it changes anything
         self._pending = {}
         result: Result
         if op == "put":
-            self._put(cmd["key"], cmd["value"], rev)
+            refused = self._leases_refuse([cmd])
+            if refused is not None:
+                return refused
+            self._put(cmd["key"], cmd["value"], rev, cmd.get("lease"))
             result = {}
         elif op == "delete":
             result = {"deleted": self._delete(cmd, rev)}
+        elif op == "lease_revoke":
+            if not self._revoke(cmd["lease"], rev):
+                return error(NOT_FOUND, f"lease {cmd['lease']} not found")
+            result = {}
         else:
             succeeded = all(self._compare(c) for c in cmd.get("compare", []))
             ops = cmd.get("success" if succeeded else "failure", [])
+            refused = self._leases_refuse(ops)
+            if refused is not None:
+                return refused
             results = [self._txn_op(sub, rev) for sub in ops]
             result = {"succeeded": succeeded, "results": results}
         changed = [self._pending[k] for k in sorted(self._pending)]
@@ -349,10 +387,73 @@ class Applier:
         self.compact_revision = revision
         return {"revision": self.revision}
 
+    # ------------------------------------------------------------ leases
+
+    def _lease_grant(self, cmd: dict[str, Any], used: int) -> Result:
+        """A lease with a chosen id, or one made from the command's place in the log
+        (unique, and the same on every replica)."""
+        lease = cmd.get("lease") or used
+        w = self._w
+        if w.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone():
+            return error(INVALID_REQUEST, f"lease {lease} exists already")
+        (count,) = w.execute("SELECT COUNT(*) FROM leases").fetchone()
+        if count >= MAX_LEASES:
+            return error(TOO_LARGE, f"at most {MAX_LEASES} leases at once")
+        ttl_ms = cmd["ttl"] * 1000
+        w.execute(
+            "INSERT INTO leases (id, ttl_ms, remaining_ms, granted_ms) VALUES (?, ?, ?, ?)",
+            (lease, ttl_ms, ttl_ms, self.log_time_ms),
+        )
+        self._leases.append((lease, ttl_ms))
+        return {"lease": lease, "ttl": cmd["ttl"]}
+
+    def _lease_checkpoint(self, pairs: list[list[int]]) -> Result:
+        """The leader's record of the TTL each lease had left: where a new leader
+        starts counting from."""
+        self._w.executemany(
+            "UPDATE leases SET remaining_ms = MIN(?, ttl_ms) WHERE id = ?",
+            [(remaining, lease) for lease, remaining in pairs],
+        )
+        return {}
+
+    def _leases_refuse(self, ops: list[dict[str, Any]]) -> Result | None:
+        """The error for puts that name a lease that does not exist or holds too many
+        keys (checked before anything is written: a txn applies whole or not at all)."""
+        added: dict[int, set[str]] = {}
+        for sub in ops:
+            if sub.get("op") == "put" and "lease" in sub:
+                added.setdefault(sub["lease"], set()).add(sub["key"])
+        w = self._w
+        for lease, keys in added.items():
+            if not w.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone():
+                return error(NOT_FOUND, f"lease {lease} not found")
+            marks = ",".join("?" * len(keys))
+            (held,) = w.execute(
+                f"SELECT COUNT(*) FROM lease_keys WHERE lease = ? AND key NOT IN ({marks})",
+                (lease, *keys),
+            ).fetchone()
+            if held + len(keys) > MAX_KEYS_PER_LEASE:
+                return error(TOO_LARGE, f"lease {lease} would hold over {MAX_KEYS_PER_LEASE} keys")
+        return None
+
+    def _revoke(self, lease: int, rev: int) -> bool:
+        """Delete the lease and every key it holds (at revision ``rev``)."""
+        w = self._w
+        if not w.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone():
+            return False
+        keys = [
+            r[0]
+            for r in w.execute("SELECT key FROM lease_keys WHERE lease = ? ORDER BY key", (lease,))
+        ]
+        self._delete_keys(keys, rev)
+        w.execute("DELETE FROM leases WHERE id = ?", (lease,))
+        self._leases.append((lease, None))
+        return True
+
     def _txn_op(self, sub: dict[str, Any], rev: int) -> Result:
         op = sub["op"]
         if op == "put":
-            self._put(sub["key"], sub["value"], rev)
+            self._put(sub["key"], sub["value"], rev, sub.get("lease"))
             return {}
         if op == "delete":
             return {"deleted": self._delete(sub, rev)}
@@ -361,12 +462,18 @@ class Applier:
         kvs, more = range_at(self._w, sub["prefix"], sub.get("limit", 0), None, 0)
         return {"kvs": kvs, "more": more}
 
-    def _put(self, key: str, value: bytes, rev: int) -> None:
+    def _put(self, key: str, value: bytes, rev: int, lease: int | None = None) -> None:
+        """A put (its lease, if any, checked by ``_leases_refuse``)."""
         w = self._w
         create, version = w.execute(_UPSERT_KV, (key, rev, rev)).fetchone()
         row = (key, rev, create, version, value)
         w.execute(_INSERT_EVENT, row)
         self._pending[key] = row
+        if lease is not None:
+            w.execute(_SET_LEASE, (key, lease))
+            self._maybe_leased = True
+        elif self._maybe_leased:
+            w.execute("DELETE FROM lease_keys WHERE key = ?", (key,))
 
     def _delete(self, req: dict[str, Any], rev: int) -> int:
         w = self._w
@@ -379,16 +486,24 @@ class Applier:
         else:
             where, params = key_bounds(req["prefix"], None)
             keys = [r[0] for r in w.execute(f"SELECT key FROM kv WHERE {where}", params)]
-        if keys:
-            w.executemany("DELETE FROM kv WHERE key = ?", [(k,) for k in keys])
-            w.executemany(
-                "INSERT OR REPLACE INTO events (key, rev, create_rev, version, value) "
-                "VALUES (?, ?, 0, 0, NULL)",
-                [(k, rev) for k in keys],
-            )
-            for k in keys:
-                self._pending[k] = (k, rev, 0, 0, None)
+        self._delete_keys(keys, rev)
         return len(keys)
+
+    def _delete_keys(self, keys: list[str], rev: int) -> None:
+        """Delete ``keys`` (which exist) at revision ``rev``, off their leases too."""
+        if not keys:
+            return
+        w = self._w
+        w.executemany("DELETE FROM kv WHERE key = ?", [(k,) for k in keys])
+        w.executemany(
+            "INSERT OR REPLACE INTO events (key, rev, create_rev, version, value) "
+            "VALUES (?, ?, 0, 0, NULL)",
+            [(k, rev) for k in keys],
+        )
+        if self._maybe_leased:
+            w.executemany("DELETE FROM lease_keys WHERE key = ?", [(k,) for k in keys])
+        for k in keys:
+            self._pending[k] = (k, rev, 0, 0, None)
 
     def _compare(self, c: dict[str, Any]) -> bool:
         target, op, want = c["target"], c["result"], c["value"]
@@ -441,6 +556,10 @@ class Applier:
 _SET_KV = (
     "INSERT INTO kv (key, mod_rev, create_rev, version) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (key) DO UPDATE SET mod_rev = excluded.mod_rev, version = excluded.version"
+)
+_SET_LEASE = (
+    "INSERT INTO lease_keys (key, lease) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET lease = excluded.lease"
 )
 _INSERT_EVENT = (
     "INSERT OR REPLACE INTO events (key, rev, create_rev, version, value) VALUES (?, ?, ?, ?, ?)"

@@ -52,7 +52,12 @@ COMMAND_MAX_DEPTH = 3
 
 # Requests that go through the log. ``compact`` (admin) changes no key but moves the
 # compaction point on every replica at the same log index.
-WRITE_OPS = frozenset({"put", "delete", "txn", "compact"})
+WRITE_OPS = frozenset({"put", "delete", "txn", "compact", "lease_grant", "lease_revoke"})
+# Commands only a leader proposes (never a client): the lease checkpoints (node/lessor.py).
+INTERNAL_OPS = frozenset({"lease_checkpoint"})
+LEASE_OPS = frozenset({"lease_keepalive", "lease_ttl", "lease_list"})  # not in the log
+MAX_LEASE_TTL_S = 86400
+MAX_CHECKPOINT_LEASES = 1024  # leases in one lease_checkpoint command
 TXN_OPS = frozenset({"put", "get", "delete", "range"})
 COMPARE_TARGETS = frozenset({"value", "version", "create_revision", "mod_revision"})
 COMPARE_RESULTS = frozenset({"==", "!=", "<", ">"})
@@ -181,7 +186,7 @@ def check_command(cmd: object) -> Command:
     if plain_put(cmd, id_field=False):
         return cmd
     try:
-        if cmd.get("op") not in WRITE_OPS:
+        if cmd.get("op") not in WRITE_OPS and cmd.get("op") not in INTERNAL_OPS:
             raise RequestError(INVALID_REQUEST, f"op {cmd.get('op')!r:.40} is not a write")
         validate_request(cmd)
     except RequestError as exc:
@@ -325,7 +330,52 @@ def _bool(value: object, name: str, where: str) -> bool:
 def _check_put(req: dict[str, Any], where: str) -> set[str]:
     _key(_required(req, "key", where), "key", where)
     _bytes(_required(req, "value", where), "value", where)
+    if "lease" in req:  # the key goes when the lease does
+        _lease_id(req["lease"], where)
+        return {"key", "value", "lease"}
     return {"key", "value"}
+
+
+def _lease_id(value: object, where: str) -> int:
+    lease = _uint(value, "lease", where)
+    if lease == 0:
+        _fail(where, "lease", "must be a lease id (not 0)")
+    return lease
+
+
+def _check_lease_grant(req: dict[str, Any], where: str) -> set[str]:
+    ttl = _uint(_required(req, "ttl", where), "ttl", where)
+    if not 1 <= ttl <= MAX_LEASE_TTL_S:
+        _fail(where, "ttl", f"must be 1..{MAX_LEASE_TTL_S} seconds")
+    if "lease" in req:  # a chosen id
+        _lease_id(req["lease"], where)
+        return {"ttl", "lease"}
+    return {"ttl"}
+
+
+def _check_lease(req: dict[str, Any], where: str) -> set[str]:
+    _lease_id(_required(req, "lease", where), where)
+    return {"lease"}
+
+
+def _check_lease_ttl(req: dict[str, Any], where: str) -> set[str]:
+    fields = _check_lease(req, where)
+    if "keys" in req:
+        _bool(req["keys"], "keys", where)
+        fields.add("keys")
+    return fields
+
+
+def _check_lease_checkpoint(req: dict[str, Any], where: str) -> set[str]:
+    leases = _required(req, "leases", where)
+    if type(leases) is not list or len(leases) > MAX_CHECKPOINT_LEASES:
+        _fail(where, "leases", f"must be a list of at most {MAX_CHECKPOINT_LEASES} pairs")
+    for pair in leases:
+        if type(pair) is not list or len(pair) != 2:
+            _fail(where, "leases", "must hold [lease id, remaining ms] pairs")
+        _lease_id(pair[0], where)
+        _uint(pair[1], "leases", where)
+    return {"leases"}
 
 
 def _check_read_options(req: dict[str, Any], where: str, fields: set[str]) -> set[str]:
@@ -513,6 +563,12 @@ _OPS: dict[str, Callable[[dict[str, Any], str], set[str]]] = {
     "unwatch": _check_unwatch,
     "refresh": _check_refresh,
     "status": _check_status,
+    "lease_grant": _check_lease_grant,
+    "lease_revoke": _check_lease,
+    "lease_keepalive": _check_lease,
+    "lease_ttl": _check_lease_ttl,
+    "lease_list": _check_status,  # no fields
+    "lease_checkpoint": _check_lease_checkpoint,
     "snapshot": _check_status,  # no fields
     "snapshot_chunk": _check_snapshot_chunk,
     "member_add": _check_member_add,

@@ -14,6 +14,10 @@ etcd's MVCC model in SQLite:
   exactly-once table (``liferaft.kv.sessions``); ``used`` orders sessions by last use.
 - ``meta(name, value)``: integers, among them ``applied`` (the last log index applied),
   written in the same transaction as the data it covers (etcd's consistent index).
+- ``leases(id, ttl_ms, remaining_ms, granted_ms)`` and ``lease_keys(key, lease)``
+  (schema 2): the leases and the keys each one holds. ``remaining_ms`` is the TTL left
+  at the last checkpoint the leader wrote into the log (the full TTL until then), what a
+  new leader counts down from (node/lessor.py).
 
 The schema version is ``PRAGMA user_version`` and the file is marked as ours with
 ``PRAGMA application_id`` (as in ``raft.db``). Plain SQL, not sqlite-utils: these tables
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4C52534D  # "LRSM": liferaft state machine
 
 META_NAMES = ("applied", "revision", "compact_revision", "compacted_to", "log_time_ms")
@@ -65,13 +69,33 @@ CREATE TABLE meta (
 """
 
 
+_V2 = """
+CREATE TABLE leases (
+    id INTEGER PRIMARY KEY,
+    ttl_ms INTEGER NOT NULL,
+    remaining_ms INTEGER NOT NULL,
+    granted_ms INTEGER NOT NULL
+) STRICT;
+CREATE TABLE lease_keys (
+    key TEXT PRIMARY KEY,
+    lease INTEGER NOT NULL
+) WITHOUT ROWID, STRICT;
+CREATE INDEX lease_keys_by_lease ON lease_keys (lease, key);
+"""
+
+# MIGRATIONS[v] takes a database at version v to v + 1 (inside ensure's transaction).
+MIGRATIONS = (_V1, _V2)
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
 class StateCorrupt(Exception):
     """``state.db`` is damaged or is not a liferaft state database."""
 
 
 def ensure(conn: sqlite3.Connection) -> None:
-    """Create the schema in an empty file; refuse a foreign or newer one. ``conn`` is in
-    autocommit mode with no transaction open."""
+    """Create the schema in an empty file, migrate an older one (one transaction);
+    refuse a foreign or newer one. ``conn`` is in autocommit mode with no transaction
+    open."""
     found = int(conn.execute("PRAGMA user_version").fetchone()[0])
     app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
     tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
@@ -86,10 +110,14 @@ def ensure(conn: sqlite3.Connection) -> None:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for statement in _V1.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        conn.executemany("INSERT INTO meta (name, value) VALUES (?, 0)", [(n,) for n in META_NAMES])
+        for version in range(found, SCHEMA_VERSION):
+            for statement in MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            if version == 0:
+                conn.executemany(
+                    "INSERT INTO meta (name, value) VALUES (?, 0)", [(n,) for n in META_NAMES]
+                )
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID:d}")
         conn.execute("COMMIT")

@@ -289,9 +289,39 @@ class StateDB:
         with self.reader() as conn:
             return int(conn.execute("SELECT COUNT(*) FROM kv").fetchone()[0])
 
+    # ------------------------------------------------------------ leases
+
+    def lease(self, lease: int) -> tuple[int, int] | None:
+        """``(ttl_ms, remaining_ms)`` of a lease (remaining as last checkpointed), or
+        None if there is no such lease."""
+        with self.reader() as conn:
+            row = conn.execute(
+                "SELECT ttl_ms, remaining_ms FROM leases WHERE id = ?", (lease,)
+            ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def leases(self) -> list[tuple[int, int, int]]:
+        """Every lease: ``(id, ttl_ms, remaining_ms)``, by id."""
+        with self.reader() as conn:
+            return [
+                (int(i), int(t), int(r))
+                for i, t, r in conn.execute(
+                    "SELECT id, ttl_ms, remaining_ms FROM leases ORDER BY id"
+                )
+            ]
+
+    def lease_keys(self, lease: int) -> list[str]:
+        with self.reader() as conn:
+            return [
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT key FROM lease_keys WHERE lease = ? ORDER BY key", (lease,)
+                )
+            ]
+
     def digest(self) -> str:
         """A hash of the logical state: applied index, revisions, log time, live keys,
-        the history after the compaction point and the sessions. Two replicas with the
+        the history after the compaction point, the sessions and the leases. Two replicas with the
         same ``applied`` have the same digest. Reads the whole database: for tests and
         checks, not for the hot path."""
         h = hashlib.blake2b(digest_size=16)
@@ -313,6 +343,10 @@ class StateDB:
             ):
                 h.update(repr(row).encode())
             for row in conn.execute("SELECT * FROM sessions ORDER BY id"):
+                h.update(repr(row).encode())
+            for row in conn.execute("SELECT * FROM leases ORDER BY id"):
+                h.update(repr(row).encode())
+            for row in conn.execute("SELECT * FROM lease_keys ORDER BY key"):
                 h.update(repr(row).encode())
             for row in conn.execute(
                 "SELECT r.id, r.seq, r.result FROM session_results r JOIN sessions s "

@@ -107,6 +107,8 @@ class Applier:
         if applied.rows:  # one publication per applied run, revisions in order
             for callback in node.on_events:
                 callback(applied.rows)
+        if applied.leases:
+            node.lessor.applied(applied.leases)
         node.metrics.apply_duration.observe(trio.current_time() - started)
         self._applied_to(state.db.applied)
 
@@ -154,6 +156,7 @@ class Applier:
                 "it may or may not have been applied"
             ),
         )
+        node.lessor.reset()  # the leases are the snapshot's now
         if node.on_restore is not None:
             node.on_restore()
         event(log, "snapshot_installed", index=snap.meta.index, applied=node.kv.db.applied)

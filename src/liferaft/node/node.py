@@ -51,6 +51,7 @@ from liferaft.node.applier import (
     Applier,
 )
 from liferaft.node.inputs import MAX_MERGED_BYTES, MAX_MERGED_COMMANDS, Call, Input, Propose, Writes
+from liferaft.node.lessor import Lessor
 from liferaft.node.loop import MAX_INPUTS_PER_ROUND, CoreLoop
 from liferaft.node.peers import PeerLinks, log_transport_event
 from liferaft.node.promote import AutoPromoter
@@ -179,6 +180,7 @@ class Node:
         self._linked: set[str] = set()  # the peers liferaft_network_peer_connected shows
         self._peers = PeerLinks(self, self._inputs_send)
         self._applier = Applier(self)
+        self.lessor = Lessor(self)  # the leader's lease clock (node/lessor.py)
         self._loop = CoreLoop(
             self,
             inputs=inputs,
@@ -260,6 +262,7 @@ class Node:
                 nursery.start_soon(self._loop.ticker)
                 nursery.start_soon(self._sync_metrics)
                 nursery.start_soon(self._watch_space)
+                nursery.start_soon(self.lessor.run)
                 event(log, "node_started", term=self.raft.term, peer=str(s.peer.listen))
                 task_status.started()
         finally:
