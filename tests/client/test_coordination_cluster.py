@@ -6,6 +6,9 @@ election timeout."""
 from __future__ import annotations
 
 import itertools
+import os
+import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from liferaft.client import (
     LockLost,
     open_client,
 )
-from liferaft.testing.localcluster import LocalCluster
+from liferaft.testing.localcluster import LocalCluster, wait_until
 
 HANG = 120  # a guard against hangs, not a performance claim
 ELECTION_S = 0.1  # LocalCluster's default election timeout
@@ -188,4 +191,46 @@ async def test_crashed_election_leader_is_replaced_within_ttl(tmp_path: Path, ce
                 assert (await seen.receive()).value == b"b"
                 await b.resign()
                 tasks.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_lock_commands_take_turns(tmp_path: Path, certs: Path) -> None:
+    """Two ``liferaft lock NAME -- COMMAND`` processes against a real cluster: the
+    second command starts only after the first one ended, with a higher token."""
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"])
+    release = tmp_path / "release"
+    script = (
+        "import os, sys, time; "
+        "open(sys.argv[1], 'w').write(os.environ['LIFERAFT_LOCK_TOKEN']); "
+        f"[time.sleep(0.01) for _ in iter(lambda: os.path.exists({str(release)!r}), True)]"
+    )
+    env = {
+        **os.environ,
+        "LIFERAFT_ENDPOINTS": ",".join(c.endpoints()),
+        "LIFERAFT_CACERT": str(certs / "ca.pem"),
+        "LIFERAFT_TOKEN": c.token(),
+    }
+
+    def lock_cmd(marker: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "liferaft", "lock", "job", "--ttl", "5", "--"]
+        return [*cmd, sys.executable, "-c", script, str(marker)]
+
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            await c.wait_leader()
+            async with open_client(c.endpoints(), token=c.token(), cacert=certs / "ca.pem") as r:
+                await require_leases(r)
+                first, second = tmp_path / "first", tmp_path / "second"
+                async with trio.open_nursery() as procs:
+                    a = await procs.start(partial(trio.run_process, lock_cmd(first), env=env))
+                    await wait_until(first.exists)
+                    b = await procs.start(partial(trio.run_process, lock_cmd(second), env=env))
+                    while len((await r.range("_liferaft/lock/job/"))[0]) < 2:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                    assert not second.exists()  # waiting for the lock
+                    release.touch()
+                assert a.returncode == 0 and b.returncode == 0
+                assert int(first.read_text()) < int(second.read_text())
+                assert (await r.range("_liferaft/lock/"))[0] == []  # both released
         nursery.cancel_scope.cancel()
