@@ -238,7 +238,7 @@ async def lease_keepalive(node: Node, req: dict[str, Any]) -> dict[str, Any]:
         await confirm_read(node)
         return {"ttl": await node.lessor.keepalive(lease)}
     except LeaseNotFound:
-        raise ApiError("not_found", f"lease {lease} not found (expired or revoked)") from None
+        raise ApiError("not_found", f"lease {lease:x} not found (expired or revoked)") from None
     except NotLeader as exc:
         raise not_leader(node, exc.leader) from None
     except trio.TooSlowError:
@@ -253,7 +253,7 @@ async def lease_ttl(node: Node, req: dict[str, Any]) -> dict[str, Any]:
         await confirm_read(node)
         left, granted = await node.lessor.time_to_live(lease)
     except LeaseNotFound:
-        raise ApiError("not_found", f"lease {lease} not found (expired or revoked)") from None
+        raise ApiError("not_found", f"lease {lease:x} not found (expired or revoked)") from None
     except NotLeader as exc:
         raise not_leader(node, exc.leader) from None
     except trio.TooSlowError:

@@ -349,7 +349,7 @@ class Applier:
             result = {"deleted": self._delete(cmd, rev)}
         elif op == "lease_revoke":
             if not self._revoke(cmd["lease"], rev):
-                return error(NOT_FOUND, f"lease {cmd['lease']} not found")
+                return error(NOT_FOUND, f"lease {cmd['lease']:x} not found")
             result = {}
         else:
             succeeded = all(self._compare(c) for c in cmd.get("compare", []))
@@ -395,7 +395,7 @@ class Applier:
         lease = cmd.get("lease") or used
         w = self._w
         if w.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone():
-            return error(INVALID_REQUEST, f"lease {lease} exists already")
+            return error(INVALID_REQUEST, f"lease {lease:x} exists already")
         (count,) = w.execute("SELECT COUNT(*) FROM leases").fetchone()
         if count >= MAX_LEASES:
             return error(TOO_LARGE, f"at most {MAX_LEASES} leases at once")
@@ -426,14 +426,16 @@ class Applier:
         w = self._w
         for lease, keys in added.items():
             if not w.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone():
-                return error(NOT_FOUND, f"lease {lease} not found")
+                return error(NOT_FOUND, f"lease {lease:x} not found")
             marks = ",".join("?" * len(keys))
             (held,) = w.execute(
                 f"SELECT COUNT(*) FROM lease_keys WHERE lease = ? AND key NOT IN ({marks})",
                 (lease, *keys),
             ).fetchone()
             if held + len(keys) > MAX_KEYS_PER_LEASE:
-                return error(TOO_LARGE, f"lease {lease} would hold over {MAX_KEYS_PER_LEASE} keys")
+                return error(
+                    TOO_LARGE, f"lease {lease:x} would hold over {MAX_KEYS_PER_LEASE} keys"
+                )
         return None
 
     def _revoke(self, lease: int, rev: int) -> bool:
