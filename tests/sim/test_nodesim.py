@@ -21,7 +21,7 @@ import pytest
 
 from liferaft.testing.nodesim import SimConfig, SimResult, simulate
 
-DEFAULT_RUNS = 200  # about 2 minutes on this project's 2-core machine; --sim-runs for more
+DEFAULT_RUNS = 150  # about 2.5 minutes on this project's 2-core machine; --sim-runs for more
 
 
 @pytest.fixture(autouse=True)
@@ -139,7 +139,26 @@ def _plant_no_reset_after_install(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(WatchHub, "reset", lambda self: None)
 
 
+def _plant_lease_countdown_not_restarted(mp: pytest.MonkeyPatch) -> None:
+    """A new leader takes over the leases without restarting their countdown: it
+    expires at once what the old leader had just renewed."""
+    import trio
+
+    from liferaft.node.lessor import Lessor
+
+    build = Lessor._build
+
+    async def careless_build(self: Lessor, term: int) -> None:
+        await build(self, term)
+        now = trio.current_time()
+        for lease in self._deadline:
+            self._deadline[lease] = now
+
+    mp.setattr(Lessor, "_build", careless_build)
+
+
 PLANTS = {
+    "lease_countdown_not_restarted": _plant_lease_countdown_not_restarted,
     "no_term_check": _plant_no_term_check,
     "read_without_apply_wait": _plant_read_without_apply_wait,
     "no_reset_after_install": _plant_no_reset_after_install,

@@ -63,6 +63,7 @@ from liferaft.transport.files import PeerMessage
 from liferaft.transport.stats import TransportStats
 
 PREFIX = "k/"
+LEASE_PREFIX = "lease/"  # the leased keys (outside PREFIX: the watch checks stay as they were)
 ACTIONS = [  # what the nemesis does, each as likely
     *("crash", "crash_leader", "isolate", "lossy", "heal", "transfer", "disk"),
     *("add", "promote", "remove"),
@@ -86,6 +87,8 @@ class SimConfig:
     snapshot_entries: int = 24  # small: snapshots, compaction and installs happen often
     client_timeout_s: float = 4.0
     settle_s: float = 60.0  # after the workload: time to heal and converge (virtual)
+    leases: int = 2  # leases a client holds one after another, each kept alive a while
+    lease_ttl_s: int = 2
 
 
 @dataclass
@@ -455,6 +458,10 @@ class Simulation:
         self.cluster = SimCluster(base, cfg, random.Random(self.rng.getrandbits(64)))
         self.result = SimResult(seed)
         self.watched: list[tuple[int, str, str, bytes]] = []  # (rev, key, type, value)
+        # leased key -> the send time of the last keepalive (or grant) acknowledged for
+        # its lease: the key must live at least a TTL after it
+        self.leased: dict[str, float] = {}
+        self.lease_events: list[tuple[float, str, str]] = []  # (seen at, key, type)
         self._workload_done = trio.Event()
         self._nemesis_done = trio.Event()
 
@@ -469,6 +476,9 @@ class Simulation:
             watcher_started = trio.Event()
             nursery.start_soon(self._watcher, watcher_started)
             await watcher_started.wait()
+            lease_watch_started = trio.Event()
+            nursery.start_soon(self._lease_watcher, lease_watch_started)
+            await lease_watch_started.wait()
             if self.cfg.faults:
                 nursery.start_soon(self._nemesis)
             else:
@@ -476,11 +486,14 @@ class Simulation:
             async with trio.open_nursery() as clients:
                 for cid in range(self.cfg.clients):
                     clients.start_soon(self._client, cid)
+                if self.cfg.leases:
+                    clients.start_soon(self._leaser)
             self._workload_done.set()
             await self._settle()
             await self._pass_pending_proposals()
             await self._check_watch_complete()
             self._check_state()
+            await self._check_leases()
             # A read whose round was lost is failed after READ_ROUNDS_MAX election
             # timeouts (its caller gave up long before): after that, nothing may wait.
             await trio.sleep((READ_ROUNDS_MAX + 1) * self.cfg.election_ms / 1000)
@@ -521,6 +534,66 @@ class Simulation:
                     got = kv.value if kv is not None else None
                     self.result.history.append(Op(cid, "get", key, got, start, trio.current_time()))
                 await trio.sleep(rng.uniform(0, self.cfg.think_s))
+
+    async def _leaser(self) -> None:
+        """Leases through the faults: grant one, put a key with it, keep it alive for a
+        while (each keepalive to whichever node leads), then let it go."""
+        rng = random.Random(self.rng.getrandbits(64))
+        client = await self.cluster.client(
+            self.cfg.client_timeout_s, random.Random(rng.getrandbits(64))
+        )
+        ttl = self.cfg.lease_ttl_s
+        async with client:
+            for n in range(self.cfg.leases):
+                key = f"{LEASE_PREFIX}{n}"
+                sent = trio.current_time()
+                try:
+                    lease = (await client.lease_grant(ttl)).id
+                    await client.put(key, b"held", lease=lease)
+                except LiferaftError as exc:
+                    self._client_error("lease", exc)
+                    continue
+                self.leased[key] = sent
+                until = trio.current_time() + rng.uniform(0, 3 * ttl)
+                while trio.current_time() < until:
+                    await trio.sleep(ttl / 4)
+                    sent = trio.current_time()
+                    try:
+                        await client.lease_keepalive_once(lease)
+                    except LiferaftError as exc:
+                        self._client_error("lease_keepalive", exc)
+                        if exc.code == "not_found":  # gone: was it kept alive in time?
+                            break
+                        continue
+                    self.leased[key] = sent
+
+    async def _lease_watcher(self, started: trio.Event) -> None:
+        client = await self.cluster.client(30.0, random.Random(self.rng.getrandbits(64)))
+        async with client, client.watch(prefix=LEASE_PREFIX, start_revision=1) as events:
+            started.set()
+            async for ev in events:
+                self.lease_events.append((trio.current_time(), ev.kv.key, ev.type))
+
+    async def _check_leases(self) -> None:
+        """No leased key went before a TTL after its last acknowledged keepalive, and
+        every lease expired in the end (the faults are over: within a TTL and a few
+        election timeouts)."""
+        ttl = self.cfg.lease_ttl_s
+        await trio.sleep(ttl + 4 * self.cfg.election_ms / 1000 + 1)
+        for at, key, kind in self.lease_events:
+            last = self.leased.get(key)
+            if kind == "delete" and last is not None and at < last + ttl:
+                self.result.problems.append(
+                    f"lease: {key} deleted at {at:.3f}s, before its TTL after the keepalive "
+                    f"acknowledged at {last:.3f}s"
+                )
+        node = self.cluster.nodes[min(self.cluster.nodes)]
+        left = [kv["key"] for kv in node.kv.db.range(LEASE_PREFIX)[0]]
+        if left or node.kv.db.leases():
+            self.result.problems.append(
+                f"lease: {left or 'no keys'} and leases {node.kv.db.leases()} still there "
+                "after every keepalive stopped"
+            )
 
     async def _watcher(self, started: trio.Event) -> None:
         """One watch over every key from revision 1, through every fault: the client
