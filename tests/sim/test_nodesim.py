@@ -21,7 +21,7 @@ import pytest
 
 from liferaft.testing.nodesim import SimConfig, SimResult, simulate
 
-DEFAULT_RUNS = 150  # about 2.5 minutes on this project's 2-core machine; --sim-runs for more
+DEFAULT_RUNS = 100  # about 2 minutes on this project's 2-core machine; --sim-runs for more
 
 
 @pytest.fixture(autouse=True)
