@@ -191,3 +191,53 @@ async def test_leases_survive_a_restart_of_every_node_and_a_snapshot_install(
                     await trio.sleep(0.1)
             await wait_until(lambda: node.kv.db.lease(lease) is None)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_renewal_after_a_checkpoint_survives_a_leader_change(
+    tmp_path: Path, certs: Path
+) -> None:
+    """A checkpoint writes the TTL left into the log; a keepalive after it must write
+    the whole TTL back before it is acknowledged, or the next leader counts from the
+    old value and expires the lease early."""
+    async with cluster(tmp_path, certs) as c:
+        for node in c.nodes.values():
+            node.lessor.checkpoint_seconds = 0.5  # (3 s leases are then checkpointed)
+        lead = await leader_index(c)
+        async with connect(c, c.token(), lead) as r:
+            lease = (await r.call(op="lease_grant", ttl=3))["lease"]
+            await r.call(op="put", key="k", value=b"v", lease=lease)
+            leader = c.nodes[c.ids[lead]]
+            await wait_until(lambda: leader.kv.db.lease(lease)[1] < 3000)  # checkpointed
+            renewed = trio.current_time()
+            assert (await r.call(op="lease_keepalive", lease=lease))["ok"]
+            moved = await r.call(op="transfer_leader")
+            assert moved["ok"]
+        async with connect(c, c.token(), await leader_index(c)) as r:
+            with trio.fail_after(HANG):
+                while (await r.call(op="get", key="k"))["kv"] is not None:  # noqa: ASYNC110 - polling the cluster
+                    await trio.sleep(0.05)
+        assert trio.current_time() >= renewed + 3
+
+
+async def test_a_token_for_some_prefixes_ends_and_sees_only_leases_of_its_own_keys(
+    tmp_path: Path, certs: Path
+) -> None:
+    async with cluster(tmp_path, certs) as c:
+        lead = await leader_index(c)
+        async with (
+            connect(c, c.token("read,write", prefixes=["a/"]), lead) as a,
+            connect(c, c.token("read,write", prefixes=["b/"]), lead) as b,
+        ):
+            mine = (await a.call(op="lease_grant", ttl=60))["lease"]
+            theirs = (await b.call(op="lease_grant", ttl=60))["lease"]
+            assert (await a.call(op="put", key="a/x", value=b"1", lease=mine))["ok"]
+            assert (await b.call(op="put", key="b/secret", value=b"1", lease=theirs))["ok"]
+            denied = await a.call(op="lease_revoke", lease=theirs)
+            assert denied["error"]["code"] == "permission_denied"
+            peek = await a.call(op="lease_ttl", lease=theirs, keys=True)
+            assert peek["error"]["code"] == "permission_denied"
+            listed = await a.call(op="lease_list")
+            assert listed["error"]["code"] == "permission_denied"
+            assert (await a.call(op="lease_ttl", lease=mine, keys=True))["keys"] == ["a/x"]
+            assert (await a.call(op="lease_revoke", lease=mine))["ok"]
+            assert (await b.call(op="get", key="b/secret"))["kv"] is not None

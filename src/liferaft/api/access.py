@@ -41,8 +41,11 @@ OP_ROLE: dict[str, Role] = {
 
 def touched(req: dict[str, Any]) -> Iterator[str]:
     """Every key or prefix the request reads or writes (prefixes as themselves)."""
-    if req.get("op") in ("snapshot", "snapshot_chunk"):
-        yield ""  # a backup holds every key: only a token for all keys may take one
+    if req.get("op") in ("snapshot", "snapshot_chunk", "lease_list"):
+        # A backup holds every key, and the lease list is every client's: only a token
+        # for all keys may take them. (lease_revoke and lease_ttl's keys are checked
+        # against the keys the lease holds: Connection._lease_keys_covered.)
+        yield ""
         return
     for field in ("key", "prefix"):
         value = req.get(field)

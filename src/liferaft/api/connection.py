@@ -23,7 +23,7 @@ import trio
 
 from liferaft.api import access, handlers
 from liferaft.api.backups import BackupStream
-from liferaft.api.errors import ApiError, invalid
+from liferaft.api.errors import ApiError, invalid, unavailable
 from liferaft.api.watch import RESET, Subscription
 from liferaft.api.writes import ConnectionWrites
 from liferaft.kv.commands import WRITE_OPS, RequestError, plain_put, validate_request
@@ -193,6 +193,8 @@ class Connection:
                 except RequestError as exc:
                     raise ApiError(exc.code, str(exc)) from None
                 access.check(self.claims, req)
+                if req["op"] == "lease_revoke":  # it deletes the lease's keys
+                    self._lease_keys_covered(req["lease"])
             if self._no_space and _grows_store(req):
                 raise ApiError(
                     "no_space",
@@ -311,6 +313,8 @@ class Connection:
         if op == "lease_keepalive":
             return await handlers.lease_keepalive(node, req)
         if op == "lease_ttl":
+            if req.get("keys"):
+                self._lease_keys_covered(req["lease"])
             return await handlers.lease_ttl(node, req)
         if op == "lease_list":
             return await handlers.lease_list(node)
@@ -319,6 +323,22 @@ class Connection:
         if op == "snapshot_chunk":
             return await self._backup.chunk(req)
         return await handlers.member_change(node, req)
+
+    def _lease_keys_covered(self, lease: int) -> None:
+        """A token limited to key prefixes may revoke a lease, or see its keys, only if
+        it covers every key the lease holds (as etcd checks): another client's lease is
+        not its to end. At most 10,000 keys, one indexed read."""
+        if self.claims.prefixes is None:
+            return
+        try:
+            keys = self.server.node.kv.read_now(lambda db: db.lease_keys(lease))
+        except trio.WouldBlock:
+            raise unavailable("the state is being replaced by a snapshot; retry") from None
+        for key in keys:
+            if not self.claims.covers(key):
+                raise ApiError(
+                    "permission_denied", f"lease {lease:x} holds keys this token does not cover"
+                )
 
     @property
     def _may_write(self) -> bool:

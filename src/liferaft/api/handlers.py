@@ -242,7 +242,7 @@ async def lease_keepalive(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     except NotLeader as exc:
         raise not_leader(node, exc.leader) from None
     except trio.TooSlowError:
-        raise unavailable("the leader is still taking over its leases") from None
+        raise unavailable("the leader could not renew the lease now; retry") from None
 
 
 async def lease_ttl(node: Node, req: dict[str, Any]) -> dict[str, Any]:

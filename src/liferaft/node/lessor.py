@@ -54,6 +54,12 @@ class Lessor:
         self._term: int | None = None  # the term whose leader we are (None: not leading)
         self._ready = trio.Event()  # the deadlines are built for this term
         self._last_checkpoint = 0.0
+        self.checkpoint_seconds = CHECKPOINT_SECONDS  # (the simulator makes it short)
+        # leases whose TTL left, as the log records it, is below their TTL: a renewal
+        # writes the full TTL back first, or a new leader would count from the old value
+        self._short: set[int] = set()
+        self._building = False
+        self._gone_while_building: set[int] = set()
 
     # ------------------------------------------------------------ what apply tells
 
@@ -65,6 +71,9 @@ class Lessor:
                 self._deadline.pop(lease, None)
                 self._ttl.pop(lease, None)
                 self._revoking.pop(lease, None)
+                self._short.discard(lease)
+                if self._building:  # the build's read may predate it: do not bring it back
+                    self._gone_while_building.add(lease)
             elif self._term is not None:
                 self._ttl[lease] = ttl_ms
                 self._deadline[lease] = now + ttl_ms / 1000
@@ -75,6 +84,7 @@ class Lessor:
         self._deadline.clear()
         self._ttl.clear()
         self._revoking.clear()
+        self._short.clear()
         if self._ready.is_set():  # (one not yet set keeps its waiters for the next build)
             self._ready = trio.Event()
 
@@ -85,11 +95,21 @@ class Lessor:
         the read index first. NotLeader if this node does not lead."""
         await self._leading()
         now = trio.current_time()
-        if lease not in self._ttl:
+        if lease not in self._ttl or lease in self._revoking:  # (expired: being revoked)
             raise LeaseNotFound(lease)
         ttl_ms = self._ttl[lease]
+        if lease in self._short:
+            # The log says less than a TTL is left, which is what a new leader would
+            # count from: write the whole TTL back before acknowledging (as etcd does).
+            if (
+                await self._propose([{"op": "lease_checkpoint", "leases": [[lease, ttl_ms]]}])
+                is None
+            ):
+                raise trio.TooSlowError("the renewal could not be recorded; retry")
+            self._short.discard(lease)
+            if lease not in self._ttl:
+                raise LeaseNotFound(lease)
         self._deadline[lease] = now + ttl_ms / 1000
-        self._revoking.pop(lease, None)
         return math.ceil(ttl_ms / 1000)
 
     async def time_to_live(self, lease: int) -> tuple[int, int]:
@@ -124,7 +144,7 @@ class Lessor:
             if self._term != raft.term:
                 await self._build(raft.term)
             await self._expire()
-            if trio.current_time() - self._last_checkpoint >= CHECKPOINT_SECONDS:
+            if trio.current_time() - self._last_checkpoint >= self.checkpoint_seconds:
                 await self._checkpoint()
 
     async def _build(self, term: int) -> None:
@@ -132,12 +152,21 @@ class Lessor:
         self.reset()
         self._term = term
         node = self._node
-        leases = await node.kv.read(lambda db: db.leases())
+        self._building = True
+        self._gone_while_building.clear()
+        try:
+            leases = await node.kv.read(lambda db: db.leases())
+        finally:
+            self._building = False
         now = trio.current_time()
         grace = node.settings.raft.election_timeout_ms / 1000
         for lease, ttl_ms, remaining_ms in leases:
+            if lease in self._gone_while_building:
+                continue
             self._ttl.setdefault(lease, ttl_ms)
             self._deadline.setdefault(lease, now + remaining_ms / 1000 + grace)
+            if remaining_ms < ttl_ms:
+                self._short.add(lease)
         self._last_checkpoint = now
         self._ready.set()
 
@@ -157,8 +186,10 @@ class Lessor:
             if results is None:
                 continue
             for lease, result in zip(batch, results, strict=False):
-                if isinstance(result, dict) and "error" in result:  # gone already
+                error = result.get("error") if isinstance(result, dict) else None
+                if isinstance(error, dict) and error.get("code") == "not_found":  # gone
                     self.applied([(lease, None)])
+                # (any other error: tried again after RETRY_SECONDS)
             event(log, "leases_expired", leases=batch[:16], count=len(batch))
 
     async def _checkpoint(self) -> None:
@@ -168,10 +199,12 @@ class Lessor:
         pairs = [
             [lease, max(0, int((deadline - now) * 1000))]
             for lease, deadline in self._deadline.items()
-            if self._ttl.get(lease, 0) > CHECKPOINT_SECONDS * 1000
+            if self._ttl.get(lease, 0) > self.checkpoint_seconds * 1000
         ]
         for start in range(0, len(pairs), MAX_CHECKPOINT_LEASES):
             chunk = pairs[start : start + MAX_CHECKPOINT_LEASES]
+            # Marked before the proposal: a renewal meanwhile writes the TTL back again.
+            self._short.update(lease for lease, left in chunk if left < self._ttl[lease])
             await self._propose([{"op": "lease_checkpoint", "leases": chunk}])
 
     async def _propose(self, cmds: list[dict[str, object]]) -> list[object] | None:

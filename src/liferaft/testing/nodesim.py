@@ -63,7 +63,8 @@ from liferaft.transport.files import PeerMessage
 from liferaft.transport.stats import TransportStats
 
 PREFIX = "k/"
-LEASE_PREFIX = "lease/"  # the leased keys (outside PREFIX: the watch checks stay as they were)
+LEASE_PREFIX = "lease/"
+LEASE_CHECKPOINT_S = 1.0  # the leased keys (outside PREFIX: the watch checks stay as they were)
 ACTIONS = [  # what the nemesis does, each as likely
     *("crash", "crash_leader", "isolate", "lossy", "heal", "transfer", "disk"),
     *("add", "promote", "remove"),
@@ -325,6 +326,9 @@ class SimCluster:
             transport=lambda n: SimTransport(n.id, net),
             serve_health=False,
         )
+        # Checkpoint the TTL left of every lease each second (the leases live 2 s): the
+        # renewals after a checkpoint, and new leaders counting from it, are exercised.
+        node.lessor.checkpoint_seconds = LEASE_CHECKPOINT_S
         scope = trio.CancelScope()
         self._scopes[node_id] = scope
         self.stopped[node_id] = node.stopped
@@ -556,7 +560,9 @@ class Simulation:
                 self.leased[key] = sent
                 until = trio.current_time() + rng.uniform(0, 3 * ttl)
                 while trio.current_time() < until:
-                    await trio.sleep(ttl / 4)
+                    # irregular renewals, some late: a checkpoint may then record little
+                    # TTL left, which the next renewal must write back
+                    await trio.sleep(rng.uniform(ttl / 4, 0.8 * ttl))
                     sent = trio.current_time()
                     try:
                         await client.lease_keepalive_once(lease)
