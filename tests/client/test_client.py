@@ -465,9 +465,9 @@ async def test_writes_cancelled_in_or_waiting_for_the_window_leak_nothing(
             with trio.move_on_after(0.2) as waited:  # no room: waits, then is cancelled
                 await c.put_many([("m/1", b"v"), ("m/2", b"v")])
             assert waited.cancelled_caught
-            assert c._window._waiters == deque()
+            assert c._window._core._waiters == deque() and not c._window._events
             nursery.cancel_scope.cancel()  # a and b give up too
-        assert not c._window._open and not c._window._done
+        assert not c._window._core._open and not c._window._core._done
         n1.faults.clear()
         assert await c.put_many([("x", b"1"), ("y", b"2"), ("z", b"3")]) == [1, 2, 3]
     # the cancelled put_many took no seq; x, y and z went in turns of the window's 2
