@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from liferaft.client import Compacted, ConnectionFailed, PermissionDenied, TooLarge, Unavailable
+from liferaft.client.api import status_from_wire
 from liferaft.client.core import (
     BACKOFF_CAP,
     Backoff,
@@ -135,3 +136,30 @@ def test_watch_state_resumes_after_the_last_event() -> None:
     with pytest.raises(Compacted):
         w.events({"watch_id": 4, "events": [], "canceled": True, "error": {"code": "compacted"}})
     assert w.closed
+
+
+def test_status_from_the_wire() -> None:
+    st = status_from_wire(
+        {
+            "id": 1,
+            "ok": True,
+            "node_id": "n2",
+            "role": "follower",
+            "term": 3,
+            "leader_id": "n1",
+            "leader_endpoint": "wss://127.0.0.1:8001/v1",
+            "commit_index": 9,
+            "applied_index": 8,
+            "revision": 5,
+            "members": [{"id": "n1", "peer": "p", "client": "c", "voter": True}],
+            "db_size": 4096,
+            "version": "0.1.0",
+            "alarms": [],
+            "last_error": None,
+            "future_field": 1,
+        }
+    )
+    assert st.leader_id == "n1" and not st.is_leader and st.members[0].id == "n1"
+    assert st["term"] == 3 and st.get("nope", 0) == 0 and st.extra == {"future_field": 1}
+    doc = st.as_dict()
+    assert doc["future_field"] == 1 and doc["members"][0]["voter"] is True and "id" not in doc
