@@ -268,14 +268,19 @@ def test_writes_across_a_leader_kill_apply_exactly_once(flavour: str, cluster: C
             await c.put(p + "warm-up", "x")
             assert env.cluster.node_of(c.endpoint) == old
 
+            spans: dict[str, tuple[float, float]] = {}
+
             async def put(key: str) -> None:
+                started = time.monotonic()
                 results[key] = await c.put(key, "v")
+                spans[key] = (started, time.monotonic())
 
             async def writer(n: int) -> None:
                 for i in range(n):
                     await env.gather(*(lambda k=f"{p}{i:03}-{j}": put(k) for j in range(8)))
 
             killed_at = 0
+            kill_time: list[float] = []
 
             async def killer() -> None:
                 nonlocal killed_at
@@ -283,9 +288,13 @@ def test_writes_across_a_leader_kill_apply_exactly_once(flavour: str, cluster: C
                     await env.sleep(0.005)
                 killed_at = len(results)
                 env.cluster.kill(old)
+                kill_time.append(time.monotonic())
 
             await env.gather(lambda: writer(12), killer)
             assert killed_at and len(results) == 12 * 8
+            # some puts were in flight when the leader died: retried at the new one
+            crossed = [k for k, (a, b) in spans.items() if a < kill_time[0] < b]
+            assert crossed
             new = env.cluster.node_of(c.endpoint)
             assert new != old
             kvs, _ = await c.range(p)
