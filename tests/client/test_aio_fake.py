@@ -6,6 +6,7 @@ code mapped to the Trio client's classes."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,9 +17,11 @@ import trio
 from fakeserver import TOKEN, FakeCluster, make_certs
 
 from liferaft.client import (
+    Client,
     Compacted,
     InternalError,
     InvalidRequest,
+    LeaseLost,
     LiferaftError,
     MemberError,
     NotFound,
@@ -172,3 +175,32 @@ def test_a_bad_token_is_unauthenticated(fake: Fake) -> None:
             )
 
     asyncio.run(main())
+
+
+def test_a_lost_lease_cancels_the_keep_alive_block_with_lease_lost(fake: Fake) -> None:
+    async def main() -> None:
+        async with fake.open() as c:
+            lease = await c.lease_grant(1)
+            ka = c.keep_alive(lease)
+            with pytest.raises(LeaseLost) as info:
+                async with ka:
+                    await asyncio.sleep(0.5)  # renewed (at once, then every 1/3 s)
+                    assert not ka.lost.is_set()
+                    fake.call(lambda: fake.cluster.store.expire(lease.id))
+                    await asyncio.sleep(5)  # cancelled at the next renewal
+            assert info.value.lease == lease.id and ka.lost.is_set()
+            assert await c.put("after", b"v") > 0  # the client goes on
+
+    asyncio.run(main())
+
+
+def test_the_same_api_as_the_trio_client() -> None:
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    assert public(Client) - public(AsyncioClient) == {"snapshot_save"}
+    for name in public(Client) & public(AsyncioClient) - {"connect"}:
+        trio_fn, aio_fn = getattr(Client, name), getattr(AsyncioClient, name)
+        if callable(trio_fn):
+            trio_sig, aio_sig = inspect.signature(trio_fn), inspect.signature(aio_fn)
+            assert trio_sig.parameters == aio_sig.parameters, name
