@@ -204,3 +204,14 @@ def test_the_same_api_as_the_trio_client() -> None:
         if callable(trio_fn):
             trio_sig, aio_sig = inspect.signature(trio_fn), inspect.signature(aio_fn)
             assert trio_sig.parameters == aio_sig.parameters, name
+
+
+def test_without_websockets_the_import_error_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "websockets.asyncio.client", None)  # as if absent
+    monkeypatch.delitem(sys.modules, "liferaft.client.aio")
+    with pytest.raises(ImportError, match=r"pip install 'liferaft\[asyncio\]'"):
+        import liferaft.client.aio  # noqa: F401
