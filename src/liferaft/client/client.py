@@ -1,5 +1,6 @@
-"""The async client: its configuration and lifecycle, and one method per operation of
-the protocol (docs/client-protocol.md).
+"""The async client on Trio: its configuration and lifecycle, and the Trio transport
+under the operations of the protocol (docs/client-protocol.md), which it inherits from
+:class:`~liferaft.client.api.ClientAPI` (shared with the asyncio client).
 
 Writes (put, delete, txn, compact) carry this client's ``session`` and a ``seq`` drawn
 once per call, so every retry of a call is the same request to the server and applies at
@@ -27,9 +28,7 @@ from liferaft.client.api import ClientAPI
 from liferaft.client.connection import ConnectionLost, Dial, tls_dialer
 from liferaft.client.errors import error_from_wire
 from liferaft.client.leases import KeepAlive
-from liferaft.client.models import (
-    Lease,
-)
+from liferaft.client.models import Lease
 from liferaft.client.pool import ConnectionPool
 from liferaft.client.retry import Retrier, Retry
 from liferaft.client.session import SESSION_WINDOW, SessionWindow
