@@ -26,9 +26,11 @@ from liferaft.client import (
     InvalidRequest,
     KeyValue,
     LiferaftError,
+    Member,
     MemberError,
     NotLeader,
     PermissionDenied,
+    Status,
     SyncClient,
     TLSError,
     TooLarge,
@@ -168,17 +170,20 @@ async def test_watch_resumes_after_a_dropped_connection(cluster: FakeCluster, ce
 async def test_status_members_transfer(cluster: FakeCluster, certs: Path) -> None:
     async with opener(cluster, certs) as c:
         st = await c.status()
-        assert st["node_id"] == "n1" and st["leader_id"] == "n1" and "id" not in st
-        assert [m["id"] for m in await c.member_list()] == ["n1", "n2"]
+        assert isinstance(st, Status) and st.is_leader
+        assert st.node_id == "n1" and st.leader_id == "n1" and "id" not in st
+        assert st["leader_id"] == "n1"  # read by name too, as when it was a dict
+        assert [m.id for m in await c.member_list()] == ["n1", "n2"]
         members = await c.member_add("n3", "127.0.0.1:7003", "127.0.0.1:8003", learner=True)
-        assert members[-1] == {
+        assert members[-1] == Member("n3", "127.0.0.1:7003", "127.0.0.1:8003", voter=False)
+        assert members[-1].as_dict() == {
             "id": "n3",
             "peer": "127.0.0.1:7003",
             "client": "127.0.0.1:8003",
             "voter": False,
         }
-        assert (await c.member_promote("n3"))[-1]["voter"] is True
-        assert [m["id"] for m in await c.member_remove("n3")] == ["n1", "n2"]
+        assert (await c.member_promote("n3"))[-1].voter is True
+        assert [m.id for m in await c.member_remove("n3")] == ["n1", "n2"]
         with pytest.raises(MemberError):
             await c.member_remove("n9")
         assert await c.transfer_leader("n2") == "n2"
@@ -465,9 +470,9 @@ async def test_writes_cancelled_in_or_waiting_for_the_window_leak_nothing(
             with trio.move_on_after(0.2) as waited:  # no room: waits, then is cancelled
                 await c.put_many([("m/1", b"v"), ("m/2", b"v")])
             assert waited.cancelled_caught
-            assert c._window._waiters == deque()
+            assert c._window._core._waiters == deque() and not c._window._events
             nursery.cancel_scope.cancel()  # a and b give up too
-        assert not c._window._open and not c._window._done
+        assert not c._window._core._open and not c._window._core._done
         n1.faults.clear()
         assert await c.put_many([("x", b"1"), ("y", b"2"), ("z", b"3")]) == [1, 2, 3]
     # the cancelled put_many took no seq; x, y and z went in turns of the window's 2

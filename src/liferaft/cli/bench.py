@@ -39,7 +39,7 @@ from liferaft.cli.client_cmds import (
     failure,
     settings,
 )
-from liferaft.client import Client, LiferaftError
+from liferaft.client import Client, LiferaftError, Status
 from liferaft.client.wire import MAX_BATCH
 
 IDS = ["n1", "n2", "n3"]
@@ -262,7 +262,7 @@ def stop_processes(procs: Iterable[subprocess.Popen[bytes]], wait_s: float) -> N
 
 async def leader_status(
     endpoints: list[str], token: str, cacert: Path | None, wait: float
-) -> dict[str, Any]:
+) -> Status:
     """The status of a node that knows the leader; Unavailable-style failure after ``wait``."""
     last: LiferaftError | None = None
     with trio.move_on_after(wait):
@@ -272,7 +272,7 @@ async def leader_status(
                     endpoints, token=token, cacert=cacert, timeout=min(wait, 5.0)
                 ) as c:
                     st = await c.status()
-                    if st.get("leader_id"):
+                    if st.leader_id:
                         return st
             except LiferaftError as exc:
                 if exit_code_for(exc) != EXIT_UNAVAILABLE:
@@ -297,7 +297,7 @@ async def run(
 ) -> dict[str, Any]:
     st = await leader_status(endpoints, token, cacert, LEADER_WAIT_S if pids else call_timeout)
     if pids:  # start at the leader so that writes need no redirect
-        lead = endpoints[IDS.index(str(st["leader_id"]))]
+        lead = endpoints[IDS.index(str(st.leader_id))]
         endpoints = [lead, *(e for e in endpoints if e != lead)]
     clients: list[Client] = []
     try:
@@ -321,7 +321,7 @@ async def run(
                     nursery.start_soon(load.op, clients[0], 0.0)
             written = ["bench/000000", *load.written]
             load = Load(shape, math.inf, load.value, written=written)
-        term_before = int((await clients[0].status())["term"])
+        term_before = (await clients[0].status()).term
         cpu_before = {i: cpu_seconds(pid) for i, pid in pids.items()}
         own_cpu = time.process_time()
         start = trio.current_time()
@@ -343,7 +343,7 @@ async def run(
             if now is not None and before is not None:
                 cpu[i] = round(now - before, 2)
         try:
-            term_after: int | None = int((await clients[0].status())["term"])
+            term_after: int | None = (await clients[0].status()).term
         except LiferaftError:
             term_after = None
     finally:

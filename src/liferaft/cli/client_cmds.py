@@ -53,6 +53,7 @@ from liferaft.client import (
     Unavailable,
     open_client,
 )
+from liferaft.client.api import Member
 from liferaft.client.wire import parse_endpoint
 
 T = TypeVar("T")
@@ -630,7 +631,7 @@ async def _status_all(
     async def one(i: int, url: str) -> None:
         try:
             async with open_client([url], token=s.token, cacert=s.cacert, timeout=s.timeout) as c:
-                results[i] = (url, await c.status(), None)
+                results[i] = (url, (await c.status()).as_dict(), None)
         except LiferaftError as exc:
             results[i] = (url, None, exc)
 
@@ -702,16 +703,16 @@ async def _health_all(s: Settings) -> list[tuple[str, float, LiferaftError | Non
     return results
 
 
-def _print_members(members: list[dict[str, Any]], leader: object, s: Settings) -> None:
+def _print_members(members: list[Member], leader: str | None, s: Settings) -> None:
     if s.json:
-        print_json({"members": members})
+        print_json({"members": [m.as_dict() for m in members]})
         return
     rows = []
-    for m in sorted(members, key=lambda m: str(m.get("id"))):
-        role = "voter" if m.get("voter") else "learner"
-        if leader is not None and m.get("id") == leader:
+    for m in sorted(members, key=lambda m: m.id):
+        role = "voter" if m.voter else "learner"
+        if leader is not None and m.id == leader:
             role += " (leader)"
-        rows.append([m.get("id"), role, m.get("peer"), m.get("client")])
+        rows.append([m.id, role, m.peer, m.client])
     click.echo(table(["id", "role", "peer", "client"], rows))
 
 
@@ -726,10 +727,7 @@ def member_list(**common: Any) -> None:
     """The members: id, voter or learner (and which leads), peer and client address."""
     s = settings(**common)
     st = run_client(s, lambda c: c.status())
-    members = st.get("members")
-    if not isinstance(members, list):
-        raise failure("the server's status has no member list", EXIT_FAILED)
-    _print_members(members, st.get("leader_id"), s)
+    _print_members(st.members, st.leader_id, s)
 
 
 @member.command("add")

@@ -27,11 +27,15 @@ with a session and seq so that each one applies at most once (docs/client-protoc
                 async for ev in events:
                     print(ev.type, ev.kv.key, ev.kv.value)
                     break
-            print((await client.status())["leader_id"])
+            print((await client.status()).leader_id)
 
     trio.run(main)
 
-For scripts without Trio, :class:`SyncClient` has the same methods and blocks::
+On asyncio, :mod:`liferaft.client.aio` has the same client (``AsyncioClient``,
+``open_client``), on the same sans-I/O protocol core (liferaft.client.core) and the same
+operations (liferaft.client.api); it needs ``pip install 'liferaft[asyncio]'``.
+
+For scripts without an event loop, :class:`SyncClient` has the same methods and blocks::
 
     from liferaft.client import SyncClient
 
@@ -52,6 +56,7 @@ quorum or no endpoint answered within the call's ``timeout``, ``Compacted``, and
 
 from __future__ import annotations
 
+from liferaft.client.api import Member, Status
 from liferaft.client.client import DEFAULT_ENDPOINT, Client, open_client
 from liferaft.client.coordination import (
     ELECTION_PREFIX,
@@ -121,12 +126,14 @@ __all__ = [
     "LiferaftError",
     "Lock",
     "LockLost",
+    "Member",
     "MemberError",
     "NoSpace",
     "NotElected",
     "NotFound",
     "NotLeader",
     "PermissionDenied",
+    "Status",
     "SyncClient",
     "SyncElection",
     "SyncKeepAlive",

@@ -1,5 +1,6 @@
-"""The async client: its configuration and lifecycle, and one method per operation of
-the protocol (docs/client-protocol.md).
+"""The async client on Trio: its configuration and lifecycle, and the Trio transport
+under the operations of the protocol (docs/client-protocol.md), which it inherits from
+:class:`~liferaft.client.api.ClientAPI` (shared with the asyncio client).
 
 Writes (put, delete, txn, compact) carry this client's ``session`` and a ``seq`` drawn
 once per call, so every retry of a call is the same request to the server and applies at
@@ -23,27 +24,11 @@ from typing import Any
 import trio
 
 from liferaft.client import backup, put_many
+from liferaft.client.api import ClientAPI
 from liferaft.client.connection import ConnectionLost, Dial, tls_dialer
-from liferaft.client.errors import InternalError, InvalidRequest, NotFound, error_from_wire
+from liferaft.client.errors import error_from_wire
 from liferaft.client.leases import KeepAlive
-from liferaft.client.models import (
-    KeyValue,
-    Lease,
-    LeaseTTL,
-    TxnResult,
-    check_key,
-    check_lease_id,
-    check_limit,
-    check_prefix,
-    check_revision,
-    check_ttl,
-    compare_to_wire,
-    kv_from_wire,
-    ops_to_wire,
-    result_from_wire,
-    to_bytes,
-    uint_from_wire,
-)
+from liferaft.client.models import Lease
 from liferaft.client.pool import ConnectionPool
 from liferaft.client.retry import Retrier, Retry
 from liferaft.client.session import SESSION_WINDOW, SessionWindow
@@ -54,7 +39,7 @@ DEFAULT_ENDPOINT = "wss://127.0.0.1:8001"
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # the server's default [client] max_message_bytes
 
 
-class Client:
+class Client(ClientAPI):
     """An async (Trio) client for a liferaft cluster.
 
     Open one with :meth:`connect` (close it with :meth:`aclose`) or with
@@ -236,21 +221,6 @@ class Client:
 
     # ---------------------------------------------------------------- key-value
 
-    async def put(self, key: str, value: bytes | str, *, lease: int | None = None) -> int:
-        """Set ``key`` to ``value`` (``str`` is stored as UTF-8); the revision it made.
-        With ``lease`` (an id from :meth:`lease_grant`) the key is deleted when that
-        lease expires or is revoked; an unknown or expired lease raises NotFound.
-
-        Retried, with the same session and seq, until it succeeds or ``timeout`` passes.
-        """
-        if lease is None:
-            resp = await self._write("put", key=check_key(key), value=to_bytes(value))
-        else:
-            resp = await self._write(
-                "put", key=check_key(key), value=to_bytes(value), lease=check_lease_id(lease)
-            )
-        return uint_from_wire(resp, "revision")
-
     async def put_many(self, items: Sequence[tuple[str, bytes | str]]) -> list[int]:
         """Put every ``(key, value)`` of ``items``; the revision each put made, in order::
 
@@ -297,88 +267,6 @@ class Client:
             max_message_bytes=self._max_message_bytes,
         )
 
-    async def get(
-        self, key: str, *, serializable: bool = False, revision: int = 0
-    ) -> KeyValue | None:
-        """The key-value of ``key``, or None. ``serializable=True`` lets any node answer
-        from its own state (faster, possibly stale); the default is linearizable.
-        ``revision`` reads the store as it was right after that revision (0: now);
-        raises Compacted when that history is gone."""
-        fields: dict[str, Any] = {"op": "get", "key": check_key(key)}
-        if serializable:
-            fields["serializable"] = True
-        if check_revision(revision):
-            fields["revision"] = revision
-        kv = (await self._reads.request(fields)).get("kv")
-        return None if kv is None else kv_from_wire(kv)
-
-    async def range(
-        self,
-        prefix: str,
-        *,
-        limit: int = 0,
-        serializable: bool = False,
-        after: str | None = None,
-        revision: int = 0,
-    ) -> tuple[list[KeyValue], bool]:
-        """The keys under ``prefix`` in key order, at most ``limit`` of them (0: all), and
-        whether there are more. ``prefix=""`` is every key. Page with ``after`` (the
-        last key of the previous page) and, for one consistent view, ``revision``."""
-        fields: dict[str, Any] = {"op": "range", "prefix": check_prefix(prefix)}
-        if check_limit(limit):
-            fields["limit"] = limit
-        if serializable:
-            fields["serializable"] = True
-        if after is not None:
-            fields["after"] = check_key(after, "after")
-        if check_revision(revision):
-            fields["revision"] = revision
-        resp = await self._reads.request(fields)
-        kvs = resp.get("kvs")
-        if not isinstance(kvs, list):
-            raise InternalError("range response without a kvs list")
-        return [kv_from_wire(kv) for kv in kvs], resp.get("more") is True
-
-    async def delete(self, key: str | None = None, *, prefix: str | None = None) -> int:
-        """Delete ``key``, or every key under ``prefix``; how many keys were deleted."""
-        if (key is None) == (prefix is None):
-            raise InvalidRequest("give exactly one of key and prefix")
-        if key is not None:
-            resp = await self._write("delete", key=check_key(key))
-        else:
-            resp = await self._write("delete", prefix=check_prefix(prefix))
-        return uint_from_wire(resp, "deleted")
-
-    async def txn(
-        self,
-        compare: Sequence[Mapping[str, Any]] = (),
-        success: Sequence[Mapping[str, Any]] = (),
-        failure: Sequence[Mapping[str, Any]] = (),
-    ) -> TxnResult:
-        """If every compare holds run ``success``, else ``failure``, atomically at one
-        revision. Compares and ops are dicts as on the wire, or made with
-        :func:`~liferaft.client.compare`, :func:`~liferaft.client.op_put`, ...::
-
-            r = await client.txn([compare("lock", "version", "==", 0)],
-                                 [op_put("lock", "me")], [op_get("lock")])
-        """
-        if isinstance(compare, str | bytes | Mapping):
-            raise InvalidRequest("compare must be a list of compares")
-        resp = await self._write(
-            "txn",
-            compare=[compare_to_wire(c) for c in compare],
-            success=ops_to_wire(success, "success"),
-            failure=ops_to_wire(failure, "failure"),
-        )
-        results = resp.get("results", [])
-        if not isinstance(results, list) or type(resp.get("succeeded")) is not bool:
-            raise InternalError("txn response without succeeded and results")
-        return TxnResult(
-            resp["succeeded"],
-            [result_from_wire(r) for r in results],
-            uint_from_wire(resp, "revision"),
-        )
-
     def watch(
         self, key: str | None = None, *, prefix: str | None = None, start_revision: int = 0
     ) -> Watch:
@@ -394,67 +282,10 @@ class Client:
         event it delivered, so no event is missed or repeated (unless that revision was
         compacted meanwhile: then it raises Compacted).
         """
-        if (key is None) == (prefix is None):
-            raise InvalidRequest("give exactly one of key and prefix")
-        selector = {"key": check_key(key)} if key is not None else {"prefix": check_prefix(prefix)}
-        if type(start_revision) is not int or start_revision < 0:
-            raise InvalidRequest("start_revision must be an int >= 0")
+        selector = self._watch_selector(key, prefix, start_revision)
         return Watch(self._retrier, selector, start_revision)
 
     # ---------------------------------------------------------------- leases
-
-    async def lease_grant(self, ttl: int, *, lease: int | None = None) -> Lease:
-        """A new lease of ``ttl`` seconds (1..86400), with the id ``lease`` if given (else
-        the cluster picks one). It expires unless kept alive (:meth:`keep_alive`).
-        A write: retried with its session and seq, so a retry never grants twice."""
-        fields: dict[str, Any] = {"ttl": check_ttl(ttl)}
-        if lease is not None:
-            fields["lease"] = check_lease_id(lease)
-        resp = await self._write("lease_grant", **fields)
-        return Lease(uint_from_wire(resp, "lease"), uint_from_wire(resp, "ttl"))
-
-    async def lease_keepalive_once(self, lease: int) -> int:
-        """Renew ``lease`` once; the seconds it has left. NotFound if it is gone. For
-        renewing as long as needed, use :meth:`keep_alive`."""
-        return await self._lease_keepalive(check_lease_id(lease))
-
-    async def _lease_keepalive(self, lease: int, *, deadline: float | None = None) -> int:
-        # Not a logged write (the leader renews in memory): retried freely.
-        resp = await self._retrier.request(
-            {"op": "lease_keepalive", "lease": lease}, deadline=deadline
-        )
-        ttl = uint_from_wire(resp, "ttl")
-        if ttl <= 0:  # what etcd answers for a lease it no longer has
-            raise NotFound(f"lease {lease:x} has expired")
-        return ttl
-
-    async def lease_revoke(self, lease: int) -> int:
-        """Revoke ``lease``: its keys are deleted, at the revision returned (with delete
-        events). NotFound if it is already gone."""
-        resp = await self._write("lease_revoke", lease=check_lease_id(lease))
-        return uint_from_wire(resp, "revision")
-
-    async def lease_ttl(self, lease: int, *, keys: bool = False) -> LeaseTTL:
-        """What the cluster says of ``lease``: seconds left, granted TTL and, with
-        ``keys=True``, its keys. NotFound if it is gone."""
-        fields: dict[str, Any] = {"op": "lease_ttl", "lease": check_lease_id(lease)}
-        if keys:
-            fields["keys"] = True
-        resp = await self._retrier.request(fields)
-        ttl = resp.get("ttl")
-        if type(ttl) is not int:
-            raise InternalError("lease_ttl response without an integer ttl")
-        key_list = resp.get("keys") if keys else None
-        if keys and not (isinstance(key_list, list) and all(isinstance(k, str) for k in key_list)):
-            raise InternalError("lease_ttl response without a keys list")
-        return LeaseTTL(lease, ttl, uint_from_wire(resp, "granted_ttl"), key_list)
-
-    async def lease_list(self) -> list[int]:
-        """The ids of every lease the cluster holds."""
-        leases = (await self._retrier.request({"op": "lease_list"})).get("leases")
-        if not isinstance(leases, list) or not all(type(x) is int for x in leases):
-            raise InternalError("lease_list response without a list of ids")
-        return list(leases)
 
     def keep_alive(
         self, *leases: Lease | int, fraction: float = 1 / 3, cancel_on_loss: bool = True
@@ -479,70 +310,21 @@ class Client:
         """Run ``fn`` among the client's background tasks (it must catch its errors)."""
         await self._pool.spawn(fn)
 
-    async def _range_at(self, prefix: str) -> tuple[list[KeyValue], int]:
-        """Every key under ``prefix`` and the revision they were read at."""
-        resp = await self._retrier.request({"op": "range", "prefix": check_prefix(prefix)})
-        kvs = resp.get("kvs")
-        if not isinstance(kvs, list):
-            raise InternalError("range response without a kvs list")
-        return [kv_from_wire(kv) for kv in kvs], uint_from_wire(resp, "revision")
+    # ---------------------------------------------------------------- the transport
+
+    async def _request(
+        self,
+        fields: Mapping[str, Any],
+        *,
+        retry: Retry = Retry.ALWAYS,
+        deadline: float | None = None,
+    ) -> dict[str, Any]:
+        return await self._retrier.request(fields, retry=retry, deadline=deadline)
+
+    async def _read(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._reads.request(fields)
 
     # ---------------------------------------------------------------- cluster
-
-    async def status(self) -> dict[str, Any]:
-        """The answering node's view: ``node_id``, ``role``, ``term``, ``leader_id``,
-        ``leader_endpoint``, ``commit_index``, ``applied_index``, ``revision``,
-        ``members`` (and whatever else the server adds)."""
-        resp = await self._retrier.request({"op": "status"})
-        return {k: v for k, v in resp.items() if k not in ("id", "ok")}
-
-    async def member_list(self) -> list[dict[str, Any]]:
-        """The members, each ``{"id", "peer", "client", "voter"}`` (= status()["members"])."""
-        return _members(await self.status())
-
-    async def member_add(
-        self, id: str, peer: str, client: str, *, learner: bool = False
-    ) -> list[dict[str, Any]]:
-        """Add node ``id``, dialled at ``peer`` and serving clients at ``client`` (both
-        ``host:port``), as a voter, or with ``learner=True`` as a learner that catches up
-        before it counts for a quorum (then :meth:`member_promote` it); the new members."""
-        fields: dict[str, Any] = {"op": "member_add", "member_id": id, "peer": peer}
-        fields["client"] = client
-        if learner:
-            fields["learner"] = True
-        return _members(await self._retrier.request(fields, retry=Retry.SAFE))
-
-    async def member_promote(self, id: str) -> list[dict[str, Any]]:
-        """Make learner ``id`` a voter; the new member list."""
-        resp = await self._retrier.request(
-            {"op": "member_promote", "member_id": id}, retry=Retry.SAFE
-        )
-        return _members(resp)
-
-    async def member_remove(self, id: str) -> list[dict[str, Any]]:
-        """Remove member ``id``; the new member list."""
-        resp = await self._retrier.request(
-            {"op": "member_remove", "member_id": id}, retry=Retry.SAFE
-        )
-        return _members(resp)
-
-    async def transfer_leader(self, to: str | None = None) -> str:
-        """Hand leadership to ``to`` (None: the most caught-up voter); the new leader id."""
-        fields: dict[str, Any] = {"op": "transfer_leader"}
-        if to is not None:
-            fields["to"] = to
-        leader = (await self._retrier.request(fields, retry=Retry.SAFE)).get("leader_id")
-        if not isinstance(leader, str):
-            raise InternalError("transfer_leader response without leader_id")
-        return leader
-
-    async def compact(self, revision: int) -> int:
-        """Drop the history before ``revision`` on every node (admin); the store's
-        revision. Reads before it, and watches from it or before, get Compacted."""
-        if not check_revision(revision):
-            raise InvalidRequest("compact needs a revision >= 1")
-        resp = await self._write("compact", revision=revision)
-        return uint_from_wire(resp, "revision")
 
     async def snapshot_save(
         self, dest: Path | str, *, progress: Callable[[int, int], object] | None = None
@@ -622,10 +404,3 @@ async def open_client(
         yield client
     finally:
         await client.aclose()
-
-
-def _members(resp: Mapping[str, Any]) -> list[dict[str, Any]]:
-    members = resp.get("members")
-    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
-        raise InternalError("response without a members list")
-    return [dict(m) for m in members]

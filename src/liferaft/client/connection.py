@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from liferaft.client.core import encode, take_batch
 from liferaft.client.errors import TooLarge
 from liferaft.client.wire import (
     Endpoint,
@@ -39,7 +40,6 @@ from liferaft.client.wire import (
     decode_message,
     encode_request,
     pack,
-    packed_size,
 )
 from liferaft.websocket import (
     MESSAGE_TOO_BIG,
@@ -225,12 +225,7 @@ class Connection:
         if not self.alive:
             raise ConnectionLost(self.lost_reason or "not connected", sent=False)
         request_id = next(self._ids)
-        encoded = encode_request({**request, "id": request_id})
-        if len(encoded) > self._max_message_bytes:
-            raise TooLarge(
-                f"request of {len(encoded)} bytes exceeds max_message_bytes "
-                f"({self._max_message_bytes})"
-            )
+        encoded = encode(request, request_id, self._max_message_bytes)
         p = _Pending(request_id, encoded, on_ok)
         self._pending[request_id] = p
         self._outbox.append(p)
@@ -456,23 +451,8 @@ class Connection:
 
     def _take(self) -> list[_Pending]:
         """The next message's worth of queued requests (withdrawn ones dropped)."""
-        outbox = self._outbox
-        max_batch = self._max_batch
-        limit = self._max_message_bytes
-        batch: list[_Pending] = []
-        size = 0
-        rest = len(outbox)
-        for i, p in enumerate(outbox):
-            if p.cancelled:
-                continue
-            grown = size + len(p.encoded)
-            if batch and (len(batch) >= max_batch or packed_size(len(batch) + 1, grown) > limit):
-                rest = i
-                break
-            batch.append(p)
-            size = grown
-        del outbox[:rest]
-        if outbox:
+        batch = take_batch(self._outbox, self._max_batch, self._max_message_bytes)
+        if self._outbox:
             self._wake.set()
         return batch
 

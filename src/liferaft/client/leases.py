@@ -1,10 +1,11 @@
 """Keeping leases alive (docs/coordination.md, "Leases").
 
-Two parts. :class:`KeepAliveSchedule` decides, without I/O or a clock of its own (times
-are passed in), when each lease is renewed and when it must be given up as lost; an
-asyncio transport could drive it as well. :class:`KeepAlive` drives it on Trio: it sleeps
-until the next renewal, sends the keepalives that are due together (they leave in one
-WebSocket message), and reports a lease it could not keep instead of stopping quietly.
+Two parts. :class:`~liferaft.client.core.KeepAliveSchedule`, in the protocol core,
+decides without I/O or a clock of its own (times are passed in) when each lease is
+renewed and when it must be given up as lost; the asyncio client drives it too.
+:class:`KeepAlive` drives it on Trio: it sleeps until the next renewal, sends the
+keepalives that are due together (they leave in one WebSocket message), and reports a
+lease it could not keep instead of stopping quietly.
 
 When: a lease is renewed every ``fraction`` (1/3) of its TTL, counted from when the last
 renewal that the cluster confirmed was *sent* (the server counts from when it received
@@ -18,129 +19,21 @@ cannot know otherwise, and must not act as if it still held what the lease guard
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import trio
 
+from liferaft.client.core import FRACTION, KeepAliveSchedule
 from liferaft.client.errors import LeaseLost, LiferaftError, NotFound
 from liferaft.client.models import Lease, check_lease_id
 
 if TYPE_CHECKING:
     from liferaft.client.client import Client
 
-FRACTION = 1 / 3  # renew at this fraction of the TTL, as etcd's client does
-RETRY_CAP = 1.0  # seconds: the longest wait before a failed renewal is tried again
-
-
-@dataclass
-class _Kept:
-    id: int
-    interval: float  # renew this long after the last confirmed renewal was sent
-    due: float  # when to send the next renewal
-    deadline: float  # when the lease may have expired, as far as the client knows
-    in_flight: bool = False
-    failures: int = 0
-    last_error: LiferaftError | None = None
-
-
-class KeepAliveSchedule:
-    """When to renew which lease, and which are lost (sans I/O: ``now`` is given)."""
-
-    def __init__(self, fraction: float = FRACTION) -> None:
-        if not 0 < fraction < 1:
-            raise ValueError("fraction must be between 0 and 1")
-        self.fraction = fraction
-        self._leases: dict[int, _Kept] = {}
-
-    def __contains__(self, lease_id: int) -> bool:
-        return lease_id in self._leases
-
-    @property
-    def leases(self) -> list[int]:
-        return list(self._leases)
-
-    @property
-    def in_flight(self) -> int:
-        return sum(k.in_flight for k in self._leases.values())
-
-    def add(
-        self, lease_id: int, ttl: float | None, now: float, *, renewed_at: float | None = None
-    ) -> None:
-        """Keep ``lease_id``. With ``renewed_at`` (when the grant or last renewal was
-        sent) and ``ttl`` its schedule is known; else it is renewed at once, and given
-        ``ttl`` (or, unknown, ``ttl=None``: until a first answer) to answer."""
-        if renewed_at is not None and ttl is not None:
-            interval = ttl * self.fraction
-            kept = _Kept(lease_id, interval, renewed_at + interval, renewed_at + ttl)
-        else:
-            deadline = now + ttl if ttl is not None else math.inf
-            kept = _Kept(lease_id, 0.0, now, deadline)
-        self._leases[lease_id] = kept
-
-    def remove(self, lease_id: int) -> None:
-        self._leases.pop(lease_id, None)
-
-    def deadline(self, lease_id: int) -> float | None:
-        kept = self._leases.get(lease_id)
-        return kept.deadline if kept is not None else None
-
-    def next_wakeup(self) -> float:
-        """When something is next to do: a renewal due, or a deadline (inf: nothing)."""
-        times = [k.deadline for k in self._leases.values()]
-        times += [k.due for k in self._leases.values() if not k.in_flight]
-        return min(times, default=math.inf)
-
-    def take_due(self, now: float) -> list[int]:
-        """The leases to renew now (marked in flight): none unless one is due; then
-        every lease due before the next round would come."""
-        idle = [k for k in self._leases.values() if not k.in_flight]
-        if not any(k.due <= now for k in idle):
-            return []
-        known = [k.interval for k in self._leases.values() if k.interval > 0]
-        horizon = now + min(known, default=0.0)
-        out = []
-        for k in idle:
-            if k.due <= horizon:
-                k.in_flight = True
-                out.append(k.id)
-        return out
-
-    def renewed(self, lease_id: int, ttl: float, sent_at: float) -> None:
-        """The renewal sent at ``sent_at`` was confirmed with ``ttl`` seconds left."""
-        kept = self._leases.get(lease_id)
-        if kept is None:
-            return
-        kept.in_flight = False
-        kept.failures = 0
-        kept.last_error = None
-        kept.interval = ttl * self.fraction
-        kept.due = sent_at + kept.interval
-        kept.deadline = sent_at + ttl
-
-    def failed(self, lease_id: int, now: float, error: LiferaftError) -> None:
-        """A renewal failed without a verdict on the lease: try again soon (before its
-        deadline, which stays where it was)."""
-        kept = self._leases.get(lease_id)
-        if kept is None:
-            return
-        kept.in_flight = False
-        kept.failures += 1
-        kept.last_error = error
-        left = kept.deadline - now
-        kept.due = now + min(RETRY_CAP, 0.05 * 2 ** min(kept.failures, 5), max(left / 4, 0.0))
-
-    def expired(self, now: float) -> list[tuple[int, LiferaftError | None]]:
-        """The leases whose deadline passed without a confirmed renewal (removed), each
-        with the last error its renewals met."""
-        gone = [(k.id, k.last_error) for k in self._leases.values() if k.deadline <= now]
-        for lease_id, _ in gone:
-            del self._leases[lease_id]
-        return gone
+__all__ = ["FRACTION", "KeepAlive", "KeepAliveSchedule"]
 
 
 class KeepAlive:

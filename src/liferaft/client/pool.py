@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from liferaft.client.connection import Connection, Dial, describe, find
+from liferaft.client.core import EndpointRing, Move, Verdict
 from liferaft.client.errors import (
     ConnectionFailed,
     LiferaftError,
@@ -58,8 +59,7 @@ class ConnectionPool:
         self._max_message_bytes = max_message_bytes
         self._attempt_timeout = attempt_timeout
         self._ids = itertools.count(1)
-        self._index = first  # the endpoint to try next (modulo their number)
-        self._override: Endpoint | None = None  # a leader_endpoint to try next
+        self.ring = EndpointRing(endpoints, first)  # which endpoint to try next
         self.conn: Connection | None = None
         self._connecting: _Attempt | None = None
         self._conns: list[Connection] = []
@@ -130,8 +130,7 @@ class ConnectionPool:
                     raise pending.error
                 continue
             pending = self._connecting = _Attempt()
-            endpoint = self._override or self.endpoints[self._index % len(self.endpoints)]
-            self._override = None
+            endpoint = self.ring.next()
             conn = Connection(
                 endpoint,
                 dial=self._dial,
@@ -145,13 +144,13 @@ class ConnectionPool:
             try:
                 await self._nursery.start(conn.run)
             except Exception as exc:
-                self._index += 1
+                self.ring.advance()
                 pending.error = _connect_error(endpoint, exc)
                 raise pending.error from None
             except BaseException:
                 # Cancelled: the attempt ran out of time (a paused node accepts TCP but
                 # never finishes TLS). Try the next endpoint next time, not this one.
-                self._index += 1
+                self.ring.advance()
                 raise
             finally:
                 self._connecting = None
@@ -177,7 +176,7 @@ class ConnectionPool:
             self._leaders_skipped = 0
             return False
         self._leaders_skipped += 1
-        self._index += 1
+        self.ring.advance()
         conn.close()
         return True
 
@@ -185,21 +184,31 @@ class ConnectionPool:
         """``conn`` broke: the next request connects to the next endpoint."""
         if self.conn is conn:
             self.conn = None
-            self._index += 1
+            self.ring.advance()
 
     def rotate(self, conn: Connection) -> None:
         """``conn``'s node cannot serve us now: move on, let its in-flight requests end."""
         if self.conn is conn:
             self.conn = None
-            self._index += 1
+            self.ring.advance()
             conn.retire()
 
     def redirect(self, conn: Connection, leader: Endpoint) -> None:
         """``conn``'s node named the leader: connect there next, not to the next one."""
         if self.conn is conn:
             self.conn = None
-            self._override = leader
+            self.ring.redirect(leader)
             conn.retire()
+
+    def apply(self, conn: Connection, verdict: Verdict) -> None:
+        """Leave ``conn`` as the protocol core's verdict on a failed attempt says."""
+        if verdict.move is Move.LOST:
+            self.lost(conn)
+        elif verdict.move is Move.ROTATE:
+            self.rotate(conn)
+        elif verdict.move is Move.REDIRECT:
+            assert verdict.leader is not None
+            self.redirect(conn, verdict.leader)
 
 
 class _Attempt:

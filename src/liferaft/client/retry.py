@@ -10,6 +10,9 @@ since the server runs a session's seq at most once. Membership changes and leade
 transfers have no session: they are retried only when the server surely did not run
 them (no connection, not sent, ``not_leader``).
 
+The verdicts and the back-off are the protocol core's (liferaft.client.core), shared with
+the asyncio client; this module runs them on Trio against a ConnectionPool.
+
 The attempt deadline of a single call on an open connection is kept by the connection's
 timer, not by a cancel scope per request: the client's CPU per write should stay well
 below what a node spends on it.
@@ -17,7 +20,6 @@ below what a node spends on it.
 
 from __future__ import annotations
 
-import enum
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -25,35 +27,23 @@ from typing import Any
 import trio
 
 from liferaft.client.connection import AttemptExpired, Connection, ConnectionLost, OnOk
-from liferaft.client.errors import (
-    ConnectionFailed,
-    LiferaftError,
-    NotLeader,
-    TooLarge,
-    Unavailable,
-    error_from_wire,
+from liferaft.client.core import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    Backoff,
+    Retry,
+    Tries,
+    Verdict,
+    on_connect_timeout,
+    on_error,
+    on_lost,
+    on_silence,
+    out_of_time,
 )
+from liferaft.client.errors import ConnectionFailed, LiferaftError
 from liferaft.client.pool import ConnectionPool
-from liferaft.client.wire import Endpoint, parse_endpoint
 
-BACKOFF_BASE = 0.05  # seconds: the first retry waits 25-50 ms, doubling up to the cap
-BACKOFF_CAP = 1.0
-
-
-class Retry(enum.Enum):
-    ALWAYS = "always"  # reads, and writes with a session: any failure may be retried
-    SAFE = "safe"  # no session: only when the server surely did not run the request
-
-
-class Tries:
-    """How the attempts of one request went so far."""
-
-    __slots__ = ("failures", "last", "redirects")
-
-    def __init__(self) -> None:
-        self.failures = 0  # attempts followed by a back-off
-        self.redirects = 0  # not_leader answers with a leader_endpoint
-        self.last: LiferaftError | None = None  # the error to raise at the deadline
+__all__ = ["BACKOFF_BASE", "BACKOFF_CAP", "Retrier", "Retry", "Tries"]
 
 
 class Retrier:
@@ -66,7 +56,16 @@ class Retrier:
         self.pool = pool
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
-        self.rng = rng  # the jitter of back-offs: a seam for tests
+        self._backoff = Backoff(rng)
+
+    @property
+    def rng(self) -> random.Random:
+        """The jitter of back-offs: a seam for tests (it may be replaced)."""
+        return self._backoff.rng
+
+    @rng.setter
+    def rng(self, rng: random.Random) -> None:
+        self._backoff.rng = rng
 
     async def first_connection(self) -> None:
         """Connect within ``timeout``, so that a bad token, a bad CA or an unreachable
@@ -113,7 +112,7 @@ class Retrier:
         while True:
             now = trio.current_time()
             if now >= deadline:
-                raise t.last or Unavailable(f"no answer within {self.timeout:g}s")
+                raise out_of_time(t, self.timeout)
             conn = pool.conn
             if (
                 conn is not None
@@ -158,67 +157,44 @@ class Retrier:
             await self.backoff(t.failures, deadline)
             t.failures += 1
 
-    # The verdicts on a failed attempt, shared by request and put_many: each notes the
-    # error in ``t.last`` and moves the client off ``conn`` as the failure calls for, or
-    # raises the error when it must not be retried.
+    # The verdicts on a failed attempt, shared by request and put_many, are the protocol
+    # core's (liferaft.client.core): each notes the error in ``t.last``; here the client
+    # moves off ``conn`` as the verdict says, and raises the error when it is fatal.
+
+    def _apply(self, conn: Connection, verdict: Verdict) -> bool:
+        self.pool.apply(conn, verdict)
+        if verdict.fatal:
+            raise verdict.error
+        return verdict.at_once
 
     def judge_lost(self, conn: Connection, exc: ConnectionLost, retry: Retry, t: Tries) -> None:
-        self.pool.lost(conn)
-        if exc.too_big:
-            raise TooLarge(f"{conn.endpoint.url} refused a message as too big") from None
-        t.last = ConnectionFailed(f"{conn.endpoint.url}: {exc.reason}")
-        if exc.sent and retry is Retry.SAFE:
-            raise t.last from None
+        verdict = on_lost(
+            conn.endpoint.url, exc.reason, sent=exc.sent, too_big=exc.too_big, retry=retry, t=t
+        )
+        try:
+            self._apply(conn, verdict)
+        except LiferaftError as err:
+            raise err from None
 
     def judge_error(
         self, conn: Connection, resp: Mapping[str, Any], retry: Retry, t: Tries
     ) -> bool:
         """True: retry at once (the first redirect), without a back-off."""
-        err = error_from_wire(resp.get("error"))
-        if isinstance(err, NotLeader):
-            t.last = err
-            leader = _parse_or_none(err.leader_endpoint)
-            if leader is not None:
-                self.pool.redirect(conn, leader)
-                t.redirects += 1
-                return t.redirects == 1
-            self.pool.rotate(conn)
-        elif isinstance(err, Unavailable) and retry is Retry.ALWAYS:
-            t.last = err
-            self.pool.rotate(conn)
-        else:
-            raise err
-        return False
+        return self._apply(conn, on_error(resp.get("error"), retry, t))
 
     def judge_silence(
         self, conn: Connection | None, retry: Retry, t: Tries, deadline: float
     ) -> None:
         """The attempt ran out of time (connecting, if ``conn`` is None, or waiting)."""
         if conn is not None:
-            t.last = Unavailable(
-                f"no answer from {conn.endpoint.url} within {self.attempt_timeout:g}s"
-            )
-            self.pool.rotate(conn)
-            if retry is Retry.SAFE:
-                raise t.last
-        elif t.last is None or trio.current_time() < deadline:
-            # (cut short by the call's deadline, the error before it says more)
-            t.last = ConnectionFailed(
-                f"cannot connect to an endpoint within {self.attempt_timeout:g}s"
+            self._apply(conn, on_silence(conn.endpoint.url, self.attempt_timeout, retry, t))
+        else:
+            on_connect_timeout(
+                self.attempt_timeout, t, cut_by_deadline=trio.current_time() >= deadline
             )
 
     def backoff_delay(self, failures: int) -> float:
-        cap = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(failures, 16))
-        return cap / 2 + self.rng.uniform(0, cap / 2)  # "equal jitter": never ~0
+        return self._backoff.delay(failures)
 
     async def backoff(self, failures: int, deadline: float) -> None:
         await trio.sleep_until(min(deadline, trio.current_time() + self.backoff_delay(failures)))
-
-
-def _parse_or_none(url: str | None) -> Endpoint | None:
-    if not url:
-        return None
-    try:
-        return parse_endpoint(url)
-    except ValueError:
-        return None

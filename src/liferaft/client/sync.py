@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from liferaft.client.api import Member, Status
 from liferaft.client.client import DEFAULT_MAX_MESSAGE_BYTES, Client
 from liferaft.client.coordination import (
     DEFAULT_TTL,
@@ -198,23 +199,23 @@ class SyncClient:
         w = self.client.watch(key, prefix=prefix, start_revision=start_revision)
         return SyncWatch(self, w)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         """See :meth:`Client.status`."""
         return self._run(self.client.status)
 
-    def member_list(self) -> list[dict[str, Any]]:
+    def member_list(self) -> list[Member]:
         """See :meth:`Client.member_list`."""
         return self._run(self.client.member_list)
 
-    def member_add(self, id: str, peer: str, client: str) -> list[dict[str, Any]]:
+    def member_add(self, id: str, peer: str, client: str) -> list[Member]:
         """See :meth:`Client.member_add`."""
         return self._run(self.client.member_add, id, peer, client)
 
-    def member_promote(self, id: str) -> list[dict[str, Any]]:
+    def member_promote(self, id: str) -> list[Member]:
         """See :meth:`Client.member_promote`."""
         return self._run(self.client.member_promote, id)
 
-    def member_remove(self, id: str) -> list[dict[str, Any]]:
+    def member_remove(self, id: str) -> list[Member]:
         """See :meth:`Client.member_remove`."""
         return self._run(self.client.member_remove, id)
 

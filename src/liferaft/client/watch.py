@@ -17,8 +17,9 @@ from typing import Any
 import trio
 
 from liferaft.client.connection import Connection, WatchStream
-from liferaft.client.errors import InternalError, error_from_wire
-from liferaft.client.models import WatchEvent, event_from_wire
+from liferaft.client.core import WatchState
+from liferaft.client.errors import InternalError, LiferaftError
+from liferaft.client.models import WatchEvent
 from liferaft.client.retry import Retrier
 
 
@@ -28,8 +29,7 @@ class Watch:
 
     def __init__(self, retrier: Retrier, selector: dict[str, Any], start_revision: int) -> None:
         self._retrier = retrier
-        self._selector = selector
-        self._next_revision = start_revision  # where to resume; 0 = "from now"
+        self._state = WatchState(selector, start_revision)  # where to resume (core)
         self._stream: WatchStream | None = None
         self._buffer: deque[WatchEvent] = deque()
         self._closed = False
@@ -37,7 +37,7 @@ class Watch:
     @property
     def next_revision(self) -> int:
         """The revision a resubscription would start from (0 until one is known)."""
-        return self._next_revision
+        return self._state.next_revision
 
     def peek(self) -> WatchEvent | None:
         """The next event if it has arrived already, without taking it. The events of
@@ -79,22 +79,18 @@ class Watch:
             self._take(msg)
 
     def _take(self, msg: dict[str, Any]) -> None:
-        if "error" in msg:
-            self.close()
-            raise error_from_wire(msg["error"])
-        events = msg.get("events", [])
-        if not isinstance(events, list):
-            raise InternalError("watch message without an events list")
-        revision = msg.get("revision")
-        for raw in events:
-            ev = event_from_wire(raw)
-            at = ev.kv.mod_revision or (revision if type(revision) is int else 0)
-            self._next_revision = max(self._next_revision, at + 1)
-            self._buffer.append(ev)
+        try:
+            self._buffer.extend(self._state.events(msg))
+        except LiferaftError:
+            if self._state.closed:
+                self.close()
+            raise
 
     async def _subscribe(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the watch is closed")
+
+        state = self._state
 
         def on_ok(conn: Connection, resp: dict[str, Any]) -> None:
             # Runs in the connection's reader, before the next message is read: events
@@ -103,15 +99,10 @@ class Watch:
             if type(watch_id) is int:
                 self._stream = conn.subscribe(watch_id)
 
-        fields: dict[str, Any] = {"op": "watch", **self._selector}
-        if self._next_revision:
-            fields["start_revision"] = self._next_revision
-        resp = await self._retrier.request(fields, on_ok=on_ok)
+        resp = await self._retrier.request(state.subscribe_request(), on_ok=on_ok)
         if self._stream is None:
             raise InternalError("watch response without a watch_id")
-        revision = resp.get("revision")
-        if not self._next_revision and type(revision) is int:
-            self._next_revision = revision + 1  # resume after the revision we started at
+        state.subscribed(resp)
 
     def close(self) -> None:
         """Stop watching (sends ``unwatch``); iteration ends after buffered events."""

@@ -38,7 +38,7 @@ from typing import Any
 
 import trio
 
-from liferaft.client import Client, LiferaftError
+from liferaft.client import Client, LiferaftError, Status
 from liferaft.security.certs import generate
 from liferaft.security.tokens import mint
 from liferaft.testing.linearizability import Op, check
@@ -277,7 +277,7 @@ class NemesisCluster:
                     await p.wait()
 
 
-async def _node_status(endpoint: str, token: str, cacert: Path | None) -> dict[str, Any] | None:
+async def _node_status(endpoint: str, token: str, cacert: Path | None) -> Status | None:
     try:
         with trio.move_on_after(1.5):
             async with await Client.connect(
@@ -497,20 +497,20 @@ async def _workdir(base: Path | None) -> AsyncIterator[Path]:
         yield Path(d)
 
 
-async def _leader_status(target: Target) -> dict[str, Any] | None:
+async def _leader_status(target: Target) -> Status | None:
     for endpoint in target.endpoints:
         st = await _node_status(endpoint, target.token, target.cacert)
-        if st is not None and st.get("role") == "leader":
+        if st is not None and st.role == "leader":
             return st
     return None
 
 
 async def _leader(target: Target) -> str | None:
     st = await _leader_status(target)
-    return None if st is None else str(st["node_id"])
+    return None if st is None else st.node_id
 
 
-async def _wait_for_leader(target: Target, wait: float) -> dict[str, Any]:
+async def _wait_for_leader(target: Target, wait: float) -> Status:
     """The leader's status, once there is one."""
     with trio.fail_after(wait):
         while (st := await _leader_status(target)) is None:  # noqa: ASYNC110
@@ -524,16 +524,16 @@ async def _settled(target: Target, wait: float) -> int:
         while True:
             st = [await _node_status(e, target.token, target.cacert) for e in target.endpoints]
             if all(s is not None for s in st):
-                applied = {s["applied_index"] for s in st if s is not None}
-                commits = {s["commit_index"] for s in st if s is not None}
-                leaders = {s["leader_id"] for s in st if s is not None}
+                applied = {s.applied_index for s in st if s is not None}
+                commits = {s.commit_index for s in st if s is not None}
+                leaders = {s.leader_id for s in st if s is not None}
                 if (
                     len(applied) == 1
                     and applied == commits
                     and len(leaders) == 1
                     and None not in leaders
                 ):
-                    return int(st[0]["revision"])  # type: ignore[index]
+                    return st[0].revision  # type: ignore[union-attr]
             await trio.sleep(0.2)
 
 

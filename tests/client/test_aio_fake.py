@@ -1,0 +1,217 @@
+"""The asyncio client against the fake server (tests/client/fakeserver.py), which runs on
+Trio in a thread of its own: what the real cluster cannot show, the requests on the wire
+(batching, the session and seq of every retry, where a redirect goes) and every error
+code mapped to the Trio client's classes."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from fakeserver import TOKEN, FakeCluster, make_certs
+
+from liferaft.client import (
+    Client,
+    Compacted,
+    InternalError,
+    InvalidRequest,
+    LeaseLost,
+    LiferaftError,
+    MemberError,
+    NotFound,
+    PermissionDenied,
+    Status,
+    TooLarge,
+    Unauthenticated,
+)
+from liferaft.client.aio import AsyncioClient, open_client
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("aio-certs")
+    make_certs(d)
+    return d
+
+
+class Fake:
+    """A FakeCluster served by a Trio loop in a thread; ``call`` runs a function there."""
+
+    def __init__(self, cluster: FakeCluster, token: trio.lowlevel.TrioToken) -> None:
+        self.cluster = cluster
+        self.token = token
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        return trio.from_thread.run_sync(fn, trio_token=self.token)
+
+    def open(self, *nodes: str, **kw: Any) -> Any:
+        urls = [self.cluster[n].url for n in nodes] if nodes else self.cluster.urls[:1]
+        kw.setdefault("cacert", self.certs / "ca.pem")
+        return open_client(urls, token=TOKEN, **kw)
+
+    certs: Path
+
+
+@pytest.fixture
+def fake(certs: Path) -> Iterator[Fake]:
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            box["cluster"] = await FakeCluster(certs).start(nursery)
+            box["token"] = trio.lowlevel.current_trio_token()
+            box["scope"] = nursery.cancel_scope
+            ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    f = Fake(box["cluster"], box["token"])
+    f.certs = certs
+    try:
+        yield f
+    finally:
+        trio.from_thread.run_sync(box["scope"].cancel, trio_token=box["token"])
+        thread.join(10)
+
+
+def test_concurrent_writes_share_a_message_and_retries_keep_session_and_seq(fake: Fake) -> None:
+    n1, n2 = fake.cluster["n1"], fake.cluster["n2"]
+
+    async def main() -> None:
+        async with fake.open("n1", "n2") as c:
+            assert isinstance(c, AsyncioClient)
+            revs = await asyncio.gather(*(c.put(f"k/{i}", b"v") for i in range(50)))
+            assert sorted(revs) == list(range(1, 51))
+            fake.call(lambda: n1.inject("unavailable", op="put"))
+            await c.put("again", b"v")  # n1: unavailable; then n2, the next endpoint
+            assert c.endpoint == n2.url + "/v1"
+            fake.call(lambda: n2.inject("drop", op="put", apply=True))  # answer lost
+            await c.put("once", b"v")  # n2 applied it; the retry at n1 gets that result
+            assert c.endpoint == n1.url + "/v1"
+            assert (await c.get("once")) is not None
+            st = await c.status()
+            assert isinstance(st, Status) and st.node_id in ("n1", "n2")
+
+    asyncio.run(main())
+    puts = [m for m in n1.messages if isinstance(m, list) and m and m[0]["op"] == "put"]
+    assert sum(len(m) for m in puts[:3]) == 50  # 50 puts in at most three messages
+    sent = [r for n in (n1, n2) for r in n.requests if r["op"] == "put"]
+    again = [r for r in sent if r["key"] == "again"]
+    once = [r for r in sent if r["key"] == "once"]
+    assert len(again) == 2 and len({(r["session"], r["seq"]) for r in again}) == 1
+    assert len(once) == 2 and len({(r["session"], r["seq"]) for r in once}) == 1
+    assert again[0]["seq"] != once[0]["seq"]
+    assert len(fake.cluster.store.applied) == 52  # each write applied once
+
+
+def test_not_leader_is_followed_and_a_watch_resumes_after_a_drop(fake: Fake) -> None:
+    n1, n2 = fake.cluster["n1"], fake.cluster["n2"]
+
+    async def main() -> None:
+        async with fake.open("n1") as c:
+            fake.call(lambda: n1.inject("not_leader", op="put", leader_endpoint=n2.url))
+            await c.put("moved", b"v")
+            assert c.endpoint == n2.url + "/v1"  # the leader's address, not in the list
+            async with c.watch(prefix="r/") as events:
+                await c.put("r/1", b"1")
+                assert (await events.__anext__()).kv.key == "r/1"
+                await trio_call(fake, n2.drop_all)
+                await c.put("r/2", b"2")
+                await c.put("r/3", b"3")
+                keys = [(await events.__anext__()).kv.key for _ in range(2)]
+            assert keys == ["r/2", "r/3"]
+
+    asyncio.run(main())
+    # subscribed at n2 (the leader it was sent to), then again at n1 from after r/1
+    first = [r for r in n2.requests if r["op"] == "watch"]
+    again = [r for r in n1.requests if r["op"] == "watch"]
+    assert len(first) == len(again) == 1 and "start_revision" not in first[0]
+    assert again[0]["start_revision"] == 3
+
+
+async def trio_call(fake: Fake, fn: Callable[[], Any]) -> None:
+    """Run the Trio coroutine function ``fn`` in the fake's loop (from a thread)."""
+    await asyncio.to_thread(trio.from_thread.run, fn, trio_token=fake.token)
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("invalid_request", InvalidRequest),
+        ("too_large", TooLarge),
+        ("unauthenticated", Unauthenticated),
+        ("permission_denied", PermissionDenied),
+        ("compacted", Compacted),
+        ("member_error", MemberError),
+        ("not_found", NotFound),
+        ("internal", InternalError),
+    ],
+)
+def test_error_codes_are_typed_as_on_trio(fake: Fake, code: str, cls: type[LiferaftError]) -> None:
+    async def main() -> None:
+        async with fake.open() as c:
+            fake.call(lambda: fake.cluster["n1"].inject("error", code=code, compact_revision=7))
+            with pytest.raises(cls) as info:
+                await c.put("k", b"v")
+            assert info.value.code == code and "injected" in info.value.message
+
+    asyncio.run(main())
+    assert len([r for r in fake.cluster["n1"].requests if r["op"] == "put"]) == 1  # not retried
+
+
+def test_a_bad_token_is_unauthenticated(fake: Fake) -> None:
+    async def main() -> None:
+        with pytest.raises(Unauthenticated):
+            await AsyncioClient.connect(
+                fake.cluster.urls, token="wrong", cacert=fake.certs / "ca.pem", timeout=2
+            )
+
+    asyncio.run(main())
+
+
+def test_a_lost_lease_cancels_the_keep_alive_block_with_lease_lost(fake: Fake) -> None:
+    async def main() -> None:
+        async with fake.open() as c:
+            lease = await c.lease_grant(1)
+            ka = c.keep_alive(lease)
+            with pytest.raises(LeaseLost) as info:
+                async with ka:
+                    await asyncio.sleep(0.5)  # renewed (at once, then every 1/3 s)
+                    assert not ka.lost.is_set()
+                    fake.call(lambda: fake.cluster.store.expire(lease.id))
+                    await asyncio.sleep(5)  # cancelled at the next renewal
+            assert info.value.lease == lease.id and ka.lost.is_set()
+            assert await c.put("after", b"v") > 0  # the client goes on
+
+    asyncio.run(main())
+
+
+def test_the_same_api_as_the_trio_client() -> None:
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    assert public(Client) - public(AsyncioClient) == {"snapshot_save"}
+    for name in public(Client) & public(AsyncioClient) - {"connect"}:
+        trio_fn, aio_fn = getattr(Client, name), getattr(AsyncioClient, name)
+        if callable(trio_fn):
+            trio_sig, aio_sig = inspect.signature(trio_fn), inspect.signature(aio_fn)
+            assert trio_sig.parameters == aio_sig.parameters, name
+
+
+def test_without_websockets_the_import_error_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "websockets.asyncio.client", None)  # as if absent
+    monkeypatch.delitem(sys.modules, "liferaft.client.aio")
+    with pytest.raises(ImportError, match=r"pip install 'liferaft\[asyncio\]'"):
+        import liferaft.client.aio  # noqa: F401

@@ -1,0 +1,375 @@
+"""The same behaviour from both client flavours, Trio (``liferaft.client``) and asyncio
+(``liferaft.client.aio``), against one real cluster of three ``liferaft node``
+processes: each scenario is written once against the shared API and run under
+``trio.run`` and under ``asyncio.run`` (plain sync tests, outside pytest-trio's loop).
+
+Covered: every key-value op and the typed results, errors mapped to the same classes,
+a ``not_leader`` followed to the leader, writes retried across a leader SIGKILL and
+applied exactly once (session and seq), a watch that resumes after its node is killed
+with no event missed or repeated, and a lease kept alive past its TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import liferaft.client
+import liferaft.client.aio
+from liferaft.client import (
+    InvalidRequest,
+    KeyValue,
+    Member,
+    NotFound,
+    PermissionDenied,
+    Status,
+    TLSError,
+    Unauthenticated,
+    compare,
+    op_get,
+    op_put,
+)
+from liferaft.security.certs import generate
+from liferaft.testing.processes import ProcessCluster, process_cluster
+
+FLAVOURS = ["trio", "asyncio"]
+HANG = 60.0  # a guard against hangs, not a performance claim
+
+
+@dataclass
+class Cluster:
+    """Three node processes; ``kill`` and ``start`` one by id."""
+
+    pc: ProcessCluster
+    logs: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, node_id: str) -> None:
+        with open(self.logs / f"{node_id}.log", "ab") as log:
+            self.procs[node_id] = subprocess.Popen(self.pc.command(node_id), stdout=log, stderr=log)
+
+    def kill(self, node_id: str) -> None:
+        proc = self.procs[node_id]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def endpoint(self, node_id: str) -> str:
+        return self.pc.endpoints[self.pc.ids.index(node_id)]
+
+    def node_of(self, url: str | None) -> str:
+        assert url is not None
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        return next(i for i in self.pc.ids if self.pc.members[i][1] == port)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    base = tmp_path_factory.mktemp("flavours")
+    pc = process_cluster(base, ["n1", "n2", "n3"], heartbeat_ms=50, election_ms=300)
+    c = Cluster(pc, base)
+    try:
+        for i in pc.ids:
+            c.start(i)
+        yield c
+    finally:
+        for p in c.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@dataclass
+class Env:
+    """What a scenario needs from its event loop, for each flavour."""
+
+    flavour: str
+    cluster: Cluster
+
+    def open(
+        self, endpoints: list[str] | None = None, *, token: str | None = None, **kw: Any
+    ) -> AbstractAsyncContextManager[Any]:
+        module: Any = liferaft.client if self.flavour == "trio" else liferaft.client.aio
+        kw.setdefault("cacert", self.cluster.pc.certs / "ca.pem")
+        kw.setdefault("timeout", 10.0)
+        return module.open_client(  # type: ignore[no-any-return]
+            endpoints or self.cluster.pc.endpoints,
+            token=token or self.cluster.pc.token(["read", "write", "admin"]),
+            **kw,
+        )
+
+    async def sleep(self, seconds: float) -> None:
+        if self.flavour == "trio":
+            await trio.sleep(seconds)
+        else:
+            await asyncio.sleep(seconds)
+
+    async def gather(self, *fns: Callable[[], Awaitable[Any]]) -> list[Any]:
+        """Run ``fns`` concurrently; their results in order."""
+        if self.flavour == "asyncio":
+            return list(await asyncio.gather(*(fn() for fn in fns)))
+        out: list[Any] = [None] * len(fns)
+
+        async def one(i: int) -> None:
+            out[i] = await fns[i]()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(fns)):
+                nursery.start_soon(one, i)
+        return out
+
+    @contextlib.asynccontextmanager
+    async def background(self, fn: Callable[[], Awaitable[Any]]) -> AsyncIterator[None]:
+        """Run ``fn`` while the block runs; cancel it after."""
+        if self.flavour == "trio":
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fn)
+                yield
+                nursery.cancel_scope.cancel()
+        else:
+            task = asyncio.ensure_future(fn())
+            try:
+                yield
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def leader(self) -> str:
+        """The id of the leader, once every node answers and names the same one (a
+        node killed by an earlier scenario is back)."""
+        deadline = time.monotonic() + HANG
+        while time.monotonic() < deadline:
+            leaders = set()
+            for url in self.cluster.pc.endpoints:
+                try:
+                    async with self.open([url], timeout=1.0) as c:
+                        leaders.add((await c.status()).leader_id)
+                except liferaft.client.LiferaftError:
+                    leaders.add(None)
+            if len(leaders) == 1 and None not in leaders:
+                return str(leaders.pop())
+            await self.sleep(0.1)
+        raise AssertionError("no leader")
+
+
+def run(flavour: str, cluster: Cluster, scenario: Callable[[Env], Awaitable[None]]) -> None:
+    env = Env(flavour, cluster)
+    if flavour == "trio":
+
+        async def main() -> None:
+            with trio.fail_after(HANG):
+                await scenario(env)
+
+        trio.run(main)
+    else:
+
+        async def amain() -> None:
+            await asyncio.wait_for(scenario(env), HANG)
+
+        asyncio.run(amain())
+
+
+# ---------------------------------------------------------------- the scenarios
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_key_value_ops_and_typed_results(flavour: str, cluster: Cluster) -> None:
+    async def scenario(env: Env) -> None:
+        await env.leader()
+        p = f"kv-{flavour}/"
+        async with env.open() as c:
+            rev = await c.put(p + "a", "1")
+            kv = await c.get(p + "a")
+            assert isinstance(kv, KeyValue) and kv.value == b"1" and kv.mod_revision == rev
+            revs = await c.put_many([(p + "b", b"2"), (p + "c", b"3")])
+            assert revs == sorted(revs) and revs[0] > rev
+            kvs, more = await c.range(p)
+            assert [x.key for x in kvs] == [p + "a", p + "b", p + "c"] and not more
+            kvs, more = await c.range(p, limit=1, after=p + "a")
+            assert [x.key for x in kvs] == [p + "b"] and more
+            old = await c.get(p + "a", revision=rev)
+            assert old is not None and old.text == "1"
+            r = await c.txn(
+                [compare(p + "a", "value", "==", "1")],
+                [op_put(p + "a", "2"), op_get(p + "b")],
+                [],
+            )
+            assert r.succeeded and r.results[1]["kv"].value == b"2"
+            r = await c.txn([compare(p + "a", "version", "==", 0)], [], [op_get(p + "a")])
+            assert not r.succeeded and r.results[0]["kv"].text == "2"
+            assert await c.delete(p + "a") == 1
+            assert await c.get(p + "a") is None
+            assert await c.delete(prefix=p) == 2
+            st = await c.status()
+            assert isinstance(st, Status) and st.revision >= r.revision
+            assert st.leader_id in ("n1", "n2", "n3") and st.version
+            assert all(isinstance(m, Member) for m in st.members)
+            assert sorted(m.id for m in await c.member_list()) == ["n1", "n2", "n3"]
+            assert all(m.voter for m in st.members)
+            # errors: the same classes on both flavours
+            with pytest.raises(InvalidRequest):
+                await c.put("", "x")  # refused before sending
+            with pytest.raises(InvalidRequest):
+                await c.get(p + "a", revision=st.revision + 10_000)  # the server's refusal
+            with pytest.raises(NotFound):
+                await c.lease_revoke(0x5EED_0000_0001)
+        async with env.open(token=env.cluster.pc.token(["read"])) as ro:
+            with pytest.raises(PermissionDenied):
+                await ro.put(p + "x", "no")
+        with pytest.raises(Unauthenticated):
+            async with env.open(token="not-a-token", timeout=2.0):
+                pass
+        wrong_ca = env.cluster.logs / "other-ca"
+        if not (wrong_ca / "ca.pem").exists():
+            generate(wrong_ca, ["n1"])
+        with pytest.raises(TLSError):
+            async with env.open(cacert=wrong_ca / "ca.pem", timeout=2.0):
+                pass
+
+    run(flavour, cluster, scenario)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_not_leader_is_followed_to_the_leader(flavour: str, cluster: Cluster) -> None:
+    async def scenario(env: Env) -> None:
+        lead = await env.leader()
+        follower = next(i for i in env.cluster.pc.ids if i != lead)
+        async with env.open([env.cluster.endpoint(follower)]) as c:
+            assert env.cluster.node_of(c.endpoint) == follower
+            rev = await c.put(f"redirect-{flavour}", "x")  # not_leader, then the leader
+            assert env.cluster.node_of(c.endpoint) == lead
+            kv = await c.get(f"redirect-{flavour}")
+            assert kv is not None and kv.mod_revision == rev
+
+    run(flavour, cluster, scenario)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_writes_across_a_leader_kill_apply_exactly_once(flavour: str, cluster: Cluster) -> None:
+    """Writes in flight when the leader is SIGKILLed are retried with their session and
+    seq at the new leader: each applies once (version 1) and returns the revision of
+    that one application."""
+
+    async def scenario(env: Env) -> None:
+        old = await env.leader()
+        p = f"once-{flavour}/"
+        results: dict[str, int] = {}
+        async with env.open() as c:
+            await c.put(p + "warm-up", "x")
+            assert env.cluster.node_of(c.endpoint) == old
+
+            spans: dict[str, tuple[float, float]] = {}
+
+            async def put(key: str) -> None:
+                started = time.monotonic()
+                results[key] = await c.put(key, "v")
+                spans[key] = (started, time.monotonic())
+
+            async def writer(n: int) -> None:
+                for i in range(n):
+                    await env.gather(*(lambda k=f"{p}{i:03}-{j}": put(k) for j in range(8)))
+
+            killed_at = 0
+            kill_time: list[float] = []
+
+            async def killer() -> None:
+                nonlocal killed_at
+                while len(results) < 24:
+                    await env.sleep(0.005)
+                killed_at = len(results)
+                env.cluster.kill(old)
+                kill_time.append(time.monotonic())
+
+            await env.gather(lambda: writer(12), killer)
+            assert killed_at and len(results) == 12 * 8
+            # some puts were in flight when the leader died: retried at the new one
+            crossed = [k for k, (a, b) in spans.items() if a < kill_time[0] < b]
+            assert crossed
+            new = env.cluster.node_of(c.endpoint)
+            assert new != old
+            kvs, _ = await c.range(p)
+            got = {kv.key: kv for kv in kvs if not kv.key.endswith("warm-up")}
+            assert set(got) == set(results)
+            assert all(kv.version == 1 for kv in got.values())  # applied once each
+            assert {k: kv.mod_revision for k, kv in got.items()} == results
+        env.cluster.start(old)
+
+    run(flavour, cluster, scenario)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_watch_resumes_after_its_node_dies_without_a_gap(flavour: str, cluster: Cluster) -> None:
+    async def scenario(env: Env) -> None:
+        lead = await env.leader()
+        ids = env.cluster.pc.ids
+        follower = next(i for i in ids if i != lead)
+        p = f"watch-{flavour}/"
+        n = 40
+        ends = [env.cluster.endpoint(follower), env.cluster.endpoint(lead)]
+        lead_only = [env.cluster.endpoint(lead)]
+        async with (
+            env.open(ends) as w,
+            env.open(lead_only) as writer,
+            w.watch(prefix=p) as events,
+        ):
+            assert env.cluster.node_of(w.endpoint) == follower
+
+            async def write() -> None:
+                for i in range(n):
+                    await writer.put(f"{p}{i:03}", str(i))
+                    if i == n // 3:
+                        env.cluster.kill(follower)  # the watch's connection goes
+                    await env.sleep(0.002)
+
+            seen: list[KeyValue] = []
+            async with env.background(write):
+                async for ev in events:
+                    assert ev.type == "put"
+                    seen.append(ev.kv)
+                    if len(seen) == n:
+                        break
+            assert [kv.key for kv in seen] == [f"{p}{i:03}" for i in range(n)]
+            revs = [kv.mod_revision for kv in seen]
+            assert revs == sorted(set(revs))  # in order, none twice
+            assert env.cluster.node_of(w.endpoint) == lead  # it moved on
+            assert events.next_revision == revs[-1] + 1
+        env.cluster.start(follower)
+
+    run(flavour, cluster, scenario)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_lease_kept_alive_outlives_its_ttl_and_revoke_deletes_its_keys(
+    flavour: str, cluster: Cluster
+) -> None:
+    async def scenario(env: Env) -> None:
+        await env.leader()
+        key = f"lease-{flavour}"
+        async with env.open() as c:
+            lease = await c.lease_grant(1)
+            await c.put(key, "held", lease=lease.id)
+            async with c.keep_alive(lease) as ka:
+                await env.sleep(2.5)  # well past the TTL: renewed about every 1/3 s
+                assert not ka.lost.is_set()
+                info = await c.lease_ttl(lease.id, keys=True)
+                assert info.keys == [key] and info.granted_ttl == 1
+            assert await c.get(key) is not None
+            assert lease.id in await c.lease_list()
+            rev = await c.lease_revoke(lease.id)
+            assert await c.get(key) is None
+            kv_gone = await c.get(key, revision=rev - 1)
+            assert kv_gone is not None and kv_gone.text == "held"
+            with pytest.raises(NotFound):
+                await c.lease_keepalive_once(lease.id)
+
+    run(flavour, cluster, scenario)
