@@ -16,21 +16,26 @@ import pytest
 import trio
 from fakeserver import TOKEN, FakeCluster, make_certs
 
+import liferaft.client
+import liferaft.client.aio
 from liferaft.client import (
+    LOCK_PREFIX,
     Client,
     Compacted,
     InternalError,
     InvalidRequest,
     LeaseLost,
     LiferaftError,
+    LockLost,
     MemberError,
+    NotElected,
     NotFound,
     PermissionDenied,
     Status,
     TooLarge,
     Unauthenticated,
 )
-from liferaft.client.aio import AsyncioClient, open_client
+from liferaft.client.aio import AsyncioClient, Election, Lock, open_client
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +197,165 @@ def test_a_lost_lease_cancels_the_keep_alive_block_with_lease_lost(fake: Fake) -
             assert await c.put("after", b"v") > 0  # the client goes on
 
     asyncio.run(main())
+
+
+def keys_under(fake: Fake, prefix: str) -> list[str]:
+    """The keys under ``prefix`` in the fake store, oldest first."""
+    data = fake.call(lambda: dict(fake.cluster.store.data))
+    kvs = sorted(
+        (kv for k, kv in data.items() if k.startswith(prefix)), key=lambda kv: kv["create_revision"]
+    )
+    return [kv["key"] for kv in kvs]
+
+
+async def until(fake: Fake, done: Callable[[], bool]) -> None:
+    """Poll ``done`` (it may call into the fake) until true; a hang guard of 30 s."""
+    async with asyncio.timeout(30):
+        while not done():  # noqa: ASYNC110 - polls the fake and the contenders
+            await asyncio.sleep(0.01)
+
+
+def test_lock_waiters_watch_their_predecessor_and_take_turns(fake: Fake) -> None:
+    """Three contenders on asyncio queue in create_revision order; each waiter watches
+    only its predecessor's key; the sections never overlap; tokens grow; every lease is
+    revoked at the end."""
+    pfx = LOCK_PREFIX + "job/"
+
+    async def main() -> None:
+        holder: list[int] = []
+        tokens: list[int] = []
+        release = [asyncio.Event() for _ in range(3)]
+        async with fake.open() as c:
+            locks = [Lock(c, "job") for _ in range(3)]
+
+            async def contender(i: int) -> None:
+                async with locks[i] as lock:
+                    assert not holder
+                    holder.append(i)
+                    tokens.append(lock.token)
+                    await release[i].wait()
+                    holder.remove(i)
+
+            tasks = []
+            for i in range(3):
+                tasks.append(asyncio.create_task(contender(i)))
+                await until(fake, lambda i=i: len(keys_under(fake, pfx)) == i + 1)
+            await until(fake, lambda: locks[2].watching is not None)
+            assert locks[1].watching == locks[0].key and locks[2].watching == locks[1].key
+            for i in range(3):
+                await until(fake, lambda i=i: len(tokens) == i + 1)
+                release[i].set()
+            await asyncio.gather(*tasks)
+        assert tokens == sorted(set(tokens)) and len(tokens) == 3
+        assert [lock.watches for lock in locks] == [0, 1, 1]
+        assert (
+            keys_under(fake, pfx) == [] and fake.call(lambda: dict(fake.cluster.store.leases)) == {}
+        )
+
+    asyncio.run(main())
+
+
+def test_a_lost_lock_cancels_the_holder_with_lock_lost(fake: Fake) -> None:
+    async def main() -> None:
+        async with fake.open() as c:
+            with pytest.raises(LockLost) as info:
+                async with Lock(c, "x", ttl=1) as lock:
+                    token = lock.token
+                    lease = lock.lease
+                    assert lease is not None and not lock.lost.is_set()
+                    fake.call(lambda: fake.cluster.store.expire(lease.id))
+                    await asyncio.sleep(30)  # cancelled at the next renewal (1/3 s)
+            assert "lock 'x'" in str(info.value) and not lock.held
+            assert info.value.lease == lease.id
+            async with Lock(c, "x") as again:
+                assert again.token > token
+            assert await c.put("after", b"v") > 0  # the task was not left cancelled
+
+    asyncio.run(main())
+
+
+def test_giving_up_while_waiting_leaves_no_key(fake: Fake) -> None:
+    pfx = LOCK_PREFIX + "g/"
+
+    async def main() -> None:
+        async with fake.open() as c, Lock(c, "g") as held:
+            waiter = Lock(c, "g")
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await waiter.acquire()
+            assert not waiter.held and waiter.lease is None
+            assert keys_under(fake, pfx) == [held.key]
+            assert held.lease is not None
+            assert list(fake.call(lambda: dict(fake.cluster.store.leases))) == [held.lease.id]
+
+    asyncio.run(main())
+
+
+def test_election_campaign_proclaim_resign_observe(fake: Fake) -> None:
+    async def main() -> None:
+        seen: list[bytes] = []
+        async with fake.open() as c:
+            one, two = Election(c, "svc"), Election(c, "svc")
+            assert await one.leader() is None
+
+            async def observe() -> None:
+                async with Election(c, "svc").observe() as leaders:
+                    async for kv in leaders:
+                        seen.append(kv.value)
+
+            observer = asyncio.create_task(observe())
+            async with one:
+                await one.campaign("one")
+                await until(fake, lambda: seen == [b"one"])
+                second = asyncio.create_task(two.campaign("two"))
+                await until(fake, lambda: two.watching is not None)
+                await one.proclaim("one, again")
+                await until(fake, lambda: len(seen) == 2)
+                with pytest.raises(NotElected):
+                    await two.proclaim("me")
+            await second
+            await until(fake, lambda: len(seen) == 3)
+            assert two.leading and not one.leading
+            leader = await two.leader()
+            assert leader is not None and leader.value == b"two"
+            await two.resign()
+            observer.cancel()
+            await asyncio.gather(observer, return_exceptions=True)
+        assert seen == [b"one", b"one, again", b"two"]
+
+    asyncio.run(main())
+
+
+def test_a_lost_lease_ends_the_election_block_with_lease_lost(fake: Fake) -> None:
+    async def main() -> None:
+        async with fake.open() as c:
+            election = Election(c, "db", ttl=1)
+            with pytest.raises(LeaseLost):
+                async with election:
+                    await election.campaign("a")
+                    assert election.lease is not None
+                    lease_id = election.lease.id
+                    fake.call(lambda: fake.cluster.store.expire(lease_id))
+                    await asyncio.sleep(30)
+            assert not election.leading
+            assert await c.put("after", b"v") > 0
+
+    asyncio.run(main())
+
+
+def test_lock_and_election_have_the_trio_api() -> None:
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    for name in ("Lock", "Election", "LeaderWatch"):
+        trio_cls, aio_cls = getattr(liferaft.client, name), getattr(liferaft.client.aio, name)
+        assert public(trio_cls) == public(aio_cls), name
+        for attr in public(trio_cls):
+            trio_fn, aio_fn = getattr(trio_cls, attr), getattr(aio_cls, attr)
+            if callable(trio_fn):
+                trio_params = list(inspect.signature(trio_fn).parameters)
+                assert trio_params == list(inspect.signature(aio_fn).parameters), (name, attr)
+    assert liferaft.client.aio.LockLost is liferaft.client.LockLost
 
 
 def test_the_same_api_as_the_trio_client() -> None:

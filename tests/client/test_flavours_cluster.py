@@ -6,12 +6,17 @@ processes: each scenario is written once against the shared API and run under
 Covered: every key-value op and the typed results, errors mapped to the same classes,
 a ``not_leader`` followed to the leader, writes retried across a leader SIGKILL and
 applied exactly once (session and seq), a watch that resumes after its node is killed
-with no event missed or repeated, and a lease kept alive past its TTL."""
+with no event missed or repeated, a lease kept alive past its TTL, and coordination
+(docs/coordination.md): mutual exclusion of a Lock with growing fencing tokens across a
+leader SIGKILL and restart, and an Election whose observers never see two leaders at
+once and whose leader, its client closed without resigning, is replaced once its lease
+expires."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import subprocess
 import time
@@ -29,6 +34,7 @@ import liferaft.client.aio
 from liferaft.client import (
     InvalidRequest,
     KeyValue,
+    LockLost,
     Member,
     NotFound,
     PermissionDenied,
@@ -94,6 +100,37 @@ class Env:
 
     flavour: str
     cluster: Cluster
+
+    @property
+    def module(self) -> Any:
+        """The flavour's client module: Client, Lock, Election, open_client."""
+        return liferaft.client if self.flavour == "trio" else liferaft.client.aio
+
+    def now(self) -> float:
+        """The flavour's clock."""
+        if self.flavour == "trio":
+            return trio.current_time()
+        return asyncio.get_running_loop().time()
+
+    async def until(self, done: Callable[[], bool], within: float, what: str) -> None:
+        """Wait until ``done()``; fail after ``within`` seconds (a hang guard)."""
+        deadline = time.monotonic() + within
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {within:g}s: {what}")
+            await self.sleep(0.01)
+
+    async def connect(self) -> Any:
+        """A connected client of the flavour, to be closed with ``aclose``."""
+        cls: Any = (
+            liferaft.client.Client if self.flavour == "trio" else liferaft.client.aio.AsyncioClient
+        )
+        return await cls.connect(
+            self.cluster.pc.endpoints,
+            token=self.cluster.pc.token(["read", "write"]),
+            cacert=self.cluster.pc.certs / "ca.pem",
+            timeout=10.0,
+        )
 
     def open(
         self, endpoints: list[str] | None = None, *, token: str | None = None, **kw: Any
@@ -371,5 +408,115 @@ def test_a_lease_kept_alive_outlives_its_ttl_and_revoke_deletes_its_keys(
             assert kv_gone is not None and kv_gone.text == "held"
             with pytest.raises(NotFound):
                 await c.lease_keepalive_once(lease.id)
+
+    run(flavour, cluster, scenario)
+
+
+# ---------------------------------------------------------------- coordination
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_lock_mutual_exclusion_across_a_leader_kill(flavour: str, cluster: Cluster) -> None:
+    """Three contenders, each with its own client (its own session, as separate processes
+    would have), take one lock three times each while the cluster's leader is SIGKILLed
+    and later restarted. The critical sections, recorded with the flavour's clock, never
+    overlap, and every holder's fencing token is higher than the one before."""
+
+    async def scenario(env: Env) -> None:
+        lead = await env.leader()
+        name = f"mx-{flavour}"
+        sections: list[tuple[float, float, int, int]] = []  # (entered, left, token, who)
+        holder: list[int] = []
+        lost: list[int] = []
+        restarted: list[str] = []
+
+        async def contender(i: int) -> None:
+            async with env.open() as c:
+                for _ in range(3):
+                    try:
+                        async with env.module.Lock(c, name, ttl=5) as lock:
+                            entered = env.now()
+                            assert not holder, f"{i} entered while {holder} held the lock"
+                            holder.append(i)
+                            await c.put(f"{name}/owner", str(i))  # a write while holding
+                            await env.sleep(0.05)
+                            holder.remove(i)
+                            sections.append((entered, env.now(), lock.token, i))
+                    except LockLost:
+                        holder.clear()
+                        lost.append(i)
+
+        async def kill_and_restart() -> None:
+            await env.until(lambda: len(sections) >= 2, HANG, "two critical sections")
+            env.cluster.kill(lead)
+            await env.until(lambda: len(sections) >= 5, HANG, "sections after the kill")
+            env.cluster.start(lead)
+            restarted.append(lead)
+
+        try:
+            await env.gather(kill_and_restart, *(lambda i=i: contender(i) for i in range(3)))
+        finally:
+            if not restarted and env.cluster.procs[lead].poll() is not None:
+                env.cluster.start(lead)
+        assert not lost and len(sections) == 9, (lost, sections)
+        for (_, left, token, _), (entered, _, next_token, _) in itertools.pairwise(sections):
+            assert left <= entered, sections  # never two holders at once
+            assert token < next_token, sections  # a fenced store never refuses the next
+        async with env.open() as c:
+            kvs, _ = await c.range(f"_liferaft/lock/{name}/")
+            assert kvs == []  # every contender released (revoked its lease)
+
+    run(flavour, cluster, scenario)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_election_observed_and_a_closed_leader_replaced(flavour: str, cluster: Cluster) -> None:
+    """A leads; B campaigns and waits (watching A's key); an observer follows. A's client
+    is closed without resigning: once A's lease expires B is elected (within a bounded
+    wait: a hang guard, not a timing claim). The observer sees A, then B, then B's
+    proclaimed value: never two leaders at once, and B only once A's key is gone."""
+
+    async def scenario(env: Env) -> None:
+        await env.leader()
+        name = f"svc-{flavour}"
+        ttl = 2
+        seen: list[KeyValue] = []
+        won: list[str] = []
+        async with env.open() as watcher, env.open() as b_client:
+            a_client = await env.connect()
+            a = env.module.Election(a_client, name, ttl=ttl)
+            b = env.module.Election(b_client, name, ttl=ttl)
+
+            async def observe() -> None:
+                async with env.module.Election(watcher, name).observe() as leaders:
+                    async for kv in leaders:
+                        seen.append(kv)
+
+            async def campaign_b() -> None:
+                await b.campaign("b")
+                won.append(str(b.key))
+
+            async with env.background(observe):
+                await a.campaign("a")
+                await env.until(lambda: len(seen) == 1, HANG, "the observer sees a")
+                assert seen[0].value == b"a" and seen[0].key == a.key
+                a_key = a.key
+                async with env.background(campaign_b):
+                    await env.until(lambda: b.watching == a_key, HANG, "b waits for a")
+                    assert (await b.leader()).key == a_key and not won
+                    await a_client.aclose()  # no resign, no revoke: the lease must expire
+                    await env.until(lambda: bool(won), ttl + 15.0, "b elected after a died")
+                    assert await watcher.get(a_key) is None  # a's key went with its lease
+                    await env.until(lambda: len(seen) == 2, HANG, "the observer sees b")
+                    await b.proclaim("b2")
+                    await env.until(lambda: len(seen) == 3, HANG, "the observer sees b2")
+                    leader = await b.leader()
+                    assert leader is not None and leader.value == b"b2"
+                    await b.resign()
+                await env.sleep(0.2)  # nobody leads now: nothing more is shown
+            assert [kv.value for kv in seen] == [b"a", b"b", b"b2"]
+            assert [kv.key for kv in seen] == [a_key, won[0], won[0]]
+            assert seen[0].create_revision < seen[1].create_revision
+            assert await b.leader() is None
 
     run(flavour, cluster, scenario)

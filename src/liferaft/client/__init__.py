@@ -32,8 +32,9 @@ with a session and seq so that each one applies at most once (docs/client-protoc
     trio.run(main)
 
 On asyncio, :mod:`liferaft.client.aio` has the same client (``AsyncioClient``,
-``open_client``), on the same sans-I/O protocol core (liferaft.client.core) and the same
-operations (liferaft.client.api); it needs ``pip install 'liferaft[asyncio]'``.
+``open_client``, ``Lock``, ``Election``), on the same sans-I/O protocol core
+(liferaft.client.core), the same operations (liferaft.client.api) and the same lock and
+election recipe (liferaft.client.recipe); it needs ``pip install 'liferaft[asyncio]'``.
 
 For scripts without an event loop, :class:`SyncClient` has the same methods and blocks::
 

@@ -13,6 +13,14 @@
 
     asyncio.run(main())
 
+Locks and elections are here too (:class:`Lock`, :class:`Election`, from
+liferaft.client.aio_coordination), with the Trio ones' API and guarantees::
+
+    from liferaft.client.aio import Lock
+
+    async with Lock(client, "jobs/nightly", ttl=10) as lock:
+        await storage.write(data, fencing_token=lock.token)
+
 It is a thin transport. Every operation (put, get, range, delete, txn, lease ops, status,
 members, compact) is :class:`~liferaft.client.api.ClientAPI`'s, the Trio client's own
 code; which requests leave together in one message, the session window, the verdict on
@@ -49,6 +57,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "pip install 'liferaft[asyncio]' (or pip install websockets)"
     ) from exc
 
+from liferaft.client.aio_coordination import Election, LeaderWatch, Lock, LockLost, NotElected
 from liferaft.client.api import ClientAPI
 from liferaft.client.core import (
     SESSION_WINDOW,
@@ -86,7 +95,17 @@ from liferaft.client.models import Lease, WatchEvent, check_key, check_lease_id,
 from liferaft.client.wire import MAX_BATCH, Endpoint, ProtocolError, decode_message, pack
 from liferaft.client.wire import parse_endpoint as _parse_endpoint
 
-__all__ = ["AsyncioClient", "AsyncioKeepAlive", "AsyncioWatch", "open_client"]
+__all__ = [
+    "AsyncioClient",
+    "AsyncioKeepAlive",
+    "AsyncioWatch",
+    "Election",
+    "LeaderWatch",
+    "Lock",
+    "LockLost",
+    "NotElected",
+    "open_client",
+]
 
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024  # the server's default [client] max_message_bytes
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a range over many keys can be large
@@ -758,6 +777,11 @@ class AsyncioWatch:
     def next_revision(self) -> int:
         """The revision a resubscription would start from (0 until one is known)."""
         return self._state.next_revision
+
+    def peek(self) -> WatchEvent | None:
+        """The next event if it has arrived already, without taking it (see the Trio
+        client's ``Watch.peek``: the events of one revision arrive together)."""
+        return self._buffer[0] if self._buffer else None
 
     async def __aenter__(self) -> AsyncioWatch:
         if self._queue is None:

@@ -11,6 +11,10 @@ lock without knowing it (paused past its TTL, say).
 
 If the holder dies, its lease expires and its key goes with it; the next waiter takes
 over within the TTL (plus an election timeout if the cluster's leader changes too).
+
+This is the Trio flavour; what the recipe decides without I/O (the keys, the txns,
+holder and predecessor, what an observer shows) is liferaft.client.recipe, shared with
+the asyncio flavour (liferaft.client.aio_coordination).
 """
 
 from __future__ import annotations
@@ -25,50 +29,46 @@ import trio
 
 from liferaft.client.errors import (
     Compacted,
-    InvalidRequest,
     LeaseLost,
     LiferaftError,
-    NotFound,
 )
 from liferaft.client.leases import KeepAlive
 from liferaft.client.models import (
     KeyValue,
     Lease,
-    check_key,
-    compare,
-    op_get,
-    op_put,
-    op_range,
     to_bytes,
+)
+from liferaft.client.recipe import (
+    DEFAULT_TTL,
+    ELECTION_PREFIX,
+    LOCK_PREFIX,
+    LeaderView,
+    LockLost,
+    NotElected,
+    contender_key,
+    contender_prefix,
+    create_txn,
+    created,
+    first_created,
+    not_ours,
+    predecessor,
+    proclaim_txn,
 )
 
 if TYPE_CHECKING:
     from liferaft.client.client import Client
 
-LOCK_PREFIX = "_liferaft/lock/"
-ELECTION_PREFIX = "_liferaft/elect/"
-DEFAULT_TTL = 10  # seconds: how long a dead holder keeps others waiting
-
-
-class LockLost(LeaseLost):
-    """The lease behind a held lock is lost: another holder may have the lock now."""
-
-
-class NotElected(LiferaftError):
-    """An election call that needs leadership (proclaim) made without it, or after it
-    was lost (the key is gone or another contender's)."""
-
-    code = "not_elected"
-
-
-def _children(kvs: list[KeyValue], pfx: str) -> list[KeyValue]:
-    # Only the keys right under the prefix: "a/" must not count the contenders of "a/b".
-    return [kv for kv in kvs if kv.key.startswith(pfx) and "/" not in kv.key[len(pfx) :]]
-
-
-def first_created(kvs: list[KeyValue], pfx: str) -> KeyValue | None:
-    """The contender that holds the lock or leads: the lowest create_revision."""
-    return min(_children(kvs, pfx), key=lambda kv: kv.create_revision, default=None)
+__all__ = [
+    "DEFAULT_TTL",
+    "ELECTION_PREFIX",
+    "LOCK_PREFIX",
+    "Election",
+    "LeaderWatch",
+    "Lock",
+    "LockLost",
+    "NotElected",
+    "first_created",
+]
 
 
 class _Contender:
@@ -76,13 +76,10 @@ class _Contender:
     every key created before it to go."""
 
     def __init__(self, client: Client, name: str, *, ttl: int, prefix: str) -> None:
-        if not isinstance(name, str) or not name:
-            raise InvalidRequest("a name is a non-empty str")
+        self.prefix = contender_prefix(prefix, name)
         self._client = client
         self.name = name
         self.ttl = ttl
-        self.prefix = prefix + name + "/"
-        check_key(self.prefix + "f" * 16)
         self.lease: Lease | None = None
         self.key: str | None = None
         self.create_revision = 0  # of our key, once created
@@ -112,38 +109,20 @@ class _Contender:
         """Create our key if absent: (whether we created it, the contenders, the
         revision they were read at)."""
         assert self.lease is not None
-        key = self.key = f"{self.prefix}{self.lease.id:x}"
-        r = await self._client.txn(
-            [compare(key, "create_revision", "==", 0)],
-            [op_put(key, value, lease=self.lease.id), op_range(self.prefix)],
-            [op_get(key), op_range(self.prefix)],
+        key = self.key = contender_key(self.prefix, self.lease.id)
+        c = created(
+            key, await self._client.txn(*create_txn(self.prefix, key, value, self.lease.id))
         )
-        if r.succeeded:
-            self.create_revision = r.revision
-        else:  # already ours (the same lease contending again): keep its place
-            kv = r.results[0].get("kv")
-            if not isinstance(kv, KeyValue):
-                raise NotFound(f"{key} vanished while being created")
-            self.create_revision = kv.create_revision
-        return r.succeeded, list(r.results[1].get("kvs", [])), r.revision
+        self.create_revision = c.create_revision
+        return c.created, c.kvs, c.revision
 
     async def _wait_turn(self, kvs: list[KeyValue], revision: int) -> None:
         """Return once no key under the prefix was created before ours."""
         while True:
-            mine = [kv for kv in _children(kvs, self.prefix) if kv.key == self.key]
-            if not mine:
-                lease = self.lease.id if self.lease is not None else None
-                raise LeaseLost(
-                    f"{self.key} is gone: its lease expired or was revoked", lease=lease
-                )
-            earlier = [
-                kv
-                for kv in _children(kvs, self.prefix)
-                if kv.create_revision < self.create_revision
-            ]
-            if not earlier:
+            lease = self.lease.id if self.lease is not None else None
+            pred = predecessor(kvs, self.prefix, self.key, self.create_revision, lease)
+            if pred is None:
                 return
-            pred = max(earlier, key=lambda kv: kv.create_revision)
             self.watches += 1
             self.watching = pred.key
             try:
@@ -176,11 +155,10 @@ class _Contender:
         """Set our key's value, if the key is still the one we created."""
         assert self.key is not None and self.lease is not None
         r = await self._client.txn(
-            [compare(self.key, "create_revision", "==", self.create_revision)],
-            [op_put(self.key, value, lease=self.lease.id)],
+            *proclaim_txn(self.key, value, self.lease.id, self.create_revision)
         )
         if not r.succeeded:
-            raise NotElected(f"{self.key} is no longer ours (its lease expired?)")
+            raise not_ours(self.key)
 
     async def _leave(self) -> None:
         """Stop renewing and revoke the lease (which deletes our key), bounded and
@@ -398,30 +376,20 @@ class LeaderWatch:
 
     async def _leaders(self) -> AsyncGenerator[KeyValue, None]:
         pfx = self._prefix
-        kvs, revision = await self._client._range_at(pfx)
-        keys = {kv.key: kv for kv in _children(kvs, pfx)}
-        shown: KeyValue | None = None
+        view = LeaderView(pfx)
+        view.reset(*await self._client._range_at(pfx))
         while True:
-            now = first_created(list(keys.values()), pfx)
-            if now is not None and now != shown:
-                shown = now
+            now = view.leader()
+            if now is not None:
                 yield now
             try:
-                async with self._client.watch(prefix=pfx, start_revision=revision + 1) as events:
+                async with self._client.watch(
+                    prefix=pfx, start_revision=view.revision + 1
+                ) as events:
                     async for ev in events:
-                        revision = max(revision, ev.kv.mod_revision)
-                        if ev.type == "delete":
-                            keys.pop(ev.kv.key, None)
-                        elif "/" not in ev.kv.key[len(pfx) :]:
-                            keys[ev.kv.key] = ev.kv
-                        following = events.peek()
-                        if following is not None and following.kv.mod_revision == revision:
-                            continue  # judge a revision once all its events are in
-                        now = first_created(list(keys.values()), pfx)
-                        if now is not None and now != shown:
-                            shown = now
+                        now = view.event(ev, events.peek())
+                        if now is not None:
                             yield now
                 return  # the watch ended (closed)
             except Compacted:
-                kvs, revision = await self._client._range_at(pfx)
-                keys = {kv.key: kv for kv in _children(kvs, pfx)}
+                view.reset(*await self._client._range_at(pfx))
