@@ -1,8 +1,8 @@
 """Leases and locks with real processes (docs/coordination.md): a leased key outlives a
-SIGKILLed leader while its holder keeps it alive, and goes once the holder itself is
-SIGKILLed; three `liferaft lock` processes take turns at one lock while the leader is
-SIGKILLed and restarted, their critical sections never overlap and the fencing tokens
-grow with each holder."""
+SIGKILLed leader while its holder (a Trio CLI process, or an asyncio program) keeps it
+alive, and goes once the holder itself is SIGKILLed; three `liferaft lock` processes
+take turns at one lock while the leader is SIGKILLed and restarted, their critical
+sections never overlap and the fencing tokens grow with each holder."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from liferaft.client import open_client
@@ -53,8 +54,31 @@ def cli(pc: ProcessCluster, token: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "liferaft"], env
 
 
+# A holder on asyncio: a separate process renewing the lease with AsyncioClient.
+ASYNCIO_HOLDER = """
+import asyncio, os, sys
+from liferaft.client.aio import open_client
+
+async def main():
+    async with open_client(os.environ["LIFERAFT_ENDPOINTS"].split(","),
+                           token=os.environ["LIFERAFT_TOKEN"],
+                           cacert=os.environ["LIFERAFT_CACERT"], timeout=30) as c:
+        async with c.keep_alive(int(sys.argv[1], 16)):
+            await asyncio.Event().wait()  # until SIGKILLed
+
+asyncio.run(main())
+"""
+
+
+def holder_command(flavour: str, base: list[str], lease: int) -> list[str]:
+    if flavour == "trio":  # the CLI: liferaft lease keepalive
+        return [*base, "lease", "keepalive", f"{lease:x}"]
+    return [sys.executable, "-c", ASYNCIO_HOLDER, f"{lease:x}"]
+
+
+@pytest.mark.parametrize("flavour", ["trio", "asyncio"])
 async def test_a_leased_key_outlives_a_killed_leader_and_goes_with_its_killed_holder(
-    tmp_path: Path, certs: Path
+    tmp_path: Path, certs: Path, flavour: str
 ) -> None:
     pc = process_cluster(tmp_path, ["n1", "n2", "n3"], certs=certs)
     nodes = Nodes(pc, tmp_path)
@@ -70,9 +94,7 @@ async def test_a_leased_key_outlives_a_killed_leader_and_goes_with_its_killed_ho
                 lease = await c.lease_grant(TTL)
                 await c.put("svc/me", "up", lease=lease.id)
                 holder = await trio.lowlevel.open_process(
-                    [*base, "lease", "keepalive", f"{lease.id:x}"],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
+                    holder_command(flavour, base, lease.id), env=env, stdout=subprocess.DEVNULL
                 )
                 try:
                     leader = (await c.status())["leader_id"]
