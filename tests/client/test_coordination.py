@@ -310,3 +310,24 @@ async def test_sync_election(cluster: FakeCluster, certs: Path) -> None:
             return seen
 
     assert await trio.to_thread.run_sync(work) == [b"b"]
+
+
+async def test_a_campaign_given_up_inside_the_block_keeps_the_block_guarded(
+    cluster: FakeCluster, certs: Path
+) -> None:
+    """A campaign cancelled inside ``async with election`` drops its key but keeps the
+    lease the block's guard watches; the next campaign reuses it, so losing that lease
+    still cancels the block."""
+    st = cluster.store
+    with trio.fail_after(30):
+        async with opened(cluster, certs) as c:
+            election = Election(c, "regroup", ttl=1)
+            with pytest.raises(LeaseLost):
+                async with election:
+                    first = election.lease
+                    with trio.move_on_after(0):
+                        await election.campaign(b"me")  # given up at once
+                    await election.campaign(b"me")
+                    assert election.lease is first is not None
+                    st.expire(first.id)
+                    await trio.sleep_forever()  # leading, until the guard cancels us

@@ -148,8 +148,26 @@ class _Contender:
                     await self._proclaim_own(value)
                 await self._wait_turn(kvs, revision)
         except BaseException:
-            await self._leave()
+            if self._body is not None:
+                # Inside the contender's block (a campaign given up in an election's
+                # block): keep the lease the block's guard watches, drop only our key;
+                # a later campaign reuses the lease. The block's end releases it.
+                await self._drop_key()
+            else:
+                await self._leave()
             raise
+
+    async def _drop_key(self) -> None:
+        key = self.key
+        self.key = None
+        self.create_revision = 0
+        if key is not None:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self._client._retrier.timeout),
+                contextlib.suppress(LiferaftError, trio.ClosedResourceError),
+            ):
+                await self._client.delete(key)
 
     async def _proclaim_own(self, value: bytes) -> None:
         """Set our key's value, if the key is still the one we created."""
