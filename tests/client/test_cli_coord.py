@@ -190,6 +190,35 @@ async def test_lock_lost_terminates_the_command(cluster: FakeCluster, certs: Pat
     assert "lock 'job' lost while the command ran (it was terminated)" in err
 
 
+async def test_lock_lost_terminates_what_the_command_started_too(
+    cluster: FakeCluster, certs: Path, tmp_path: Path
+) -> None:
+    """A shell command's own children are stopped with it when the lock is lost: they
+    would otherwise go on working without the lock."""
+    st = cluster.store
+    pidfile = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {pidfile}; echo in; wait"
+    args = ["lock", "job", "--ttl", "1", *common(cluster, certs), "--", "sh", "-c", script]
+    with trio.fail_after(HANG):
+        async with process(args) as proc:
+            assert await read_lines(proc, 1, []) == ["in"]
+            child = int(pidfile.read_text())
+            st.expire(next(iter(st.leases)))
+            await proc.wait()
+        assert proc.returncode == 1
+        while running(child):  # noqa: ASYNC110 - another process
+            await trio.sleep(0.01)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, not yet reaped, has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 # ---------------------------------------------------------------- elect
 
 

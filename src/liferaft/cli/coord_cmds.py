@@ -10,7 +10,9 @@ keepalive`` hold on until Ctrl-C, and exit 1 if their lease is lost first.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -38,6 +40,8 @@ from liferaft.client import (
     Lock,
 )
 from liferaft.client.models import MAX_LEASE_TTL, MAX_UINT
+
+STOP_SECONDS = 5.0  # a lost lock's COMMAND gets this long after SIGTERM before SIGKILL
 
 T = TypeVar("T")
 
@@ -237,7 +241,14 @@ def lock(name: str, command: tuple[str, ...], ttl: int, **common: Any) -> None:
                 "LIFERAFT_LOCK_TOKEN": str(held.token),
             }
             try:
-                proc = await trio.run_process(list(command), check=False, stdin=None, env=env)
+                proc = await trio.run_process(
+                    list(command),
+                    check=False,
+                    stdin=None,
+                    env=env,
+                    start_new_session=True,  # its own process group: see _stop_group
+                    deliver_cancel=_stop_group,
+                )
             except OSError as exc:
                 raise failure(f"cannot run {command[0]!r}: {exc}", EXIT_USAGE) from None
             code = proc.returncode
@@ -247,6 +258,18 @@ def lock(name: str, command: tuple[str, ...], ttl: int, **common: Any) -> None:
     code = hold(s, locked)
     if code:
         sys.exit(code)
+
+
+async def _stop_group(proc: trio.Process) -> None:
+    """The lock was lost (or Ctrl-C): end COMMAND and everything it started, not just
+    COMMAND itself (a shell script's own children would go on working without the
+    lock): SIGTERM to its process group, SIGKILL to what is left after 5 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with trio.move_on_after(STOP_SECONDS):
+        await proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- elect
