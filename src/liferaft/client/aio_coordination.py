@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from liferaft.client.contender import ContenderOps, ElectionOps, LockOps
 from liferaft.client.errors import Compacted, LeaseLost, LiferaftError
 from liferaft.client.models import KeyValue, Lease, to_bytes
 from liferaft.client.recipe import (
@@ -35,14 +36,8 @@ from liferaft.client.recipe import (
     LeaderView,
     LockLost,
     NotElected,
-    contender_key,
     contender_prefix,
-    create_txn,
-    created,
-    first_created,
-    not_ours,
     predecessor,
-    proclaim_txn,
 )
 
 if TYPE_CHECKING:
@@ -111,9 +106,11 @@ class _Guard:
             raise LeaseLost(error.message, lease=error.lease) from None
 
 
-class _Contender:
+class _Contender(ContenderOps):
     """The recipe shared by Lock and Election: a key with our lease, and the wait for
     every key created before it to go."""
+
+    _client: AsyncioClient
 
     def __init__(self, client: AsyncioClient, name: str, *, ttl: int, prefix: str) -> None:
         self.prefix = contender_prefix(prefix, name)
@@ -160,17 +157,6 @@ class _Contender:
         keeper.on_lost(lambda error: self._on_lost(keeper, error))
         await keeper.start()
 
-    async def _create(self, value: bytes) -> tuple[bool, list[KeyValue], int]:
-        """Create our key if absent: (whether we created it, the contenders, the
-        revision they were read at)."""
-        assert self.lease is not None
-        key = self.key = contender_key(self.prefix, self.lease.id)
-        c = created(
-            key, await self._client.txn(*create_txn(self.prefix, key, value, self.lease.id))
-        )
-        self.create_revision = c.create_revision
-        return c.created, c.kvs, c.revision
-
     async def _wait_turn(self, kvs: list[KeyValue], revision: int) -> None:
         """Return once no key under the prefix was created before ours."""
         while True:
@@ -205,15 +191,6 @@ class _Contender:
             await self._leave()
             raise
 
-    async def _proclaim_own(self, value: bytes) -> None:
-        """Set our key's value, if the key is still the one we created."""
-        assert self.key is not None and self.lease is not None
-        r = await self._client.txn(
-            *proclaim_txn(self.key, value, self.lease.id, self.create_revision)
-        )
-        if not r.succeeded:
-            raise not_ours(self.key)
-
     async def _leave(self) -> None:
         """Stop renewing and revoke the lease (which deletes our key), bounded and
         shielded from cancellation (a cancelled caller leaves the revoke running in the
@@ -240,14 +217,19 @@ class _Contender:
         self._body = _Guard(self)
         self._body.enter()
 
-    async def _exit_guard(self, exc_type: type[BaseException] | None) -> bool:
+    async def _exit_guard(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
         body, self._body = self._body, None
         if body is not None:
             await body.exit(exc_type)
         return False
 
 
-class Lock(_Contender):
+class Lock(LockOps, _Contender):
     """A cluster-wide lock that frees itself when its holder dies (the Trio
     :class:`liferaft.client.Lock` on asyncio)::
 
@@ -274,51 +256,8 @@ class Lock(_Contender):
         self._value = to_bytes(value)
         self.held = False
 
-    @property
-    def token(self) -> int:
-        """The fencing token: the create_revision of our key (held locks only)."""
-        if not self.held:
-            raise RuntimeError("the lock is not held")
-        return self.create_revision
 
-    async def acquire(self) -> int:
-        """Wait until the lock is ours; its fencing token. Raises LockLost if its lease
-        is lost while waiting. Without ``async with`` nothing cancels the caller when
-        the lease is lost later: watch ``lost``."""
-        if self.held or self.lease is not None:
-            raise RuntimeError("this Lock is held or being acquired already")
-        try:
-            await self._contend(self._value)
-        except LeaseLost as exc:
-            raise LockLost(f"lock {self.name!r}: {exc.message}", **exc.details) from None
-        self.held = True
-        return self.create_revision
-
-    async def release(self) -> None:
-        """Release the lock (revoke its lease, which deletes its key)."""
-        self.held = False
-        await self._leave()
-
-    async def __aenter__(self) -> Lock:
-        await self.acquire()
-        self._enter_guard()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        try:
-            return await self._exit_guard(exc_type)
-        except LeaseLost as lost:
-            raise LockLost(f"lock {self.name!r}: {lost.message}", **lost.details) from None
-        finally:
-            await self.release()
-
-
-class Election(_Contender):
+class Election(ElectionOps, _Contender):
     """A leader election among the replicas of a service (the Trio
     :class:`liferaft.client.Election` on asyncio)::
 
@@ -345,50 +284,10 @@ class Election(_Contender):
         super().__init__(client, name, ttl=ttl, prefix=prefix)
         self.leading = False
 
-    async def campaign(self, value: bytes | str) -> None:
-        """Stand with ``value``; return once elected. Raises LeaseLost if the lease is
-        lost while waiting. Cancel it to stop standing (then call :meth:`resign`)."""
-        if self.leading:
-            raise RuntimeError("already leading: proclaim a new value instead")
-        await self._contend(to_bytes(value))
-        self.leading = True
-
-    async def proclaim(self, value: bytes | str) -> None:
-        """Change the leader's value (observers see it); NotElected unless leading."""
-        if not self.leading or self.key is None:
-            raise NotElected(f"not the leader of {self.name!r}")
-        await self._proclaim_own(to_bytes(value))
-
-    async def resign(self) -> None:
-        """Stop leading (or standing): the next contender takes over at once."""
-        self.leading = False
-        await self._leave()
-
-    async def leader(self) -> KeyValue | None:
-        """The current leader's key and value; None when nobody leads."""
-        kvs, _ = await self._client._range_at(self.prefix)
-        return first_created(kvs, self.prefix)
-
     def observe(self) -> LeaderWatch:
         """The leader now (if any) and each new leader or value after it; see
         :class:`LeaderWatch`."""
         return LeaderWatch(self._client, self.prefix)
-
-    async def __aenter__(self) -> Election:
-        await self._start_lease()
-        self._enter_guard()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        try:
-            return await self._exit_guard(exc_type)
-        finally:
-            await self.resign()
 
 
 class LeaderWatch:

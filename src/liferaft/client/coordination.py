@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from liferaft.client.contender import ContenderOps, ElectionOps, LockOps
 from liferaft.client.errors import (
     Compacted,
-    LeaseLost,
     LiferaftError,
 )
 from liferaft.client.leases import KeepAlive
@@ -45,14 +45,9 @@ from liferaft.client.recipe import (
     LeaderView,
     LockLost,
     NotElected,
-    contender_key,
     contender_prefix,
-    create_txn,
-    created,
     first_created,
-    not_ours,
     predecessor,
-    proclaim_txn,
 )
 
 if TYPE_CHECKING:
@@ -71,9 +66,11 @@ __all__ = [
 ]
 
 
-class _Contender:
+class _Contender(ContenderOps):
     """The recipe shared by Lock and Election: a key with our lease, and the wait for
     every key created before it to go."""
+
+    _client: Client
 
     def __init__(self, client: Client, name: str, *, ttl: int, prefix: str) -> None:
         self.prefix = contender_prefix(prefix, name)
@@ -104,17 +101,6 @@ class _Contender:
         self.keeper = KeepAlive(client, cancel_on_loss=False)
         self.keeper.add(self.lease, renewed_at=granted_at)
         await self.keeper.start()
-
-    async def _create(self, value: bytes) -> tuple[bool, list[KeyValue], int]:
-        """Create our key if absent: (whether we created it, the contenders, the
-        revision they were read at)."""
-        assert self.lease is not None
-        key = self.key = contender_key(self.prefix, self.lease.id)
-        c = created(
-            key, await self._client.txn(*create_txn(self.prefix, key, value, self.lease.id))
-        )
-        self.create_revision = c.create_revision
-        return c.created, c.kvs, c.revision
 
     async def _wait_turn(self, kvs: list[KeyValue], revision: int) -> None:
         """Return once no key under the prefix was created before ours."""
@@ -169,15 +155,6 @@ class _Contender:
             ):
                 await self._client.delete(key)
 
-    async def _proclaim_own(self, value: bytes) -> None:
-        """Set our key's value, if the key is still the one we created."""
-        assert self.key is not None and self.lease is not None
-        r = await self._client.txn(
-            *proclaim_txn(self.key, value, self.lease.id, self.create_revision)
-        )
-        if not r.succeeded:
-            raise not_ours(self.key)
-
     async def _leave(self) -> None:
         """Stop renewing and revoke the lease (which deletes our key), bounded and
         shielded; a failure leaves the lease to expire by its TTL."""
@@ -202,7 +179,7 @@ class _Contender:
         self._body = self.keeper.guard()
         self._body.__enter__()
 
-    def _exit_guard(
+    async def _exit_guard(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
@@ -212,7 +189,7 @@ class _Contender:
         return bool(body.__exit__(exc_type, exc, tb)) if body is not None else False
 
 
-class Lock(_Contender):
+class Lock(LockOps, _Contender):
     """A cluster-wide lock that frees itself when its holder dies::
 
         async with Lock(client, "jobs/nightly", ttl=10) as lock:
@@ -238,51 +215,8 @@ class Lock(_Contender):
         self._value = to_bytes(value)
         self.held = False
 
-    @property
-    def token(self) -> int:
-        """The fencing token: the create_revision of our key (held locks only)."""
-        if not self.held:
-            raise RuntimeError("the lock is not held")
-        return self.create_revision
 
-    async def acquire(self) -> int:
-        """Wait until the lock is ours; its fencing token. Raises LockLost if its lease
-        is lost while waiting. Without ``async with`` nothing cancels the caller when
-        the lease is lost later: watch ``lost``."""
-        if self.held or self.lease is not None:
-            raise RuntimeError("this Lock is held or being acquired already")
-        try:
-            await self._contend(self._value)
-        except LeaseLost as exc:
-            raise LockLost(f"lock {self.name!r}: {exc.message}", **exc.details) from None
-        self.held = True
-        return self.create_revision
-
-    async def release(self) -> None:
-        """Release the lock (revoke its lease, which deletes its key)."""
-        self.held = False
-        await self._leave()
-
-    async def __aenter__(self) -> Lock:
-        await self.acquire()
-        self._enter_guard()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        try:
-            return self._exit_guard(exc_type, exc, tb)
-        except LeaseLost as lost:
-            raise LockLost(f"lock {self.name!r}: {lost.message}", **lost.details) from None
-        finally:
-            await self.release()
-
-
-class Election(_Contender):
+class Election(ElectionOps, _Contender):
     """A leader election among the replicas of a service::
 
         election = Election(client, "billing", ttl=10)
@@ -311,50 +245,10 @@ class Election(_Contender):
         super().__init__(client, name, ttl=ttl, prefix=prefix)
         self.leading = False
 
-    async def campaign(self, value: bytes | str) -> None:
-        """Stand with ``value``; return once elected. Raises LeaseLost if the lease is
-        lost while waiting. Cancel it to stop standing (then call :meth:`resign`)."""
-        if self.leading:
-            raise RuntimeError("already leading: proclaim a new value instead")
-        await self._contend(to_bytes(value))
-        self.leading = True
-
-    async def proclaim(self, value: bytes | str) -> None:
-        """Change the leader's value (observers see it); NotElected unless leading."""
-        if not self.leading or self.key is None:
-            raise NotElected(f"not the leader of {self.name!r}")
-        await self._proclaim_own(to_bytes(value))
-
-    async def resign(self) -> None:
-        """Stop leading (or standing): the next contender takes over at once."""
-        self.leading = False
-        await self._leave()
-
-    async def leader(self) -> KeyValue | None:
-        """The current leader's key and value; None when nobody leads."""
-        kvs, _ = await self._client._range_at(self.prefix)
-        return first_created(kvs, self.prefix)
-
     def observe(self) -> LeaderWatch:
         """The leader now (if any) and each new leader or value after it; see
         :class:`LeaderWatch`."""
         return LeaderWatch(self._client, self.prefix)
-
-    async def __aenter__(self) -> Election:
-        await self._start_lease()
-        self._enter_guard()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        try:
-            return self._exit_guard(exc_type, exc, tb)
-        finally:
-            await self.resign()
 
 
 class LeaderWatch:
