@@ -3,7 +3,8 @@ fields of docs/client-protocol.md (without ``id``/``ok``) or raises ApiError."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -17,6 +18,8 @@ from liferaft.node.waiters import NodeStopped, ProposalDropped, ReadFailed
 
 if TYPE_CHECKING:
     from liferaft.node.node import Node
+
+T = TypeVar("T")
 
 REQUEST_TIMEOUT = 5.0  # seconds a request may wait for the cluster before `unavailable`
 INLINE_RANGE_LIMIT = 64  # a range with a limit up to this runs on the event loop, as a get
@@ -230,38 +233,35 @@ async def transfer_leader(node: Node, req: dict[str, Any]) -> dict[str, Any]:
 
 
 async def lease_keepalive(node: Node, req: dict[str, Any]) -> dict[str, Any]:
-    """Renew a lease at the leader, once a read index confirmed that it leads (a deposed
-    leader must not renew what the new one will expire)."""
+    """Renew a lease at the leader."""
     lease = req["lease"]
-    try:
-        _leader_only(node)
-        await confirm_read(node)
-        return {"ttl": await node.lessor.keepalive(lease)}
-    except LeaseNotFound:
-        raise ApiError("not_found", f"lease {lease:x} not found (expired or revoked)") from None
-    except NotLeader as exc:
-        raise not_leader(node, exc.leader) from None
-    except trio.TooSlowError:
-        raise unavailable("the leader could not renew the lease now; retry") from None
+    return {"ttl": await _at_leader(node, lease, lambda: node.lessor.keepalive(lease))}
 
 
 async def lease_ttl(node: Node, req: dict[str, Any]) -> dict[str, Any]:
     """The TTL a lease has left, by the leader's clock (and its keys if asked)."""
     lease = req["lease"]
+    left, granted = await _at_leader(node, lease, lambda: node.lessor.time_to_live(lease))
+    out: dict[str, Any] = {"ttl": left, "granted_ttl": granted}
+    if req.get("keys"):
+        out["keys"] = await node.kv.read(lambda db: db.lease_keys(lease))
+    return out
+
+
+async def _at_leader(node: Node, lease: int, ask: Callable[[], Awaitable[T]]) -> T:
+    """Ask the leader's lease clock, once a read index confirmed that this node leads
+    (a deposed leader must not renew what the new one will expire); a follower answers
+    not_leader at once."""
     try:
         _leader_only(node)
         await confirm_read(node)
-        left, granted = await node.lessor.time_to_live(lease)
+        return await ask()
     except LeaseNotFound:
         raise ApiError("not_found", f"lease {lease:x} not found (expired or revoked)") from None
     except NotLeader as exc:
         raise not_leader(node, exc.leader) from None
     except trio.TooSlowError:
-        raise unavailable("the leader is still taking over its leases") from None
-    out: dict[str, Any] = {"ttl": left, "granted_ttl": granted}
-    if req.get("keys"):
-        out["keys"] = await node.kv.read(lambda db: db.lease_keys(lease))
-    return out
+        raise unavailable("the leader could not answer for the lease now; retry") from None
 
 
 async def lease_list(node: Node) -> dict[str, Any]:
