@@ -150,35 +150,36 @@ def recover(settings: Settings, *, probe: Probe) -> Restored:
     data_dir = settings.node.data_dir
     if not (data_dir / "raft.db").exists():
         raise RestoreError(f"{data_dir} holds no raft.db: nothing to recover")
-    with Storage.open(data_dir) as st:  # the lock: refuses while the node runs
+    # The data dir's lock, held until the state is copied: refuses while the node runs,
+    # and no node can start on the files meanwhile.
+    with Storage.open(data_dir) as st:
         stored = st.load()
         old_id = st.cluster_id()
-    snap = stored.snapshot
-    about = transfer.parse(snap.data) if snap is not None else {}
-    membership = snap.meta.membership if snap is not None else stored.initial_membership
-    book = {m.id: (str(m.peer), str(m.client)) for m in settings.cluster.members}
-    addresses.learn_from_snapshot(book, about, replace=True)
-    addresses.learn_from_entries(book, stored.entries)
-    for e in stored.entries:
-        if e.kind is EntryKind.CONFIG:
-            membership = ConfEntry.decode(e.data).membership
-    if me not in membership.voters:
-        raise RestoreError(f"{me} is not a voter of its cluster ({sorted(membership.voters)})")
-    others = membership.voters - {me}
-    alive = probe(addresses.peer_hosts(book, others))
-    if 1 + len(alive) >= membership.quorum():
-        raise RestoreError(
-            f"{', '.join(sorted(alive))} answer{'s' if len(alive) == 1 else ''}: with "
-            f"{me} that is a quorum of {len(membership.voters)}, so the cluster is not lost. "
-            "Start this node and remove dead members with `liferaft member remove` instead"
-        )
-    if me not in book:
-        raise RestoreError(f"no address known for {me}")
-    last = stored.entries[-1] if stored.entries else None
-    term = last.term if last is not None else (snap.meta.term if snap is not None else 0)
-    new_dir = _fresh_dir(data_dir.with_name(data_dir.name + ".recovering"))
-    copy = new_dir / DB_NAME
-    with Storage.open(data_dir):  # hold the lock while copying the state
+        snap = stored.snapshot
+        about = transfer.parse(snap.data) if snap is not None else {}
+        membership = snap.meta.membership if snap is not None else stored.initial_membership
+        book = {m.id: (str(m.peer), str(m.client)) for m in settings.cluster.members}
+        addresses.learn_from_snapshot(book, about, replace=True)
+        addresses.learn_from_entries(book, stored.entries)
+        for e in stored.entries:
+            if e.kind is EntryKind.CONFIG:
+                membership = ConfEntry.decode(e.data).membership
+        if me not in membership.voters:
+            raise RestoreError(f"{me} is not a voter of its cluster ({sorted(membership.voters)})")
+        others = membership.voters - {me}
+        alive = probe(addresses.peer_hosts(book, others))
+        if 1 + len(alive) >= membership.quorum():
+            raise RestoreError(
+                f"{', '.join(sorted(alive))} answer{'s' if len(alive) == 1 else ''}: with "
+                f"{me} that is a quorum of {len(membership.voters)}, so the cluster is not lost. "
+                "Start this node and remove dead members with `liferaft member remove` instead"
+            )
+        if me not in book:
+            raise RestoreError(f"no address known for {me}")
+        last = stored.entries[-1] if stored.entries else None
+        term = last.term if last is not None else (snap.meta.term if snap is not None else 0)
+        new_dir = _fresh_dir(data_dir.with_name(data_dir.name + ".recovering"))
+        copy = new_dir / DB_NAME
         db = open_state(  # (finishes a snapshot install a crash interrupted, as a start would)
             data_dir,
             snapshot_index=snap.meta.index if snap is not None else 0,
