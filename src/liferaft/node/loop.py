@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from liferaft.core import HardState, InstallSnapshot, Raft, Ready, Role
+from liferaft.core import Entry, HardState, InstallSnapshot, Raft, Ready, Role
 from liferaft.node.addresses import learn_from_entries
 from liferaft.node.applyqueue import ApplyQueue
 from liferaft.node.inputs import Call, Input, Messages, Propose, Tick, Writes, propose_writes
@@ -35,6 +35,11 @@ log = logging.getLogger("liferaft.node")
 
 MAX_INPUTS_PER_ROUND = 4096  # inputs folded into one Ready at most
 READ_ROUNDS_MAX = 4  # election timeouts a ReadIndex round may take before it is failed
+
+
+def _before(entries: tuple[Entry, ...], index: int) -> tuple[Entry, ...]:
+    """The leading entries of ``entries`` (consecutive) whose index is below ``index``."""
+    return entries[: max(0, index - entries[0].index)]
 
 
 class _Save:
@@ -171,6 +176,19 @@ class CoreLoop:
         node = self._node
         assert node.storage is not None
         self._peers.send(rd.messages)
+        committed = rd.committed_entries
+        if committed and rd.snapshot is None:
+            # Committed entries this node already holds on disk go to the applier before
+            # this Ready's own write, so their answers do not wait for the next batch's
+            # fsync (the leader commits only what its own disk holds, so under load
+            # that is all of them). The others, which a follower learns are committed in
+            # the same message that brings them, are applied once they are written:
+            # the state never runs ahead of the log on disk.
+            durable = rd.entries[0].index if rd.entries else committed[-1].index + 1
+            early = _before(committed, durable)
+            if early:
+                self._to_apply.put_entries(early)
+                committed = committed[len(early) :]
         hs = rd.hard_state
         if hs is not None and not rd.entries and rd.snapshot is None and self._only_commit(hs):
             # Only the commit index moved: the committed entries are durable on a quorum
@@ -201,7 +219,7 @@ class CoreLoop:
             self._peers.dial(rd.membership)
         if rd.snapshot is not None:
             self._to_apply.put_snapshot(rd.snapshot)
-        self._to_apply.put_entries(rd.committed_entries)
+        self._to_apply.put_entries(committed)
         for rs in rd.read_states:
             node.waiters.answer_read(rs.ctx, rs.index)
         for ctx in rd.failed_reads:

@@ -1,0 +1,69 @@
+"""Committed entries reach the state machine without waiting for a later write.
+
+A Ready can carry both committed entries (already on this node's disk) and new entries
+to write. The committed ones are applied, and their writers answered, while the new
+ones are still being written (docs/architecture.md, "The life of a write").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from liferaft.core import Ready
+from liferaft.testing.localcluster import LocalCluster, wait_until
+
+HANG = 60  # seconds: a guard against hangs, not a performance claim
+
+
+async def test_a_commit_is_answered_while_the_next_batch_is_being_written(
+    tmp_path: Path, certs: Path
+) -> None:
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"])
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            leader_id = await c.wait_leader()
+            leader = c.nodes[leader_id]
+            await leader.propose(b"warm-up")  # the leader's no-op is behind us
+            storage = leader.storage
+            assert storage is not None and leader.raft is not None
+            permits = trio.Semaphore(0)  # one per leader write of entries let through
+            save = storage.save
+
+            async def gated(rd: Ready) -> float:
+                if rd.entries:
+                    await permits.acquire()
+                return await save(rd)
+
+            storage.save = gated  # type: ignore[method-assign]
+            a_done, b_done = trio.Event(), trio.Event()
+
+            async def propose(data: bytes, done: trio.Event) -> None:
+                await leader.propose(data)
+                done.set()
+
+            raft = leader.raft
+            before = raft.log.last_index
+            nursery.start_soon(propose, b"a", a_done)
+            await wait_until(lambda: raft.log.last_index > before)
+            a_index = raft.log.last_index
+            followers = [n for i, n in c.nodes.items() if i != leader_id]
+            # A is on both followers' disks and their answers wait in the leader's
+            # inputs, behind the leader's own write of A (held by the gate).
+            await wait_until(
+                lambda: all(
+                    f.raft is not None and f.raft.log.unstable_from > a_index for f in followers
+                )
+            )
+            nursery.start_soon(propose, b"b", b_done)
+            await trio.testing.wait_all_tasks_blocked()  # B waits in the core loop's inputs
+            permits.release()  # the write of A only: B's write stays held
+            await a_done.wait()  # would hang if A's answer waited for B's write
+            assert raft.log.last_index > a_index  # B was proposed: its write is held
+            assert not b_done.is_set()
+            permits.release()
+            await b_done.wait()
+        nursery.cancel_scope.cancel()
