@@ -252,7 +252,8 @@ class Node:
                 await nursery.start(self.transport.run, (s.peer.listen.host, s.peer.listen.port))
                 if self._serve_health:
                     await nursery.start(health.run, s.metrics.listen.host, s.metrics.listen.port)
-                nursery.start_soon(self._peers.forward_inbound)
+                if make is not None:  # a test's transport: its inbound channel
+                    nursery.start_soon(self._peers.forward_inbound)
                 nursery.start_soon(self.receiver.run)
                 nursery.start_soon(self._applier.run)
                 nursery.start_soon(self._applier.compactor)
@@ -334,6 +335,7 @@ class Node:
             rng=random.Random(self._rng.getrandbits(64)),
             log=log_transport_event,
             cluster=self.cluster,
+            deliver=self._peers.deliver,
         )
 
     async def _sync_metrics(self) -> None:

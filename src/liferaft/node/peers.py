@@ -78,29 +78,35 @@ class PeerLinks:
         node.transport.set_peers(peer_hosts(node.addresses, membership.members - {node.id}))
 
     async def forward_inbound(self) -> None:
-        """Raft messages go to the core loop; snapshot file chunks and their acks to the
-        transfer code; an InstallSnapshot only once its file is here whole."""
+        """Deliver what a transport without ``deliver=`` puts on its ``inbound``."""
         node = self._node
         assert node.transport is not None
-        assert node.sender is not None and node.receiver is not None
         async for peer, msgs in node.transport.inbound:
-            core: list[AnyMessage] = []
-            for m in msgs:
-                if m.src != peer:  # a peer speaks only for itself
-                    continue
-                if isinstance(m, SnapshotChunk):
-                    node.receiver.on_chunk(m)
-                elif isinstance(m, SnapshotAck):
-                    node.sender.on_ack(m)
-                elif isinstance(m, InstallSnapshot):
-                    if self._snapshot_on_disk(m):
-                        core.append(m)
-                else:
-                    if type(m) is HeartbeatResponse:
-                        self._round_trip(peer, m.read_round)
+            await self.deliver(peer, msgs)
+
+    async def deliver(self, peer: str, msgs: list[PeerMessage]) -> None:
+        """Raft messages go to the core loop; snapshot file chunks and their acks to the
+        transfer code; an InstallSnapshot only once its file is here whole. Runs in the
+        task of the connection they came on."""
+        node = self._node
+        assert node.sender is not None and node.receiver is not None
+        core: list[AnyMessage] = []
+        for m in msgs:
+            if m.src != peer:  # a peer speaks only for itself
+                continue
+            if isinstance(m, SnapshotChunk):
+                node.receiver.on_chunk(m)
+            elif isinstance(m, SnapshotAck):
+                node.sender.on_ack(m)
+            elif isinstance(m, InstallSnapshot):
+                if self._snapshot_on_disk(m):
                     core.append(m)
-            if core:
-                await self._inputs.send(Messages(peer, core))
+            else:
+                if type(m) is HeartbeatResponse:
+                    self._round_trip(peer, m.read_round)
+                core.append(m)
+        if core:
+            await self._inputs.send(Messages(peer, core))
 
     def _heartbeat_sent(self, m: Heartbeat) -> None:
         """Time the oldest unanswered heartbeat to each peer; one unanswered for an

@@ -10,7 +10,7 @@ nothing it sends can disturb another link or the node.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 
 import trio
 
@@ -35,15 +35,20 @@ from liferaft.websocket.tls import TLSStream
 CLOSE_TIMEOUT = 1.0  # how long a WebSocket close handshake may take before we hang up
 
 
+# Takes one read's messages from a peer: the node's (PeerLinks.deliver) or a channel's send.
+Deliver = Callable[[str, list[PeerMessage]], Awaitable[None]]
+
+
 class PeerServer:
-    """Accepts peers' connections and delivers ``(peer_id, messages)`` to ``deliver``."""
+    """Accepts peers' connections and delivers ``(peer_id, messages)`` to ``deliver``
+    (awaited in the connection's task: its wait is the backpressure on that peer)."""
 
     def __init__(
         self,
         *,
         server_ctx: ssl.SSLContext,
         members: Callable[[], Collection[str]],
-        deliver: trio.MemorySendChannel[tuple[str, list[PeerMessage]]],
+        deliver: Deliver,
         stats: TransportStats,
         log: LogFn,
         max_message_bytes: int,
@@ -171,7 +176,7 @@ class PeerServer:
                         await _close(ws, INVALID_PAYLOAD, "malformed batch")
                         return
                 if msgs:  # an empty batch is a keepalive
-                    await self._deliver.send((peer_id, msgs))
+                    await self._deliver(peer_id, msgs)
         except ConnectionClosed as exc:
             code = exc.code
             if code == MESSAGE_TOO_BIG:
