@@ -656,3 +656,33 @@ async def test_the_dialling_side_checks_it_reached_the_peer_it_meant(pki: PKI) -
             assert rng.spans[:2] == [(0, 0.05), (0, 0.1)]
             assert n1.connects == 0 and n1.queued("n3") == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_link_sends_from_the_callers_task_and_order_holds_when_full(
+    pki: PKI,
+) -> None:
+    """``send`` on a connected, idle link writes before it returns (no task switch on
+    the message's path); when the socket fills, the rest and everything queued behind
+    it still arrive whole and in order."""
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            ts = await start_cluster(nursery, pki, ["n1", "n2"])
+            n1, n2 = ts["n1"], ts["n2"]
+            await wait_for(lambda: n1.connected("n2"))
+            before = n1.stats.sent_batches["n2"]
+            n1.send(heartbeats("n1", "n2", [1]))
+            assert n1.stats.sent_batches["n2"] == before + 1  # written already
+            assert await receive(n2, 1) == [("n1", heartbeats("n1", "n2", [1])[0])]
+            sent: list[AnyMessage] = []
+            for i in range(40):  # ~40 MiB without a checkpoint: the socket fills up
+                big = AppendEntries(
+                    term=1, src="n1", dst="n2", prev_index=i, prev_term=1,
+                    entries=(Entry(i + 1, 1, data=bytes([i]) * (1 << 20)),), commit=0,
+                )  # fmt: skip
+                msgs = [big, *heartbeats("n1", "n2", [100 + i])]
+                n1.send(msgs)
+                sent.extend(msgs)
+            got = await receive(n2, len(sent))
+            assert [m for _, m in got] == sent
+            assert not n1.dropped
+            nursery.cancel_scope.cancel()

@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from liferaft.security.tls import peer_client_context, peer_node_id, peer_server_context
+from liferaft.websocket import WebSocket
 from liferaft.websocket.tls import TLSStream
 
 
@@ -171,3 +172,57 @@ async def test_two_tasks_may_not_receive_at_once(certs: Path) -> None:
                 with pytest.raises(trio.BusyResourceError):
                     await s.receive_some(100)
                 await c.send_all(b"for the first")
+
+
+async def test_send_now_writes_at_once_and_what_the_socket_left_goes_first_next(
+    certs: Path,
+) -> None:
+    """``WebSocket.send_now`` over TLS: sent from the caller's task; when the socket is
+    full the rest waits in the WebSocket, a later send puts it first, and the reader
+    gets every message whole and in order."""
+    async with tls_pair(server_ctx(certs), client_ctx(certs)) as (c, s):
+        with trio.fail_after(30):
+            await handshake(c, s)
+            out = WebSocket(c, client=True, max_message_size=1024, receive_buffer=65536)
+            into = WebSocket(s, client=False, max_message_size=2 << 20, receive_buffer=65536)
+            assert out.send_now([b"first", b"second"]) and not out.pending
+            assert await into.get_messages() == [b"first", b"second"]
+            sent = []
+            for i in range(64):  # nobody reads: the socket buffers fill up
+                msg = bytes([i]) * (1 << 20)
+                assert out.send_now([msg])
+                sent.append(msg)
+                if out.pending:
+                    break
+            assert out.pending, "64 MiB unread and the socket took it all"
+            assert not out.can_send_now and not out.send_now([b"not now"])
+            got: list[bytes | str] = []
+
+            async def read() -> None:
+                while len(got) < len(sent) + 1:
+                    got.extend(await into.get_messages())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await out.send_messages([b"after"])
+            assert not out.pending
+            assert got == [*sent, b"after"]
+
+
+async def test_send_now_sends_nothing_while_another_send_waits(certs: Path) -> None:
+    async with tls_pair(server_ctx(certs), client_ctx(certs)) as (c, s):
+        with trio.fail_after(30):
+            await handshake(c, s)
+            out = WebSocket(c, client=True, max_message_size=1024, receive_buffer=65536)
+            into = WebSocket(s, client=False, max_message_size=64 << 20, receive_buffer=65536)
+            big = b"x" * (32 << 20)  # more than the socket buffers take: the send waits
+            got: list[bytes | str] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(out.send_messages, [big])
+                await trio.testing.wait_all_tasks_blocked()
+                assert not out.can_send_now and not out.send_now([b"small"])
+                while len(got) < 1:
+                    got.extend(await into.get_messages())
+            assert got == [big]
+            assert out.send_now([b"small"])
+            assert await into.get_messages() == [b"small"]

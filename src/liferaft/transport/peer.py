@@ -166,6 +166,8 @@ class PeerTransport:
                 self.stats.dropped_unknown += 1
                 continue
             link.put(m)
+        for link in links.values():
+            link.send_now()
 
     def set_peers(self, peers: Mapping[str, tuple[str, int]]) -> None:
         """Make ``peers`` (id -> address to dial) the set of peers, e.g. after a membership

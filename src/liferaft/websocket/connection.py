@@ -95,6 +95,7 @@ class WebSocket:
         self._reader = FrameReader(from_client=not client, max_message=max_message_size)
         self._receive_buffer = receive_buffer
         self._send_lock = trio.StrictFIFOLock()
+        self._tail = b""  # what ``send_now`` could not write: the next write sends it first
         self._reading = False
         self._close_sent = False
         self._peer_closed = trio.Event()
@@ -188,6 +189,44 @@ class WebSocket:
         m = self._masked
         await self._send(b"".join([encode(BINARY, d, masked=m) for d in messages]))
 
+    def send_now(self, messages: Sequence[bytes]) -> bool:
+        """Send binary messages from the caller's task, without waiting, if the stream
+        can (a ``TLSStream``) and no send is in progress: True. What the socket did not
+        take now goes first with the next send: the caller must see that one happens
+        (``flush``; ``pending`` says whether it is needed). False: nothing was sent (use
+        ``send_messages``). Raises ConnectionClosed like ``send_messages``."""
+        send_now = getattr(self._stream, "send_now", None)
+        if send_now is None or not self.can_send_now:
+            return False
+        m = self._masked
+        frame = b"".join([encode(BINARY, d, masked=m) for d in messages])
+        try:
+            sent = send_now(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._closed(ABNORMAL, f"stream broken: {exc}")
+            raise self._closed_error() from exc
+        if sent is None:
+            return False
+        self._tail = frame[sent:]
+        return True
+
+    @property
+    def can_send_now(self) -> bool:
+        """Whether ``send_now`` would send (on a stream that can)."""
+        return not (
+            self.closed is not None or self._close_sent or self._tail or self._send_lock.locked()
+        )
+
+    @property
+    def pending(self) -> bool:
+        """Bytes that ``send_now`` left for the next send."""
+        return bool(self._tail)
+
+    async def flush(self) -> None:
+        """Send what ``send_now`` left, if anything."""
+        if self._tail:
+            await self._write(b"")
+
     async def _send(self, frame: bytes) -> None:
         if self.closed is not None:
             raise self._closed_error()
@@ -202,6 +241,8 @@ class WebSocket:
         except trio.WouldBlock:
             await lock.acquire()
         try:
+            if self._tail:  # the rest of a ``send_now``: it goes first, whole
+                data, self._tail = self._tail + data, b""
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._closed(ABNORMAL, f"stream broken: {exc}")

@@ -140,6 +140,27 @@ class TLSStream(trio.abc.Stream):
         finally:
             self._sending = False
 
+    def send_now(self, data: bytes) -> int | None:
+        """Write what the socket takes of ``data`` now, without waiting: the number of
+        bytes written, the rest to follow through ``send_all`` before any other data
+        (OpenSSL must be given the same bytes again); None, writing nothing, while a
+        ``send_all`` is in progress. Raises like ``send_all``."""
+        self._check()
+        if self._sending:
+            return None
+        view = memoryview(data)
+        total = len(view)
+        sent = 0
+        while sent < total:
+            try:
+                sent += self._sock.send(view[sent:])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                break
+            except (ssl.SSLError, OSError) as exc:
+                self._broken = exc
+                raise trio.BrokenResourceError(str(exc)) from exc
+        return sent
+
     async def wait_send_all_might_not_block(self) -> None:
         self._check()
         await self._wait(trio.lowlevel.wait_writable)
