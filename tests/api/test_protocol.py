@@ -16,6 +16,7 @@ import trio
 import trio_websocket
 
 import liferaft
+from liferaft.api.connection import Connection
 from liferaft.api.watch import RESET, WatchHub
 from liferaft.core import AnyMessage
 from liferaft.core.messages import AppendEntries
@@ -143,6 +144,28 @@ async def test_put_get_range_delete_and_revisions(tmp_path: Path, certs: Path) -
         dl = await r.call(op="delete", prefix="a/")
         assert dl["deleted"] == 2
         assert (await r.call(op="get", key="a/2"))["kv"] is None
+
+
+async def test_write_answers_leave_from_the_applier_not_the_connections_sender(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answers of an applied run are sent by the applier itself, at the end of the
+    run (``ClientServer.send_answers``): with every connection's sender task stopped,
+    writes are still answered, each by its id."""
+
+    async def no_sender(self: Connection) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(Connection, "_sender", no_sender)
+    async with cluster(tmp_path, certs) as c, connect(c, c.token(), await leader_index(c)) as r:
+        first = await r.call(op="put", key="k", value=b"1")
+        assert first["ok"]
+        ids = [(await r.send({"op": "put", "key": f"k{i}", "value": b"v"}))[0] for i in range(5)]
+        answers = [await r.response(rid) for rid in ids]
+        assert [a["id"] for a in answers] == ids
+        revisions = [a["revision"] for a in answers]
+        assert all(a["ok"] for a in answers) and len(set(revisions)) == 5
+        assert min(revisions) > first["revision"]
 
 
 async def test_txn_compares_and_applies_atomically(tmp_path: Path, certs: Path) -> None:

@@ -231,7 +231,7 @@ class Connection:
             self._out.clear()
             self._audit_answered()
             return
-        self._queued()
+        self._queued(applying=self.server.node.applying)
 
     def _audit_answered(self) -> None:
         """One audit record per op and result for the writes answered since the last
@@ -511,8 +511,9 @@ class Connection:
         self._out_bytes += size
         self._queued()
 
-    def _queued(self) -> None:
-        """Wake the sender for what was appended to ``_out``."""
+    def _queued(self, *, applying: bool = False) -> None:
+        """Wake the sender for what was appended to ``_out``; or, for answers of the
+        applier's current run, leave them to its ``after_apply`` hook (``send_now``)."""
         if len(self._out) > MAX_QUEUED or self._out_bytes > MAX_QUEUED_BYTES:
             # a client that does not read: let it go
             self._out.clear()
@@ -520,7 +521,36 @@ class Connection:
             self._overflow = Closing(TRY_LATER, "the client does not read its responses")
             self._scope.cancel()
             return
-        self._wake.set()
+        if applying:
+            self.server.answered[self] = None
+        else:
+            self._wake.set()
+
+    def send_now(self) -> None:
+        """Send what is queued from the caller's task (the applier's, at the end of a
+        run), if no send is under way: it spares the answers a switch to the sender's
+        task. Otherwise, or for what the socket did not take at once, the sender does."""
+        if not self._out or self._ended:
+            return
+        ws = self.ws
+        if not ws.can_send_now:
+            self._wake.set()
+            return
+        self._audit_answered()
+        batch, self._out = self._out, []
+        self._out_bytes = 0
+        try:
+            sent = ws.send_now([dumps(batch[0] if len(batch) == 1 else batch)])
+        except ConnectionClosed:
+            return  # the connection's reader finds it closed and ends it
+        if not sent:  # the stream cannot: the sender sends them
+            self._out[:0] = batch
+            self._wake.set()
+            return
+        self._sent.set()
+        self._sent = trio.Event()
+        if ws.pending:
+            self._wake.set()  # the sender sends what the socket did not take
 
     async def _sender(self) -> None:
         while True:
@@ -536,6 +566,7 @@ class Connection:
             await self.ws.send_message(dumps(batch[0] if len(batch) == 1 else batch))
             self._sent.set()  # every catch-up waiting on it wakes
             self._sent = trio.Event()
+        await self.ws.flush()  # what ``send_now`` left, if anything
 
     def _audit(self, req: dict[str, Any], op: str, code: str) -> None:
         event(

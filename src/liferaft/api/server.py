@@ -57,6 +57,8 @@ class ClientServer:
         self.leeway_s = a.leeway_s
         self.verifier = self._verifier()
         self.watch_hub = WatchHub()
+        # connections with answers of the applier's current run: ``send_answers``
+        self.answered: dict[Connection, None] = {}
         self.backups = BackupCount()  # api/backups.py
         self.open_connections = 0  # TCP connections accepted and not yet closed
         self.clients = 0  # connections past the upgrade, serving requests
@@ -70,6 +72,13 @@ class ClientServer:
         self.metrics.client_connections.set_function(lambda: self.clients)
         self.metrics.client_handshakes.set_function(lambda: len(self._handshaking))
         self.metrics.client_watchers.set_function(lambda: len(self.watch_hub))
+
+    def send_answers(self) -> None:
+        """The node's ``after_apply`` hook: each connection answered in this applied run
+        sends its answers now, in one message."""
+        answered, self.answered = self.answered, {}
+        for conn in answered:
+            conn.send_now()
 
     def _verifier(self) -> TokenVerifier:
         a = self.auth

@@ -96,12 +96,18 @@ class Applier:
         self._unchecked_bytes += size
         applied = await state.apply(entries)  # type: ignore[arg-type]  # Entry is EntryLike
         committed = 0
-        for e, result in zip(entries, applied.results, strict=True):
-            if e.kind is EntryKind.NORMAL:
-                committed += 1
-            elif e.kind is EntryKind.CONFIG:
-                learn_from_entries(node.applied_addresses, (e,))
-            node.waiters.on_applied(e.index, e.term, result)
+        node.applying = True
+        try:
+            for e, result in zip(entries, applied.results, strict=True):
+                if e.kind is EntryKind.NORMAL:
+                    committed += 1
+                elif e.kind is EntryKind.CONFIG:
+                    learn_from_entries(node.applied_addresses, (e,))
+                node.waiters.on_applied(e.index, e.term, result)
+            for hook in node.after_apply:
+                hook()
+        finally:
+            node.applying = False
         if committed:
             node.metrics.proposals_committed.inc(committed)
         if applied.rows:  # one publication per applied run, revisions in order

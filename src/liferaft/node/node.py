@@ -154,6 +154,11 @@ class Node:
         self.db_size = 0
         self.on_restore: Callable[[], None] | None = None  # the state machine was replaced
         self.on_events: list[Callable[[list[EventRow]], object]] = []  # per applied run
+        # Called in the applier's task after each applied run's results went out to the
+        # waiters, while ``applying`` is True: the API sends the answers of the run here,
+        # one message per connection, without a switch to each connection's sender.
+        self.after_apply: list[Callable[[], object]] = []
+        self.applying = False
         self._rng = rng or random.Random()
         self._send_filter = send_filter  # tests' fault layer sits here
         self._make_transport = transport
