@@ -26,6 +26,7 @@ from liferaft.transport.files import (
 )
 from liferaft.transport.link import backoff_cap
 from liferaft.transport.peer import PeerTransport
+from liferaft.transport.server import DeliverFailed
 
 HANG_GUARD = 20
 LOCAL = "127.0.0.1"
@@ -686,3 +687,26 @@ async def test_an_idle_link_sends_from_the_callers_task_and_order_holds_when_ful
             assert [m for _, m in got] == sent
             assert not n1.dropped
             nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_deliver_ends_the_transport_instead_of_being_logged(pki: PKI) -> None:
+    """``deliver`` is the node's code: if it raises, the transport (and the node with it)
+    stops, as a crashed forwarding task did; it is not taken for a bad peer."""
+
+    async def broken(peer: str, msgs: list[PeerMessage]) -> None:
+        raise RuntimeError("a bug in the node")
+
+    logs: Events = []
+    with trio.fail_after(HANG_GUARD):
+        n1 = make(pki, "n1")
+        n2 = make(pki, "n2", deliver=broken, log=recorder(logs))
+        with pytest.raises(BaseExceptionGroup) as caught:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(n1.run, (LOCAL, 0))
+                await nursery.start(n2.run, (LOCAL, 0))
+                n1.set_peers({"n2": (LOCAL, n2.port or 0)})
+                n2.set_peers({"n1": (LOCAL, n1.port or 0)})
+                n1.send(heartbeats("n1", "n2", [1]))
+                await trio.sleep_forever()
+    assert caught.group_contains(DeliverFailed)
+    assert not [e for e, _ in logs if e == "peer_connection_error"]

@@ -542,8 +542,9 @@ class Connection:
         try:
             sent = ws.send_now([dumps(batch[0] if len(batch) == 1 else batch)])
         except ConnectionClosed:
-            return  # the connection's reader finds it closed and ends it
-        if not sent:  # the stream cannot: the sender sends them
+            self._wake.set()  # the sender finds the connection closed and ends it
+            return
+        if not sent:  # cannot happen after can_send_now; the sender would send them
             self._out[:0] = batch
             self._wake.set()
             return
@@ -551,6 +552,9 @@ class Connection:
         self._sent = trio.Event()
         if ws.pending:
             self._wake.set()  # the sender sends what the socket did not take
+
+    def wake_sender(self) -> None:
+        self._wake.set()
 
     async def _sender(self) -> None:
         while True:

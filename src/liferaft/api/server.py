@@ -59,6 +59,7 @@ class ClientServer:
         self.watch_hub = WatchHub()
         # connections with answers of the applier's current run: ``send_answers``
         self.answered: dict[Connection, None] = {}
+        node.after_apply.append(self.send_answers)
         self.backups = BackupCount()  # api/backups.py
         self.open_connections = 0  # TCP connections accepted and not yet closed
         self.clients = 0  # connections past the upgrade, serving requests
@@ -78,7 +79,13 @@ class ClientServer:
         sends its answers now, in one message."""
         answered, self.answered = self.answered, {}
         for conn in answered:
-            conn.send_now()
+            try:
+                conn.send_now()
+            except Exception as exc:  # a bug of ours: log it; that connection's sender
+                # tries the same answers and ends the connection if it fails too, while
+                # the other connections' answers and the applier go on
+                event(log, "answer_failed", level=logging.ERROR, error=repr(exc)[:300])
+                conn.wake_sender()
 
     def _verifier(self) -> TokenVerifier:
         a = self.auth

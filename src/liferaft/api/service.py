@@ -20,7 +20,6 @@ async def serve(
     clients reach the ClientServer only through ``serve_stream``."""
     api = ClientServer(node, node.settings)
     node.on_events.append(api.watch_hub.publish)
-    node.after_apply.append(api.send_answers)
     node.on_restore = api.watch_hub.reset
     address = node.settings.client.listen
     # the API's tasks log as this node too, and record its errors for status

@@ -149,7 +149,8 @@ class PeerLink:
             self._stats.dropped[self.peer_id] += len(batch)
             self._wake.set()  # the sender finds the link closed and redials
             return
-        self._sent_at = trio.current_time()
+        if payloads:
+            self._sent_at = trio.current_time()
         self._stats.sent_bytes[self.peer_id] += sum(map(len, payloads))
         self._stats.sent_batches[self.peer_id] += len(payloads)
         if ws.pending:  # the socket took part of it: the sender task sends the rest
@@ -215,12 +216,14 @@ class PeerLink:
 
     def redial(self) -> None:
         """Drop the current connection, or cut the backoff short, and dial ``address``."""
+        self._ws = None  # nothing more goes out on the connection being dropped
         if self._attempt_scope is not None:
             self._attempt_scope.cancel()
 
     def stop(self) -> None:
         """Stop the sender for good (the peer was removed) and drop its queue."""
         self._stopped = True
+        self._ws = None
         if self._run_scope is not None:
             self._run_scope.cancel()
         self.discard()

@@ -39,6 +39,12 @@ CLOSE_TIMEOUT = 1.0  # how long a WebSocket close handshake may take before we h
 Deliver = Callable[[str, list[PeerMessage]], Awaitable[None]]
 
 
+class DeliverFailed(Exception):
+    """``deliver`` raised: a fault of the node, not of the connection. It is not logged
+    and swallowed at the connection's edge like a peer's misbehaviour, but ends the
+    transport (and with it the node), as a crash of a forwarding task would."""
+
+
 class PeerServer:
     """Accepts peers' connections and delivers ``(peer_id, messages)`` to ``deliver``
     (awaited in the connection's task: its wait is the backpressure on that peer)."""
@@ -83,7 +89,8 @@ class PeerServer:
             scope.cancel()
 
     async def handle(self, tcp: trio.SocketStream) -> None:
-        """The per-connection task ``trio.serve_listeners`` starts; it never raises."""
+        """The per-connection task ``trio.serve_listeners`` starts; it raises only
+        DeliverFailed."""
         remote = _remote(tcp)
         if self.open_connections >= self._max_connections:
             self._reject("max_connections", remote)
@@ -92,6 +99,8 @@ class PeerServer:
         self.open_connections += 1
         try:
             await self._serve(tcp, remote)
+        except* DeliverFailed:
+            raise  # the node's fault: it must stop, not go on deaf to this peer
         except* Exception as group:  # the edge of one connection: log it, keep serving
             self._log("peer_connection_error", {"remote": remote, "error": repr(group)[:300]})
         finally:
@@ -176,7 +185,10 @@ class PeerServer:
                         await _close(ws, INVALID_PAYLOAD, "malformed batch")
                         return
                 if msgs:  # an empty batch is a keepalive
-                    await self._deliver(peer_id, msgs)
+                    try:
+                        await self._deliver(peer_id, msgs)
+                    except Exception as exc:
+                        raise DeliverFailed(f"delivering {peer_id}'s messages: {exc!r}") from exc
         except ConnectionClosed as exc:
             code = exc.code
             if code == MESSAGE_TOO_BIG:

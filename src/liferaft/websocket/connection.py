@@ -190,14 +190,14 @@ class WebSocket:
         await self._send(b"".join([encode(BINARY, d, masked=m) for d in messages]))
 
     def send_now(self, messages: Sequence[bytes]) -> bool:
-        """Send binary messages from the caller's task, without waiting, if the stream
-        can (a ``TLSStream``) and no send is in progress: True. What the socket did not
+        """Send binary messages from the caller's task, without waiting, if
+        ``can_send_now``: True. What the socket did not
         take now goes first with the next send: the caller must see that one happens
         (``flush``; ``pending`` says whether it is needed). False: nothing was sent (use
         ``send_messages``). Raises ConnectionClosed like ``send_messages``."""
-        send_now = getattr(self._stream, "send_now", None)
-        if send_now is None or not self.can_send_now:
+        if not self.can_send_now:
             return False
+        send_now = self._stream.send_now  # type: ignore[attr-defined]  # can_send_now checked
         m = self._masked
         frame = b"".join([encode(BINARY, d, masked=m) for d in messages])
         try:
@@ -212,8 +212,9 @@ class WebSocket:
 
     @property
     def can_send_now(self) -> bool:
-        """Whether ``send_now`` would send (on a stream that can)."""
-        return not (
+        """Whether ``send_now`` would send: the stream can (a ``TLSStream``), the
+        connection is open and no write is under way or owed."""
+        return hasattr(self._stream, "send_now") and not (
             self.closed is not None or self._close_sent or self._tail or self._send_lock.locked()
         )
 
