@@ -132,13 +132,16 @@ async def test_lease_commands(cluster: FakeCluster, certs: Path) -> None:
 async def test_lease_keepalive_until_ctrl_c_or_lost(cluster: FakeCluster, certs: Path) -> None:
     st = cluster.store
     lease = FIRST_LEASE
-    st.write({"op": "lease_grant", "ttl": 1})
-    st.write({"op": "lease_grant", "ttl": 1})
+    # TTL 5: the keeper renews every ~1.7 s and calls the lease lost only after 5 s
+    # without a confirmed renewal. With TTL 1 a one-second stall of a loaded CI machine
+    # made it give the lease up before the Ctrl-C (exit 1 instead of 0).
+    st.write({"op": "lease_grant", "ttl": 5})
+    st.write({"op": "lease_grant", "ttl": 5})
     args = ["lease", "keepalive", f"{lease:x}", "-o", "json", *common(cluster, certs)]
     with trio.fail_after(HANG):
         async with process(args) as proc:
             lines = await read_lines(proc, 2, [])
-            assert json.loads(lines[0]) == {"id": lease, "id_hex": f"{lease:x}", "ttl": 1}
+            assert json.loads(lines[0]) == {"id": lease, "id_hex": f"{lease:x}", "ttl": 5}
             proc.send_signal(signal.SIGINT)
             await proc.wait()
         assert proc.returncode == 0
