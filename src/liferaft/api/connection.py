@@ -536,20 +536,13 @@ class Connection:
         if not ws.can_send_now:
             self._wake.set()
             return
-        self._audit_answered()
-        batch, self._out = self._out, []
-        self._out_bytes = 0
         try:
-            sent = ws.send_now([dumps(batch[0] if len(batch) == 1 else batch)])
+            sent = ws.send_now([self._take_out()])
         except ConnectionClosed:
             self._wake.set()  # the sender finds the connection closed and ends it
             return
-        if not sent:  # cannot happen after can_send_now; the sender would send them
-            self._out[:0] = batch
-            self._wake.set()
-            return
-        self._sent.set()
-        self._sent = trio.Event()
+        assert sent  # can_send_now held, and nothing ran since
+        self._message_sent()
         if ws.pending:
             self._wake.set()  # the sender sends what the socket did not take
 
@@ -564,13 +557,20 @@ class Connection:
 
     async def _flush(self) -> None:
         while self._out:
-            self._audit_answered()
-            batch, self._out = self._out, []
-            self._out_bytes = 0  # the message being sent is the socket's to hold now
-            await self.ws.send_message(dumps(batch[0] if len(batch) == 1 else batch))
-            self._sent.set()  # every catch-up waiting on it wakes
-            self._sent = trio.Event()
+            await self.ws.send_message(self._take_out())
+            self._message_sent()
         await self.ws.flush()  # what ``send_now`` left, if anything
+
+    def _take_out(self) -> bytes:
+        """Everything queued, audited and encoded as one message."""
+        self._audit_answered()
+        batch, self._out = self._out, []
+        self._out_bytes = 0  # the message being sent is the socket's to hold now
+        return dumps(batch[0] if len(batch) == 1 else batch)
+
+    def _message_sent(self) -> None:
+        self._sent.set()  # every catch-up waiting on it wakes
+        self._sent = trio.Event()
 
     def _audit(self, req: dict[str, Any], op: str, code: str) -> None:
         event(

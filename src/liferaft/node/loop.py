@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from liferaft.core import Entry, HardState, InstallSnapshot, Raft, Ready, Role
+from liferaft.core import HardState, InstallSnapshot, Raft, Ready, Role
 from liferaft.node.addresses import learn_from_entries
 from liferaft.node.applyqueue import ApplyQueue
 from liferaft.node.inputs import Call, Input, Messages, Propose, Tick, Writes, propose_writes
@@ -35,11 +35,6 @@ log = logging.getLogger("liferaft.node")
 
 MAX_INPUTS_PER_ROUND = 4096  # inputs folded into one Ready at most
 READ_ROUNDS_MAX = 4  # election timeouts a ReadIndex round may take before it is failed
-
-
-def _before(entries: tuple[Entry, ...], index: int) -> tuple[Entry, ...]:
-    """The leading entries of ``entries`` (consecutive) whose index is below ``index``."""
-    return entries[: max(0, index - entries[0].index)]
 
 
 class _Save:
@@ -185,7 +180,7 @@ class CoreLoop:
             # the same message that brings them, are applied once they are written:
             # the state never runs ahead of the log on disk.
             durable = rd.entries[0].index if rd.entries else committed[-1].index + 1
-            early = _before(committed, durable)
+            early = committed[: max(0, durable - committed[0].index)]  # (consecutive)
             if early:
                 self._to_apply.put_entries(early)
                 committed = committed[len(early) :]

@@ -141,26 +141,22 @@ class PeerLink:
             return
         batch = self._take()
         payloads = self._payloads(batch)
-        try:
-            if payloads and not ws.send_now(payloads):
-                self._requeue(batch)  # not sent after all: the sender task will
-                return
-        except ConnectionClosed:
-            self._stats.dropped[self.peer_id] += len(batch)
-            self._wake.set()  # the sender finds the link closed and redials
-            return
         if payloads:
+            try:
+                sent = ws.send_now(payloads)
+            except ConnectionClosed:
+                self._stats.dropped[self.peer_id] += len(batch)
+                self._wake.set()  # the sender finds the link closed and redials
+                return
+            assert sent  # can_send_now held, and nothing ran since
             self._sent_at = trio.current_time()
-        self._stats.sent_bytes[self.peer_id] += sum(map(len, payloads))
-        self._stats.sent_batches[self.peer_id] += len(payloads)
+            self._count_sent(payloads)
         if ws.pending:  # the socket took part of it: the sender task sends the rest
             self._wake.set()
 
-    def _requeue(self, batch: list[PeerMessage]) -> None:
-        for m in reversed(batch):
-            size = estimate_size(m)
-            self._queue.appendleft((m, size))
-            self._queued_bytes += size
+    def _count_sent(self, payloads: list[bytes]) -> None:
+        self._stats.sent_bytes[self.peer_id] += sum(map(len, payloads))
+        self._stats.sent_batches[self.peer_id] += len(payloads)
 
     def _trim(self) -> None:
         q = self._queue
@@ -329,8 +325,7 @@ class PeerLink:
                 payloads = self._payloads(batch)
                 if payloads:
                     await ws.send_messages(payloads)  # one write
-                self._stats.sent_bytes[self.peer_id] += sum(map(len, payloads))
-                self._stats.sent_batches[self.peer_id] += len(payloads)
+                self._count_sent(payloads)
             except BaseException:
                 # In flight when the link failed: lost (or, rarely, delivered and counted).
                 self._stats.dropped[self.peer_id] += len(batch)
