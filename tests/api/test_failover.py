@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import trio
-from test_protocol import Raw, cluster, connect
+from test_protocol import HANG, Raw, cluster, connect
 
 from liferaft.client import compare, op_put, open_client
 from liferaft.core import AnyMessage
@@ -307,3 +307,41 @@ async def test_without_a_quorum_a_put_to_a_node_that_knows_no_leader_is_answered
                 answer = await r.call(op="put", key="k", value=b"v")
         assert not answer["ok"] and answer["error"]["code"] == "unavailable", answer
         assert waits.calls == [(wait_s, None)]  # it waited two election timeouts, in vain
+
+
+async def test_a_put_to_a_follower_cut_off_from_its_leader_is_sent_to_the_next_leader(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A follower whose link to the leader broke (a killed leader's connections close
+    # long before the election timeout) holds the put for the election, rather than
+    # send the client to a node that is most likely gone. Here the leader is alive and
+    # hands over to the other follower, so the outcome is decided by the test; the long
+    # election timeout gives the hand-over ample time within the follower's wait.
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"], election_ms=2500)
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            await c.nodes["n1"].call(lambda raft: raft.campaign())
+            old = await c.wait_leader()
+            asked, new = (i for i in c.ids if i != old)
+            node = c.nodes[asked]
+            await wait_until(lambda: node.raft is not None and node.raft.leader == old)
+            assert node.transport is not None
+            inner = node.transport.connected
+            monkeypatch.setattr(node.transport, "connected", lambda p: p != old and inner(p))
+            waits = LeaderWaits(monkeypatch, node)
+
+            async def hand_over_once_waiting() -> None:
+                await waits.entered.wait()
+                assert node.raft is not None and node.raft.leader == old  # still its leader
+                await c.nodes[old].transfer_leadership(new)
+
+            async with connect(c, c.token(), c.ids.index(asked)) as r, trio.open_nursery() as n:
+                n.start_soon(hand_over_once_waiting)
+                answer = await r.call(op="put", key="k", value=b"v")
+                if not waits.entered.is_set():  # answered without waiting: no hand-over
+                    n.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+    assert not answer["ok"] and answer["error"]["code"] == "not_leader", answer
+    assert answer["error"]["leader_endpoint"] == c.endpoints()[c.ids.index(new)]
+    assert waits.leaders() == [new]

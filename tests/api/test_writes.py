@@ -28,6 +28,8 @@ class FakeNode:
         self.given_up = 0
         self.proposed: list[list[dict[str, Any]]] = []  # through propose_writes
         self.leader_after_wait: str | None = node_id
+        self.refusal: NotLeader | None = None  # propose_writes raises it, if set
+        self.out_of_reach: set[str] = set()  # nodes whose link is down
         self.settings = type("S", (), {"raft": type("R", (), {"election_timeout_ms": 300})()})()
 
     def submit_writes(self, cmds: list[dict[str, Any]], size: int, out: Settable) -> Any:
@@ -42,10 +44,15 @@ class FakeNode:
 
     async def propose_writes(self, cmds: list[dict[str, Any]], size: int) -> object:
         self.proposed.append(cmds)
+        if self.refusal is not None:
+            raise self.refusal
         return [{"revision": 100 + i} for i in range(len(cmds))]
 
     async def wait_for_leader(self, seconds: float) -> str | None:
         return self.leader_after_wait
+
+    def reaches(self, node_id: str) -> bool:
+        return node_id not in self.out_of_reach
 
     def client_endpoint(self, node_id: str) -> str | None:
         return f"wss://{node_id}.example:2379/v1"
@@ -136,6 +143,24 @@ async def test_a_batch_refused_during_an_election_waits_for_it_and_is_proposed_a
         # this node won the election: the batch went through propose_writes
         assert node.proposed == [[{"op": "put", "key": "k1", "value": b"v"}]]
         assert conn.answers == [([1], [{"revision": 100}])]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_refused_naming_a_leader_out_of_reach_waits_for_the_next_one() -> None:
+    # The follower's link to n2 broke (n2 was killed): rather than send the client to a
+    # dead node, the batch waits for the election and names its winner.
+    node = FakeNode("n1")
+    node.out_of_reach = {"n2"}
+    node.refusal = NotLeader("n2")
+    node.leader_after_wait = "n3"
+    async with trio.open_nursery() as nursery:
+        writes, conn = await started(node, nursery)
+        await writes.submit(puts(1), 30)
+        node.submitted[0][1].fail(NotLeader("n2"))
+        await trio.testing.wait_all_tasks_blocked()
+        ((ids, (result,)),) = conn.answers
+        assert ids == [1] and result["error"]["code"] == "not_leader"
+        assert result["error"]["leader_endpoint"] == "wss://n3.example:2379/v1"
         nursery.cancel_scope.cancel()
 
 

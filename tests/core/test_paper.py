@@ -25,6 +25,7 @@ from liferaft.core import (
     Role,
     TimeoutNow,
     VoteRequest,
+    VoteResponse,
 )
 from liferaft.testing.sim import Cluster, Disk
 
@@ -265,6 +266,35 @@ def test_leader_lease_ignores_a_candidate_while_the_leader_is_heard() -> None:
     disruptive = VoteRequest(term=term + 5, src="n3", dst="n2", last_index=100, last_term=term + 4)
     c.raft("n2").step(disruptive)
     assert c.raft("n2").term == term and c.raft("n2").vote == "n1"
+
+
+@pytest.mark.parametrize(("ticks", "granted"), [(ELECTION - 2, False), (ELECTION - 1, True)])
+def test_leader_lease_leaves_a_tick_of_slack_for_a_pre_vote_at_the_shortest_timeout(
+    ticks: int, granted: bool
+) -> None:
+    """Nodes tick out of phase: when the leader dies, a follower that drew the shortest
+    timeout (ELECTION ticks) may ask while the other has counted one tick fewer since the
+    last heartbeat. That one is granted; the election does not wait for the other's own
+    timeout. Two ticks fewer is a leader still heard: ignored."""
+    c = make(3)
+    elect(c, "n1")
+    n2, n3 = c.raft("n2"), c.raft("n3")
+    for _ in range(ticks):
+        n2.tick()
+    assert not n2.has_ready()
+    ask = VoteRequest(
+        term=n3.term + 1,
+        src="n3",
+        dst="n2",
+        last_index=n3.log.last_index,
+        last_term=n3.log.last_term,
+        pre_vote=True,
+    )
+    n2.step(ask)
+    rd = n2.ready()
+    sent = (*rd.messages, *rd.persisted_messages)
+    answers = [m for m in sent if isinstance(m, VoteResponse)]
+    assert [m.granted for m in answers] == ([True] if granted else [])
 
 
 # ---------------------------------------------------------------- reads

@@ -528,6 +528,39 @@ async def test_a_changed_address_is_dialled_at_once(pki: PKI) -> None:
             nursery.cancel_scope.cancel()
 
 
+class LongBackoff(random.Random):
+    """Every backoff as long as the hang guard allows, and longer."""
+
+    def __init__(self) -> None:
+        super().__init__(7)
+        self.backoffs = 0
+
+    def uniform(self, a: float, b: float) -> float:
+        self.backoffs += 1
+        return 10 * HANG_GUARD
+
+
+async def test_a_peer_that_dials_in_is_dialled_back_without_waiting_out_the_backoff(
+    pki: PKI,
+) -> None:
+    # A restarted node must hear from its peers at once (a leader's election may hang
+    # on it), not after a backoff that grew while it was down.
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            port = reserve_port()
+            rng = LongBackoff()
+            n1 = make(pki, "n1", peers={"n2": (LOCAL, port)}, rng=rng)
+            await nursery.start(n1.run, (LOCAL, 0))
+            await wait_for(lambda: rng.backoffs == 1)  # n2 is down: n1 backs off
+            n1.send(heartbeats("n1", "n2", [1]))
+            n2 = make(pki, "n2", peers={"n1": (LOCAL, n1.port or 0)})
+            await nursery.start(n2.run, (LOCAL, port))
+            got = await receive(n2, 1)
+            assert [m for _, m in got] == heartbeats("n1", "n2", [1])
+            assert rng.backoffs == 1  # the backoff was cut short, not waited out
+            nursery.cancel_scope.cancel()
+
+
 # ---------------------------------------------------------------- limits
 
 

@@ -36,7 +36,8 @@ def not_leader(node: Node, leader: str | None) -> ApiError:
 
 
 async def _awaited_leader(node: Node) -> str | None:
-    """During an election: wait (up to two election timeouts) for its outcome."""
+    """During an election (or while the leader is out of reach, most likely dead): wait
+    (up to two election timeouts) for a leader this node reaches."""
     return await node.wait_for_leader(2 * node.settings.raft.election_timeout_ms / 1000)
 
 
@@ -57,7 +58,9 @@ async def write_batch(node: Node, reqs: list[dict[str, Any]], size: int) -> list
             try:
                 results = await node.propose_writes(cmds, size)
             except NotLeader as exc:
-                leader = exc.leader or await _awaited_leader(node)
+                leader = exc.leader
+                if leader is None or not node.reaches(leader):
+                    leader = await _awaited_leader(node)
                 if leader != node.id:
                     raise NotLeader(leader) from None
                 results = await node.propose_writes(cmds, size)  # elected meanwhile

@@ -133,9 +133,12 @@ class ConnectionWrites:
         self._conn.answer_writes(batch.reqs, results, batch.started)
 
     def failed(self, batch: _Batch, error: BaseException) -> None:
-        if isinstance(error, NotLeader) and error.leader in (None, self._node.id):
-            # An election is under way, or this node won it since the batch left: wait
-            # for its outcome and propose again, as write_batch does.
+        if isinstance(error, NotLeader) and (
+            error.leader in (None, self._node.id) or not self._node.reaches(error.leader)
+        ):
+            # An election is under way (or due: the leader is out of reach), or this
+            # node won it since the batch left: wait for its outcome and propose again,
+            # as write_batch does.
             self._slow(batch)
             return
         self._slots.release()

@@ -271,10 +271,14 @@ class Raft:
             return
         if m.term > self.term:
             if isinstance(m, VoteRequest):
+                # The lease is a tick shorter than the election timeout: nodes tick out
+                # of phase, and a peer that drew the shortest timeout (after the leader
+                # died) may ask when we have counted one tick fewer since its last
+                # heartbeat. Ignored, the election would wait for our own timeout.
                 in_lease = (
                     self._cfg.check_quorum
                     and self.leader is not None
-                    and self._election_elapsed < self._cfg.election_ticks
+                    and self._election_elapsed < self._cfg.election_ticks - 1
                 )
                 if in_lease and not m.transfer:
                     return  # we hear from a live leader: ignore a disruptive candidate

@@ -72,6 +72,7 @@ class CoreLoop:
         self._tick_wakeup = trio.Event()
         self._last_soft: tuple[Role, str | None, int] | None = None
         self.leader_known = trio.Event()  # set while this node knows a leader
+        self.leader_moved = trio.Event()  # set (and replaced) at each change of leader
         self.durable_vote: tuple[int, str | None] = (0, None)  # (term, vote) on disk
         self._lazy_hs: HardState | None = None  # a commit index not yet written
         self._slow_persist = node.settings.raft.election_timeout_ms / 1000  # seconds
@@ -269,6 +270,8 @@ class CoreLoop:
                     self.leader_known.set()
                 elif self.leader_known.is_set():
                     self.leader_known = trio.Event()
+                moved, self.leader_moved = self.leader_moved, trio.Event()
+                moved.set()
                 event(
                     log, "leader_changed", term=raft.term, leader=raft.leader, role=raft.role.value
                 )

@@ -498,13 +498,29 @@ class Node:
                 raise
 
     async def wait_for_leader(self, seconds: float) -> str | None:
-        """The leader's id once one is known (at most ``seconds`` from now; None if
-        none by then). Lets a request that meets an election answer with the new
-        leader instead of ``unavailable``, which would send the client round the
-        endpoints with growing back-off."""
-        with trio.move_on_after(seconds):
-            await self._loop.leader_known.wait()
-        return self.raft.leader if self.raft is not None else None
+        """The leader's id once one is known that a client can be sent to (``reaches``),
+        waiting at most ``seconds`` from now (then: the leader known by then, or None).
+        Lets a request that meets an election answer with the new leader instead of
+        ``unavailable`` or the old leader, either of which would send the client round
+        the endpoints with growing back-off."""
+        deadline = trio.current_time() + seconds
+        poll = self.settings.raft.heartbeat_interval_ms / 1000  # for a link coming up
+        while True:
+            leader = self.raft.leader if self.raft is not None else None
+            if leader is not None and self.reaches(leader):
+                return leader
+            now = trio.current_time()
+            if now >= deadline:
+                return leader
+            with trio.move_on_at(min(deadline, now + poll)):
+                await self._loop.leader_moved.wait()
+
+    def reaches(self, node_id: str) -> bool:
+        """Whether ``node_id`` is this node or a peer whose link is up. A leader whose
+        link went down is most likely gone (a killed process drops its connections at
+        once, well before its followers' election timeout): a write is better held
+        for the election than sent there (docs/architecture.md, "Failover")."""
+        return node_id == self.id or self.transport is None or self.transport.connected(node_id)
 
     async def read_index(self) -> int:
         """A linearizable read barrier: returns once the local state machine reflects

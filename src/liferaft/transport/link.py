@@ -101,6 +101,7 @@ class PeerLink:
         self._run_scope: trio.CancelScope | None = None
         # the current connection, or the backoff before the next one: redial() cancels it
         self._attempt_scope: trio.CancelScope | None = None
+        self._backoff_scope: trio.CancelScope | None = None  # the backoff alone
         self.connected = False
         self._ws: WebSocket | None = None  # while connected: for ``send_now``
         self._sent_at = 0.0  # when ``send_now`` last sent (the keepalive counts from it)
@@ -216,6 +217,13 @@ class PeerLink:
         if self._attempt_scope is not None:
             self._attempt_scope.cancel()
 
+    def dial_now(self) -> None:
+        """Cut a backoff short: the peer just dialled us, so it is up again (a restarted
+        node would otherwise wait out a backoff grown while it was down, up to
+        BACKOFF_MAX, before it hears from us)."""
+        if self._backoff_scope is not None:
+            self._backoff_scope.cancel()
+
     def stop(self) -> None:
         """Stop the sender for good (the peer was removed) and drop its queue."""
         self._stopped = True
@@ -263,8 +271,9 @@ class PeerLink:
                 delay = self._rng.uniform(0, backoff_cap(failures))
                 failures += 1
                 with trio.move_on_after(delay) as self._attempt_scope:
+                    self._backoff_scope = self._attempt_scope
                     await trio.sleep_forever()
-                self._attempt_scope = None
+                self._attempt_scope = self._backoff_scope = None
 
     async def _session(self) -> None:
         host, port = self.address

@@ -91,6 +91,7 @@ class PeerTransport:
             server_ctx=server_ctx,
             members=self._links.keys,
             deliver=deliver if deliver is not None else self._into_inbound,
+            came_up=self._came_up,
             stats=self.stats,
             log=self._log,
             max_message_bytes=max_message_bytes,
@@ -139,6 +140,12 @@ class PeerTransport:
         """How many messages wait for ``peer_id``."""
         link = self._links.get(peer_id)
         return len(link) if link is not None else 0
+
+    def _came_up(self, peer_id: str) -> None:
+        """A peer dialled us: if our link to it is backing off, dial it now."""
+        link = self._links.get(peer_id)
+        if link is not None:
+            link.dial_now()
 
     def connected(self, peer_id: str) -> bool:
         """Whether the outgoing link to ``peer_id`` is up."""

@@ -55,6 +55,7 @@ class PeerServer:
         server_ctx: ssl.SSLContext,
         members: Callable[[], Collection[str]],
         deliver: Deliver,
+        came_up: Callable[[str], None],
         stats: TransportStats,
         log: LogFn,
         max_message_bytes: int,
@@ -67,6 +68,7 @@ class PeerServer:
         self._cluster = cluster
         self._members = members
         self._deliver = deliver
+        self._came_up = came_up  # told of each peer whose connection is accepted
         self._stats = stats
         self._log = log
         self._max_message_bytes = max_message_bytes
@@ -161,6 +163,7 @@ class PeerServer:
         self._current[peer_id] = scope
         self._stats.accepts += 1
         self._log("peer_connected", {"peer": peer_id, "direction": "in"})
+        self._came_up(peer_id)
         try:
             while True:
                 with trio.move_on_after(self._idle_timeout) as idle:
