@@ -297,6 +297,47 @@ def test_leader_lease_leaves_a_tick_of_slack_for_a_pre_vote_at_the_shortest_time
     assert [m.granted for m in answers] == ([True] if granted else [])
 
 
+def survivors_time_out_together(c: Cluster) -> int:
+    """n1 leads, then dies; n2 and n3 start their pre-votes at the same moment (each
+    asks before the other's request arrives). Returns the term n1 led."""
+    elect(c, "n1")
+    term = c.raft("n1").term
+    c.crash("n1")
+    c.raft("n2").campaign()
+    c.raft("n3").campaign()
+    c.drain("n2")
+    c.drain("n3")
+    return term
+
+
+def test_two_followers_timing_out_together_do_not_split_the_vote() -> None:
+    """Each grants the other's pre-vote; the lower id defers to the higher one, which
+    wins at the first term tried. (Without this both became candidates, each voting
+    for itself, and the next try waited a whole randomized election timeout.)"""
+    c = make(3)
+    term = survivors_time_out_together(c)
+    c.stabilize()
+    assert c.leader() == "n3" and c.raft("n3").term == term + 1
+    assert c.raft("n2").vote == "n3"
+
+
+def test_a_deferring_pre_candidate_campaigns_when_no_vote_request_comes() -> None:
+    """The higher id's vote request is lost (it died, or the link did): the lower id
+    campaigns after a heartbeat interval and a tick, instead of waiting for ever."""
+    c = make(3)
+    c.network.tap = lambda m: not (isinstance(m, VoteRequest) and not m.pre_vote and m.src == "n3")
+    term = survivors_time_out_together(c)
+    c.stabilize()
+    n2 = c.raft("n2")
+    assert n2.role is Role.PRE_CANDIDATE and n2.term == term  # won its pre-vote, waits
+    n2.tick()
+    c.drain("n2")
+    assert n2.role is Role.PRE_CANDIDATE  # heartbeat_ticks + 1 = 2 ticks
+    n2.tick()
+    c.drain("n2")
+    assert n2.role is Role.CANDIDATE and n2.term == term + 1
+
+
 # ---------------------------------------------------------------- reads
 
 

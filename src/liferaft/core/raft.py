@@ -113,6 +113,11 @@ class Raft:
         self.leader: str | None = None
         self._repl: Replicator | None = None  # only while leader
         self._votes: dict[str, bool] = {}
+        # Split votes: the highest term at which we granted a pre-vote to a voter with a
+        # higher id, and the ticks left before we campaign, having won a pre-vote at that
+        # same term (see ``_tally``).
+        self._yielded_term = 0
+        self._defer: int | None = None
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._randomized_timeout = self._random_timeout()
@@ -179,6 +184,12 @@ class Raft:
             self._tick_leader()
         else:
             self._election_elapsed += 1
+            if self._defer is not None and self._outstanding is None:
+                self._defer -= 1
+                if self._defer <= 0:
+                    self._defer = None
+                    self._campaign(pre_vote=False)
+                    return
             if (
                 self._outstanding is None
                 and self._promotable()
@@ -385,6 +396,7 @@ class Raft:
         self._randomized_timeout = self._random_timeout()
         self._transferee = None
         self._votes = {}
+        self._defer = None
         self._repl = None
         for ctx, requester in self._reads.drain():
             self._fail_read(ctx, requester)
@@ -440,6 +452,17 @@ class Raft:
         quorum = self.membership.quorum()
         if granted >= quorum:
             if self.role is Role.PRE_CANDIDATE:
+                if self._defer is not None:
+                    return True  # already won, waiting (below)
+                if self._yielded_term == self.term + 1:
+                    # We also granted this term's pre-vote to a higher id: it is likely
+                    # a candidate by now, and campaigning too would split the vote (two
+                    # candidates, each with its own vote: a 3-node cluster that lost a
+                    # node then waits a whole election timeout more). Give its vote
+                    # request a heartbeat interval to come; campaign only if it does not.
+                    self._yielded_term = 0
+                    self._defer = self._cfg.heartbeat_ticks + 1
+                    return True
                 self._campaign(pre_vote=False)
             else:
                 self._become_leader()
@@ -478,6 +501,8 @@ class Raft:
             if not m.pre_vote:
                 self._election_elapsed = 0
                 self.vote = m.src
+            elif m.src > self.id:
+                self._yielded_term = max(self._yielded_term, m.term)
         else:
             self._send(
                 VoteResponse(
