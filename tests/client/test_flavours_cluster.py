@@ -64,6 +64,13 @@ class Cluster:
         with open(self.logs / f"{node_id}.log", "ab") as log:
             self.procs[node_id] = subprocess.Popen(self.pc.command(node_id), stdout=log, stderr=log)
 
+    def revive(self) -> None:
+        """Start again every node a scenario killed and left down (it failed before
+        its own restart): the next scenario starts from a whole cluster."""
+        for node_id, proc in list(self.procs.items()):
+            if proc.poll() is not None:
+                self.start(node_id)
+
     def kill(self, node_id: str) -> None:
         proc = self.procs[node_id]
         proc.send_signal(signal.SIGKILL)
@@ -207,13 +214,19 @@ def run(flavour: str, cluster: Cluster, scenario: Callable[[Env], Awaitable[None
             with trio.fail_after(HANG):
                 await scenario(env)
 
-        trio.run(main)
+        try:
+            trio.run(main)
+        finally:
+            cluster.revive()
     else:
 
         async def amain() -> None:
             await asyncio.wait_for(scenario(env), HANG)
 
-        asyncio.run(amain())
+        try:
+            asyncio.run(amain())
+        finally:
+            cluster.revive()
 
 
 # ---------------------------------------------------------------- the scenarios
@@ -306,10 +319,14 @@ def test_writes_across_a_leader_kill_apply_exactly_once(flavour: str, cluster: C
             assert env.cluster.node_of(c.endpoint) == old
 
             spans: dict[str, tuple[float, float]] = {}
+            in_flight = 0
 
             async def put(key: str) -> None:
+                nonlocal in_flight
                 started = time.monotonic()
+                in_flight += 1
                 results[key] = await c.put(key, "v")
+                in_flight -= 1
                 spans[key] = (started, time.monotonic())
 
             async def writer(n: int) -> None:
@@ -321,8 +338,10 @@ def test_writes_across_a_leader_kill_apply_exactly_once(flavour: str, cluster: C
 
             async def killer() -> None:
                 nonlocal killed_at
-                while len(results) < 24:
-                    await env.sleep(0.005)
+                # Kill while puts are in flight (not between two rounds of them): the
+                # kill runs on the event loop, so they are answered after kill_time.
+                while len(results) < 24 or not in_flight:
+                    await env.sleep(0.001)
                 killed_at = len(results)
                 env.cluster.kill(old)
                 kill_time.append(time.monotonic())

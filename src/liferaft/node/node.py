@@ -519,7 +519,7 @@ class Node:
         """Whether ``node_id`` is this node or a peer whose link is up. A leader whose
         link went down is most likely gone (a killed process drops its connections at
         once, well before its followers' election timeout): a write is better held
-        for the election than sent there (docs/architecture.md, "Failover")."""
+        for the election than sent there (docs/architecture.md, "The life of a write")."""
         return node_id == self.id or self.transport is None or self.transport.connected(node_id)
 
     async def read_index(self) -> int:
