@@ -199,6 +199,21 @@ def test_a_lost_lease_cancels_the_keep_alive_block_with_lease_lost(fake: Fake) -
     asyncio.run(main())
 
 
+def test_a_client_closed_under_its_keeper_reports_the_lease_lost(fake: Fake) -> None:
+    async def main() -> None:
+        async with fake.open() as c:
+            lease = await c.lease_grant(60)
+            ka = c.keep_alive(lease)
+            with pytest.raises(LeaseLost) as info:
+                async with asyncio.timeout(30), ka:
+                    await c.aclose()
+                    await asyncio.sleep(30)  # cancelled by the loss
+            assert "client was closed" in str(info.value)
+            assert ka.lost.is_set() and list(ka.lost_leases) == [lease.id]
+
+    asyncio.run(main())
+
+
 def keys_under(fake: Fake, prefix: str) -> list[str]:
     """The keys under ``prefix`` in the fake store, oldest first."""
     data = fake.call(lambda: dict(fake.cluster.store.data))

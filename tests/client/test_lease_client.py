@@ -309,6 +309,23 @@ async def test_lost_lease_cancels_the_block(
         assert ka.leases == [other.id]  # the other lease was kept until the block ended
 
 
+async def test_a_client_closed_under_its_keeper_reports_the_leases_lost(
+    cluster: FakeCluster, certs: Path
+) -> None:
+    """Another task closes the client while a block holds leases: nothing renews them
+    any more, so they are reported lost and the block is cancelled with LeaseLost,
+    rather than going on as if they were kept."""
+    async with opened(cluster, certs) as c:
+        lease = await c.lease_grant(60)
+        other = await c.lease_grant(60)
+        with trio.fail_after(HANG), pytest.raises(LeaseLost) as info:
+            async with c.keep_alive(lease, other) as ka:
+                await c.aclose()
+                await trio.sleep_forever()
+        assert "client was closed" in str(info.value)
+        assert ka.lost.is_set() and sorted(ka.lost_leases) == sorted([lease.id, other.id])
+
+
 async def test_silence_loses_the_lease_at_its_deadline(cluster: FakeCluster, certs: Path) -> None:
     """Renewals that get no answer: the lease is reported lost when its TTL has passed
     since the last confirmed renewal was sent (the cluster may have expired it), not

@@ -868,6 +868,7 @@ class AsyncioKeepAlive:
         self._task: asyncio.Task[None] | None = None
         self._body: asyncio.Task[Any] | None = None
         self._cancelled_body = False
+        self._stopped = False  # stop() was called (a cancel from elsewhere: the client closed)
         self._pending: list[Lease | int] = list(leases)
 
     @property
@@ -899,8 +900,10 @@ class AsyncioKeepAlive:
                 self.add(lease)
             self._pending = []
             self._task = self._client._spawn(self._run())
+            self._task.add_done_callback(self._ended)
 
     def stop(self) -> None:
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
 
@@ -908,6 +911,22 @@ class AsyncioKeepAlive:
         """Raise LeaseLost if a lease has been lost."""
         if self.error is not None:
             raise LeaseLost(self.error.message, lease=self.error.lease)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The keeper's task ended. Not through stop(): the client closed and cancelled
+        it (perhaps before it ever ran, so this is a done callback, not an except)."""
+        if not self._stopped:
+            self._client_closed()
+
+    def _client_closed(self) -> None:
+        """The client closed under the keeper: nobody renews its leases any more."""
+        self._lose_all("its client was closed, so nothing renews it")
+        self.stop()
+
+    def _lose_all(self, why: str) -> None:
+        for lease_id in self.schedule.leases:
+            self.schedule.remove(lease_id)
+            self._lose(lease_id, why)
 
     async def __aenter__(self) -> AsyncioKeepAlive:
         await self.start()
@@ -948,9 +967,7 @@ class AsyncioKeepAlive:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
         except Exception as exc:  # a bug: never stop quietly, report every lease lost
-            for lease_id in schedule.leases:
-                schedule.remove(lease_id)
-                self._lose(lease_id, f"its keepalive task failed: {exc!r:.200}")
+            self._lose_all(f"its keepalive task failed: {exc!r:.200}")
 
     async def _renew(self, lease_id: int, sent_at: float) -> None:
         schedule = self.schedule
@@ -967,7 +984,7 @@ class AsyncioKeepAlive:
         except LiferaftError as exc:
             schedule.failed(lease_id, asyncio.get_running_loop().time(), exc)
         except RuntimeError:  # the client closed
-            self.stop()
+            self._client_closed()
         else:
             if lease_id in schedule:
                 schedule.renewed(lease_id, ttl, sent_at)

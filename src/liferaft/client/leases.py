@@ -185,14 +185,26 @@ class KeepAlive:
 
     async def _run(self) -> None:
         assert self._task is not None
-        with self._task:
-            try:
-                async with trio.open_nursery() as nursery:
-                    await self._loop(nursery)
-            except Exception as exc:  # a bug: never stop quietly, report every lease lost
-                for lease_id in self.schedule.leases:
-                    self.schedule.remove(lease_id)
-                    self._lose(lease_id, f"its keepalive task failed: {exc!r:.200}")
+        try:
+            with self._task:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await self._loop(nursery)
+                except Exception as exc:  # a bug: never stop quietly, report every loss
+                    self._lose_all(f"its keepalive task failed: {exc!r:.200}")
+        finally:
+            if not self._stopped:  # not stop(): the client closed, cancelling us
+                self._client_closed()
+
+    def _client_closed(self) -> None:
+        """The client closed under the keeper: nobody renews its leases any more."""
+        self._lose_all("its client was closed, so nothing renews it")
+        self.stop()
+
+    def _lose_all(self, why: str) -> None:
+        for lease_id in self.schedule.leases:
+            self.schedule.remove(lease_id)
+            self._lose(lease_id, why)
 
     async def _loop(self, nursery: trio.Nursery) -> None:
         schedule = self.schedule
@@ -229,7 +241,7 @@ class KeepAlive:
         except LiferaftError as exc:
             schedule.failed(lease_id, trio.current_time(), exc)
         except trio.ClosedResourceError:
-            self.stop()
+            self._client_closed()
         else:
             if lease_id in schedule:
                 schedule.renewed(lease_id, ttl, sent_at)
