@@ -45,6 +45,7 @@ from liferaft.client import (
     op_get,
     op_put,
 )
+from liferaft.backupfile import read_info
 from liferaft.security.certs import generate
 from liferaft.testing.processes import ProcessCluster, process_cluster
 
@@ -300,6 +301,34 @@ def test_not_leader_is_followed_to_the_leader(flavour: str, cluster: Cluster) ->
             assert env.cluster.node_of(c.endpoint) == lead
             kv = await c.get(f"redirect-{flavour}")
             assert kv is not None and kv.mod_revision == rev
+
+    run(flavour, cluster, scenario)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_snapshot_save_writes_a_whole_backup_and_a_refused_one_leaves_no_file(
+    flavour: str, cluster: Cluster, tmp_path: Path
+) -> None:
+    """The backup holds every write acknowledged before the call, in a file that
+    ``liferaft snapshot status`` accepts whole; progress is reported up to the total.
+    Without the admin role the call raises PermissionDenied and leaves nothing."""
+
+    async def scenario(env: Env) -> None:
+        p = f"backup-{flavour}/"
+        seen: list[tuple[int, int]] = []
+        async with env.open() as c:
+            revs = [await c.put(f"{p}{i}", "v") for i in range(20)]
+            meta = await c.snapshot_save(
+                tmp_path / "b.lrb", progress=lambda got, total: seen.append((got, total))
+            )
+        info = read_info(tmp_path / "b.lrb")
+        assert info.revision >= revs[-1] and meta["revision"] == info.revision
+        assert meta["keys"] == info.keys >= 20
+        assert seen and seen[-1][0] == seen[-1][1] == info.db_bytes
+        async with env.open(token=env.cluster.pc.token(["read", "write"])) as c:
+            with pytest.raises(PermissionDenied):
+                await c.snapshot_save(tmp_path / "denied.lrb")
+        assert sorted(f.name for f in tmp_path.iterdir()) == ["b.lrb"]
 
     run(flavour, cluster, scenario)
 

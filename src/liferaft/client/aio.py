@@ -57,6 +57,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "pip install 'liferaft[asyncio]' (or pip install websockets)"
     ) from exc
 
+from liferaft.client import backup
 from liferaft.client.aio_coordination import Election, LeaderWatch, Lock, LockLost, NotElected
 from liferaft.client.api import ClientAPI
 from liferaft.client.core import (
@@ -742,6 +743,31 @@ class AsyncioClient(ClientAPI):
             return
         if resp.get("ok") is not True:
             raise error_from_wire(resp.get("error"))
+
+    async def snapshot_save(
+        self, dest: Path | str, *, progress: Callable[[int, int], object] | None = None
+    ) -> dict[str, Any]:
+        """Save a backup of the whole store (admin) from the node this client is connected
+        to into the file ``dest``, written atomically; as the Trio client's
+        ``snapshot_save`` (``progress(received, total)`` per chunk; not retried: a failure
+        raises and leaves no file)."""
+        conn = await self._connection()
+        pull = backup.BackupPull(Path(dest), progress)
+        try:
+            async with asyncio.timeout(backup.BEGIN_TIMEOUT):
+                pull.begin(await conn.wait(conn.submit(backup.BEGIN)))
+            waiting: deque[_Request] = deque()
+            while not pull.done:
+                waiting += [conn.submit(req) for req in pull.requests()]
+                async with asyncio.timeout(backup.CHUNK_TIMEOUT):
+                    pull.chunk(await conn.wait(waiting.popleft()))
+            return pull.finish()
+        except _Lost as exc:
+            raise ConnectionFailed(f"connection lost during the backup: {exc.reason}") from None
+        except TimeoutError:
+            raise ConnectionFailed("the node stopped answering during the backup") from None
+        finally:
+            pull.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -1,75 +1,96 @@
-"""``Client.snapshot_save``: pull a backup of the state from one node into a file
-(docs/client-protocol.md, "Backups"; the file format is ``liferaft.backupfile``)."""
+"""``snapshot_save``: pull a backup of the state from one node into a file
+(docs/client-protocol.md, "Backups"; the file format is ``liferaft.backupfile``).
+
+``BackupPull`` holds the steps that do not depend on the event loop (the requests, the
+checks of each answer, the file); each client flavour's ``snapshot_save`` drives it
+over its own connection, with its own timeouts."""
 
 from __future__ import annotations
 
 import datetime
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import trio
+from typing import Any
 
 from liferaft.backupfile import BackupWriter
-from liferaft.client.connection import ConnectionLost
-from liferaft.client.errors import ConnectionFailed, InternalError, error_from_wire
-
-if TYPE_CHECKING:
-    from liferaft.client.connection import Connection
+from liferaft.client.errors import InternalError, error_from_wire
 
 WINDOW = 4  # chunk requests in flight
 BEGIN_TIMEOUT = 3600.0  # copying a large store takes a while; the node answers when done
 CHUNK_TIMEOUT = 60.0
+BEGIN: dict[str, Any] = {"op": "snapshot"}
 
 Progress = Callable[[int, int], object]  # (bytes received, bytes in all)
 
 
-async def save(conn: Connection, dest: Path, *, progress: Progress | None = None) -> dict[str, Any]:
-    """Stream the node's backup over ``conn`` into ``dest`` (atomically: a failure leaves
-    no file there); returns the backup's description (``revision``, ``applied``,
-    ``keys``, ``members``, ...)."""
-    try:
-        begun = await _call(conn, {"op": "snapshot"}, BEGIN_TIMEOUT)
-        sid, size, chunk = (
-            _uint(begun, "snapshot_id"),
-            _uint(begun, "bytes"),
-            _uint(begun, "chunk_bytes"),
-        )
-        if chunk == 0:
+class BackupPull:
+    """One backup being pulled: give it the answer to ``BEGIN`` (``begin``), send the
+    chunk requests ``requests`` yields (at most WINDOW unanswered) and give it each
+    answer in order (``chunk``) until ``done``; then ``finish``. ``close`` on any way
+    out: a pull not finished leaves no file."""
+
+    def __init__(self, dest: Path, progress: Progress | None) -> None:
+        self._dest = Path(dest)
+        self._progress = progress
+        self._out: BackupWriter | None = None
+        self._begun: dict[str, Any] = {}
+        self._sid = self._size = self._chunk = 0
+        self._offset = 0  # of the next chunk to ask for
+        self.unanswered: list[int] = []  # offsets asked for, oldest first
+
+    def begin(self, resp: dict[str, Any]) -> None:
+        begun = _ok(resp)
+        self._sid = _uint(begun, "snapshot_id")
+        self._size = _uint(begun, "bytes")
+        self._chunk = _uint(begun, "chunk_bytes")
+        if self._chunk == 0:
             raise InternalError("snapshot answer with chunk_bytes 0")
-        with BackupWriter(Path(dest)) as out:
-            pending: deque[tuple[int, Any]] = deque()
-            offset = 0
-            while out.db_bytes < size:
-                while len(pending) < WINDOW and offset < size:
-                    req = {"op": "snapshot_chunk", "snapshot_id": sid, "offset": offset}
-                    pending.append((offset, conn.submit(req)))
-                    offset += chunk
-                at, waiter = pending.popleft()
-                with trio.fail_after(CHUNK_TIMEOUT):
-                    resp = await conn.wait(waiter)
-                data = _ok(resp).get("data")
-                if not isinstance(data, bytes) or len(data) != min(chunk, size - at):
-                    raise InternalError(f"snapshot chunk at {at}: wrong length")
-                out.write(data)
-                if progress is not None:
-                    progress(out.db_bytes, size)
-            if out.db_digest() != begun.get("digest"):
-                raise InternalError("the backup's checksum does not match the node's copy")
-            meta = {k: v for k, v in begun.items() if k not in ("id", "ok", "snapshot_id")}
-            meta["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-            out.finish(meta)
-    except ConnectionLost as exc:
-        raise ConnectionFailed(f"connection lost during the backup: {exc.reason}") from None
-    except trio.TooSlowError:
-        raise ConnectionFailed("the node stopped answering during the backup") from None
-    return meta
+        self._begun = begun
+        self._out = BackupWriter(self._dest)
 
+    @property
+    def done(self) -> bool:
+        return self._writer().db_bytes >= self._size
 
-async def _call(conn: Connection, request: dict[str, Any], seconds: float) -> dict[str, Any]:
-    with trio.fail_after(seconds):
-        return _ok(await conn.wait(conn.submit(request)))
+    def requests(self) -> Iterator[dict[str, Any]]:
+        """The chunk requests to send now (their offsets join ``unanswered``)."""
+        while len(self.unanswered) < WINDOW and self._offset < self._size:
+            self.unanswered.append(self._offset)
+            yield {"op": "snapshot_chunk", "snapshot_id": self._sid, "offset": self._offset}
+            self._offset += self._chunk
+
+    def chunk(self, resp: dict[str, Any]) -> None:
+        """The answer to the oldest chunk request."""
+        at = self.unanswered.pop(0)
+        data = _ok(resp).get("data")
+        if not isinstance(data, bytes) or len(data) != min(self._chunk, self._size - at):
+            raise InternalError(f"snapshot chunk at {at}: wrong length")
+        out = self._writer()
+        out.write(data)
+        if self._progress is not None:
+            self._progress(out.db_bytes, self._size)
+
+    def finish(self) -> dict[str, Any]:
+        """Check the whole and put the file in place; returns the backup's description."""
+        out = self._writer()
+        if out.db_digest() != self._begun.get("digest"):
+            raise InternalError("the backup's checksum does not match the node's copy")
+        meta = {k: v for k, v in self._begun.items() if k not in ("id", "ok", "snapshot_id")}
+        meta["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        out.finish(meta)
+        self._out = None
+        return meta
+
+    def close(self) -> None:
+        """Remove the temporary file of a pull that did not finish."""
+        if self._out is not None:
+            out, self._out = self._out, None
+            out.abort()
+
+    def _writer(self) -> BackupWriter:
+        if self._out is None:
+            raise RuntimeError("the pull has not begun, or is over")
+        return self._out
 
 
 def _ok(resp: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -26,7 +27,7 @@ import trio
 from liferaft.client import backup, put_many
 from liferaft.client.api import ClientAPI
 from liferaft.client.connection import ConnectionLost, Dial, tls_dialer
-from liferaft.client.errors import error_from_wire
+from liferaft.client.errors import ConnectionFailed, error_from_wire
 from liferaft.client.leases import KeepAlive
 from liferaft.client.models import Lease
 from liferaft.client.pool import ConnectionPool
@@ -336,7 +337,22 @@ class Client(ClientAPI):
         ``applied``, ``keys``, ``members``, ...). Not retried: a failure raises and leaves
         no file."""
         conn = await self._retrier.pool.connection()
-        return await backup.save(conn, Path(dest), progress=progress)
+        pull = backup.BackupPull(Path(dest), progress)
+        try:
+            with trio.fail_after(backup.BEGIN_TIMEOUT):
+                pull.begin(await conn.wait(conn.submit(backup.BEGIN)))
+            waiting: deque[Any] = deque()
+            while not pull.done:
+                waiting += [conn.submit(req) for req in pull.requests()]
+                with trio.fail_after(backup.CHUNK_TIMEOUT):
+                    pull.chunk(await conn.wait(waiting.popleft()))
+            return pull.finish()
+        except ConnectionLost as exc:
+            raise ConnectionFailed(f"connection lost during the backup: {exc.reason}") from None
+        except trio.TooSlowError:
+            raise ConnectionFailed("the node stopped answering during the backup") from None
+        finally:
+            pull.close()
 
     async def refresh(self, token: str) -> None:
         """Replace the token: on the open connection (before the old one expires) and for
