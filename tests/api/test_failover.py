@@ -309,39 +309,79 @@ async def test_without_a_quorum_a_put_to_a_node_that_knows_no_leader_is_answered
         assert waits.calls == [(wait_s, None)]  # it waited two election timeouts, in vain
 
 
-async def test_a_put_to_a_follower_cut_off_from_its_leader_is_sent_to_the_next_leader(
-    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A follower whose link to the leader broke (a killed leader's connections close
-    # long before the election timeout) holds the put for the election, rather than
-    # send the client to a node that is most likely gone. Here the leader is alive and
-    # hands over to the other follower, so the outcome is decided by the test; the long
-    # election timeout gives the hand-over ample time within the follower's wait.
-    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"], election_ms=2500)
+@asynccontextmanager
+async def cut_off_follower(
+    tmp: Path, certs: Path, monkeypatch: pytest.MonkeyPatch, *, election_ms: int
+) -> AsyncIterator[tuple[LocalCluster, str, str, str, LeaderWaits]]:
+    """A 3-node cluster in which one follower's link to the leader looks down (what a
+    killed leader's closed connections look like), while the leader lives and still
+    reaches it. Yields the cluster, the leader, that follower, the other follower and
+    the follower's LeaderWaits."""
+    c = LocalCluster(tmp, certs, ["n1", "n2", "n3"], election_ms=election_ms)
     async with trio.open_nursery() as nursery:
         await c.start(nursery)
         with trio.fail_after(HANG):
             await c.nodes["n1"].call(lambda raft: raft.campaign())
             old = await c.wait_leader()
-            asked, new = (i for i in c.ids if i != old)
+            asked, other = (i for i in c.ids if i != old)
             node = c.nodes[asked]
             await wait_until(lambda: node.raft is not None and node.raft.leader == old)
             assert node.transport is not None
             inner = node.transport.connected
             monkeypatch.setattr(node.transport, "connected", lambda p: p != old and inner(p))
-            waits = LeaderWaits(monkeypatch, node)
-
-            async def hand_over_once_waiting() -> None:
-                await waits.entered.wait()
-                assert node.raft is not None and node.raft.leader == old  # still its leader
-                await c.nodes[old].transfer_leadership(new)
-
-            async with connect(c, c.token(), c.ids.index(asked)) as r, trio.open_nursery() as n:
-                n.start_soon(hand_over_once_waiting)
-                answer = await r.call(op="put", key="k", value=b"v")
-                if not waits.entered.is_set():  # answered without waiting: no hand-over
-                    n.cancel_scope.cancel()
+            yield c, old, asked, other, LeaderWaits(monkeypatch, node)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_put_to_a_follower_cut_off_from_its_leader_is_sent_to_the_next_leader(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The follower holds the put for the election, rather than send the client to a
+    # node that is most likely gone. Here the leader hands over to the other follower,
+    # so the outcome is decided by the test; the long election timeout gives the
+    # hand-over ample time within the follower's wait.
+    async with cut_off_follower(tmp_path, certs, monkeypatch, election_ms=2500) as (
+        c,
+        old,
+        asked,
+        new,
+        waits,
+    ):
+
+        async def hand_over_once_waiting() -> None:
+            await waits.entered.wait()
+            node = c.nodes[asked]
+            assert node.raft is not None and node.raft.leader == old  # still its leader
+            await c.nodes[old].transfer_leadership(new)
+
+        async with connect(c, c.token(), c.ids.index(asked)) as r, trio.open_nursery() as n:
+            n.start_soon(hand_over_once_waiting)
+            answer = await r.call(op="put", key="k", value=b"v")
+            if not waits.entered.is_set():  # answered without waiting: no hand-over
+                n.cancel_scope.cancel()
     assert not answer["ok"] and answer["error"]["code"] == "not_leader", answer
     assert answer["error"]["leader_endpoint"] == c.endpoints()[c.ids.index(new)]
     assert waits.leaders() == [new]
+
+
+async def test_a_put_to_a_follower_cut_off_from_a_leader_still_heard_is_sent_there(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only our link to the leader is down (a one-way fault): its heartbeats still come,
+    # so the wait ends at the next one, not after two election timeouts (here two
+    # minutes: longer than a request may take, so the put would be answered
+    # `unavailable` at its deadline).
+    async with (
+        cut_off_follower(tmp_path, certs, monkeypatch, election_ms=60_000) as (
+            c,
+            old,
+            asked,
+            _,
+            waits,
+        ),
+        connect(c, c.token(), c.ids.index(asked)) as r,
+    ):
+        answer = await r.call(op="put", key="k", value=b"v")
+    assert not answer["ok"] and answer["error"]["code"] == "not_leader", answer
+    assert answer["error"]["leader_endpoint"] == c.endpoints()[c.ids.index(old)]
+    assert waits.calls == [(120.0, old)]  # it waited, and the leader was heard

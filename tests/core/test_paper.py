@@ -297,6 +297,70 @@ def test_leader_lease_leaves_a_tick_of_slack_for_a_pre_vote_at_the_shortest_time
     assert [m.granted for m in answers] == ([True] if granted else [])
 
 
+def test_a_leader_stays_in_its_own_lease_all_through_its_check_quorum_round() -> None:
+    """Its election timer runs up to ELECTION ticks too (check-quorum): at ELECTION - 1,
+    past a follower's lease, a higher-term vote request is still ignored."""
+    c = make(3)
+    elect(c, "n1")
+    n1 = c.raft("n1")
+    term = n1.term
+    for _ in range(ELECTION - 1):
+        n1.tick()
+    n1.step(VoteRequest(term=term + 1, src="n3", dst="n1", last_index=100, last_term=term + 1))
+    assert n1.role is Role.LEADER and n1.term == term
+
+
+def test_with_two_ticks_per_election_timeout_the_lease_keeps_its_full_length() -> None:
+    """The tick of slack is not taken when it would leave less than a heartbeat and a
+    tick: a follower one tick after a heartbeat still ignores a pre-vote."""
+    config = RaftConfig(id="_", election_ticks=2, heartbeat_ticks=1)
+    c = Cluster(["n1", "n2", "n3"], seed=1, config=config)
+    elect(c, "n1")
+    n2, n3 = c.raft("n2"), c.raft("n3")
+    n2.tick()
+    n2.step(
+        VoteRequest(
+            term=n3.term + 1,
+            src="n3",
+            dst="n2",
+            last_index=n3.log.last_index,
+            last_term=n3.log.last_term,
+            pre_vote=True,
+        )
+    )
+    rd = n2.ready()
+    assert not [m for m in (*rd.messages, *rd.persisted_messages) if isinstance(m, VoteResponse)]
+
+
+def test_a_pre_vote_granted_while_the_leader_lived_does_not_defer_a_later_campaign() -> None:
+    c = make(3)
+    elect(c, "n1")
+    n2, n3 = c.raft("n2"), c.raft("n3")
+    for _ in range(ELECTION - 1):  # n2 out of its lease: it grants n3's pre-vote
+        n2.tick()
+    n2.step(
+        VoteRequest(
+            term=n3.term + 1,
+            src="n3",
+            dst="n2",
+            last_index=n3.log.last_index,
+            last_term=n3.log.last_term,
+            pre_vote=True,
+        )
+    )
+    c.drain("n2")
+    c.raft("n1").tick()  # then hears the leader again: the pre-vote is moot
+    c.drain("n1")
+    c.stabilize()
+    c.crash("n1")
+    for _ in range(ELECTION - 1):  # n3 out of its lease
+        n3.tick()
+    n2.campaign()
+    c.drain("n2")
+    c.stabilize()  # no ticks: only a campaign without deferral is decided here
+    assert c.leader() == "n2"
+
+
 def survivors_time_out_together(c: Cluster) -> int:
     """n1 leads, then dies; n2 and n3 start their pre-votes at the same moment (each
     asks before the other's request arrives). Returns the term n1 led."""

@@ -118,6 +118,13 @@ class Raft:
         # same term (see ``_tally``).
         self._yielded_term = 0
         self._defer: int | None = None
+        # A follower's lease (no vote while it hears from a leader) is a tick shorter
+        # than the election timeout: nodes tick out of phase, and a peer that drew the
+        # shortest timeout after the leader died may ask when we have counted one tick
+        # fewer since its last heartbeat; ignored, the election would wait for our own
+        # timeout. Never under heartbeat_ticks + 1, or with few ticks per timeout the
+        # lease would end between two heartbeats.
+        self._lease_ticks = max(config.election_ticks - 1, config.heartbeat_ticks + 1)
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._randomized_timeout = self._random_timeout()
@@ -282,14 +289,10 @@ class Raft:
             return
         if m.term > self.term:
             if isinstance(m, VoteRequest):
-                # The lease is a tick shorter than the election timeout: nodes tick out
-                # of phase, and a peer that drew the shortest timeout (after the leader
-                # died) may ask when we have counted one tick fewer since its last
-                # heartbeat. Ignored, the election would wait for our own timeout.
                 in_lease = (
                     self._cfg.check_quorum
                     and self.leader is not None
-                    and self._election_elapsed < self._cfg.election_ticks - 1
+                    and (self.role is Role.LEADER or self._election_elapsed < self._lease_ticks)
                 )
                 if in_lease and not m.transfer:
                     return  # we hear from a live leader: ignore a disruptive candidate
@@ -501,7 +504,7 @@ class Raft:
             if not m.pre_vote:
                 self._election_elapsed = 0
                 self.vote = m.src
-            elif m.src > self.id:
+            elif m.src > self.id and m.src in self.membership.voters:
                 self._yielded_term = max(self._yielded_term, m.term)
         else:
             self._send(
@@ -528,6 +531,7 @@ class Raft:
     def _step_follower(self, m: AnyMessage) -> None:
         if isinstance(m, _FROM_LEADER):
             self._election_elapsed = 0
+            self._yielded_term = 0  # a pre-vote granted before is moot: the leader lives
             self.leader = m.src
             if isinstance(m, AppendEntries):
                 self._handle_append(m)

@@ -71,7 +71,6 @@ class CoreLoop:
         self._tick_queued = False  # a Tick input is on its way to the core loop
         self._tick_wakeup = trio.Event()
         self._last_soft: tuple[Role, str | None, int] | None = None
-        self.leader_known = trio.Event()  # set while this node knows a leader
         self.leader_moved = trio.Event()  # set (and replaced) at each change of leader
         self.durable_vote: tuple[int, str | None] = (0, None)  # (term, vote) on disk
         self._lazy_hs: HardState | None = None  # a commit index not yet written
@@ -267,9 +266,6 @@ class CoreLoop:
             if prev[1] != raft.leader:
                 if raft.leader is not None:
                     self._node.metrics.leader_changes.inc()
-                    self.leader_known.set()
-                elif self.leader_known.is_set():
-                    self.leader_known = trio.Event()
                 moved, self.leader_moved = self.leader_moved, trio.Event()
                 moved.set()
                 event(

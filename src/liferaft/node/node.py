@@ -498,22 +498,33 @@ class Node:
                 raise
 
     async def wait_for_leader(self, seconds: float) -> str | None:
-        """The leader's id once one is known that a client can be sent to (``reaches``),
-        waiting at most ``seconds`` from now (then: the leader known by then, or None).
-        Lets a request that meets an election answer with the new leader instead of
+        """The leader's id once one is known that a client can be sent to, waiting at
+        most ``seconds`` from now (then: the leader known by then, or None). Lets a
+        request that meets an election answer with the new leader instead of
         ``unavailable`` or the old leader, either of which would send the client round
-        the endpoints with growing back-off."""
+        the endpoints with growing back-off. A leader is one to send clients to when
+        ``reaches`` says so, or when it is heard from during the wait (its link from us
+        is down but it lives: a one-way fault, not a dead leader)."""
         deadline = trio.current_time() + seconds
         poll = self.settings.raft.heartbeat_interval_ms / 1000  # for a link coming up
+        heard: dict[str, int] = {}  # leader -> batches received from it when first seen
         while True:
             leader = self.raft.leader if self.raft is not None else None
-            if leader is not None and self.reaches(leader):
-                return leader
+            if leader is not None:
+                if self.reaches(leader):
+                    return leader
+                if heard.setdefault(leader, self._batches_from(leader)) < self._batches_from(
+                    leader
+                ):
+                    return leader
             now = trio.current_time()
             if now >= deadline:
                 return leader
             with trio.move_on_at(min(deadline, now + poll)):
                 await self._loop.leader_moved.wait()
+
+    def _batches_from(self, peer: str) -> int:
+        return self.transport.stats.received_batches[peer] if self.transport is not None else 0
 
     def reaches(self, node_id: str) -> bool:
         """Whether ``node_id`` is this node or a peer whose link is up. A leader whose
