@@ -52,6 +52,26 @@ def log_of(*terms: int) -> list[Entry]:
     return [Entry(i, t, data=b"%d/%d" % (i, t)) for i, t in enumerate(terms, start=1)]
 
 
+def pre_vote(c: Cluster, src: str, dst: str) -> VoteRequest:
+    """``src``'s pre-vote request to ``dst`` for the term after its own, with its log."""
+    r = c.raft(src)
+    return VoteRequest(
+        term=r.term + 1,
+        src=src,
+        dst=dst,
+        last_index=r.log.last_index,
+        last_term=r.log.last_term,
+        pre_vote=True,
+    )
+
+
+def vote_answers(c: Cluster, nid: str) -> list[bool]:
+    """Whether each vote response ``nid``'s next Ready sends is a grant."""
+    rd = c.raft(nid).ready()
+    sent = (*rd.messages, *rd.persisted_messages)
+    return [m.granted for m in sent if isinstance(m, VoteResponse)]
+
+
 def disk(*terms: int, term: int | None = None, commit: int = 0) -> Disk:
     return Disk(
         HardState(term if term is not None else max(terms, default=0), None, commit), log_of(*terms)
@@ -278,23 +298,12 @@ def test_leader_lease_leaves_a_tick_of_slack_for_a_pre_vote_at_the_shortest_time
     timeout. Two ticks fewer is a leader still heard: ignored."""
     c = make(3)
     elect(c, "n1")
-    n2, n3 = c.raft("n2"), c.raft("n3")
+    n2 = c.raft("n2")
     for _ in range(ticks):
         n2.tick()
     assert not n2.has_ready()
-    ask = VoteRequest(
-        term=n3.term + 1,
-        src="n3",
-        dst="n2",
-        last_index=n3.log.last_index,
-        last_term=n3.log.last_term,
-        pre_vote=True,
-    )
-    n2.step(ask)
-    rd = n2.ready()
-    sent = (*rd.messages, *rd.persisted_messages)
-    answers = [m for m in sent if isinstance(m, VoteResponse)]
-    assert [m.granted for m in answers] == ([True] if granted else [])
+    n2.step(pre_vote(c, "n3", "n2"))
+    assert vote_answers(c, "n2") == ([True] if granted else [])
 
 
 def test_a_leader_stays_in_its_own_lease_all_through_its_check_quorum_round() -> None:
@@ -316,20 +325,10 @@ def test_with_two_ticks_per_election_timeout_the_lease_keeps_its_full_length() -
     config = RaftConfig(id="_", election_ticks=2, heartbeat_ticks=1)
     c = Cluster(["n1", "n2", "n3"], seed=1, config=config)
     elect(c, "n1")
-    n2, n3 = c.raft("n2"), c.raft("n3")
+    n2 = c.raft("n2")
     n2.tick()
-    n2.step(
-        VoteRequest(
-            term=n3.term + 1,
-            src="n3",
-            dst="n2",
-            last_index=n3.log.last_index,
-            last_term=n3.log.last_term,
-            pre_vote=True,
-        )
-    )
-    rd = n2.ready()
-    assert not [m for m in (*rd.messages, *rd.persisted_messages) if isinstance(m, VoteResponse)]
+    n2.step(pre_vote(c, "n3", "n2"))
+    assert vote_answers(c, "n2") == []
 
 
 def test_a_pre_vote_granted_while_the_leader_lived_does_not_defer_a_later_campaign() -> None:
@@ -338,16 +337,7 @@ def test_a_pre_vote_granted_while_the_leader_lived_does_not_defer_a_later_campai
     n2, n3 = c.raft("n2"), c.raft("n3")
     for _ in range(ELECTION - 1):  # n2 out of its lease: it grants n3's pre-vote
         n2.tick()
-    n2.step(
-        VoteRequest(
-            term=n3.term + 1,
-            src="n3",
-            dst="n2",
-            last_index=n3.log.last_index,
-            last_term=n3.log.last_term,
-            pre_vote=True,
-        )
-    )
+    n2.step(pre_vote(c, "n3", "n2"))
     c.drain("n2")
     c.raft("n1").tick()  # then hears the leader again: the pre-vote is moot
     c.drain("n1")
