@@ -105,7 +105,8 @@ def main() -> None:
         f"heartbeat {args.heartbeat_ms} ms, election timeout {args.election_ms} ms, "
         f"{args.writers} writers: writes stopped for "
         + ", ".join(f"{g:.0f}" for g in ms)
-        + f" ms after each of {len(ms)} leader kills (median {ms[len(ms) // 2]:.0f} ms)"
+        + f" ms after each of {len(ms)} leader kills "
+        + f"(median {ms[len(ms) // 2]:.0f} ms, worst {ms[-1]:.0f} ms)"
     )
 
 
