@@ -950,8 +950,7 @@ class AsyncioKeepAlive:
         self.stop()
 
     def _lose_all(self, why: str) -> None:
-        for lease_id in self.schedule.leases:
-            self.schedule.remove(lease_id)
+        for lease_id in self.schedule.remove_all():
             self._lose(lease_id, why)
 
     async def __aenter__(self) -> AsyncioKeepAlive:

@@ -36,7 +36,7 @@ class BackupPull:
         self._begun: dict[str, Any] = {}
         self._sid = self._size = self._chunk = 0
         self._offset = 0  # of the next chunk to ask for
-        self.unanswered: list[int] = []  # offsets asked for, oldest first
+        self._unanswered: list[int] = []  # offsets asked for, oldest first
 
     def begin(self, resp: dict[str, Any]) -> None:
         begun = _ok(resp)
@@ -53,15 +53,15 @@ class BackupPull:
         return self._writer().db_bytes >= self._size
 
     def requests(self) -> Iterator[dict[str, Any]]:
-        """The chunk requests to send now (their offsets join ``unanswered``)."""
-        while len(self.unanswered) < WINDOW and self._offset < self._size:
-            self.unanswered.append(self._offset)
+        """The chunk requests to send now (their offsets join the unanswered)."""
+        while len(self._unanswered) < WINDOW and self._offset < self._size:
+            self._unanswered.append(self._offset)
             yield {"op": "snapshot_chunk", "snapshot_id": self._sid, "offset": self._offset}
             self._offset += self._chunk
 
     def chunk(self, resp: dict[str, Any]) -> None:
         """The answer to the oldest chunk request."""
-        at = self.unanswered.pop(0)
+        at = self._unanswered.pop(0)
         data = _ok(resp).get("data")
         if not isinstance(data, bytes) or len(data) != min(self._chunk, self._size - at):
             raise InternalError(f"snapshot chunk at {at}: wrong length")

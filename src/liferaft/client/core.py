@@ -439,6 +439,11 @@ class KeepAliveSchedule:
     def remove(self, lease_id: int) -> None:
         self._leases.pop(lease_id, None)
 
+    def remove_all(self) -> list[int]:
+        """Stop keeping every lease; returns their ids (to report them lost)."""
+        ids, self._leases = list(self._leases), {}
+        return ids
+
     def deadline(self, lease_id: int) -> float | None:
         kept = self._leases.get(lease_id)
         return kept.deadline if kept is not None else None

@@ -202,8 +202,7 @@ class KeepAlive:
         self.stop()
 
     def _lose_all(self, why: str) -> None:
-        for lease_id in self.schedule.leases:
-            self.schedule.remove(lease_id)
+        for lease_id in self.schedule.remove_all():
             self._lose(lease_id, why)
 
     async def _loop(self, nursery: trio.Nursery) -> None:

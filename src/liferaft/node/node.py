@@ -511,11 +511,8 @@ class Node:
         while True:
             leader = self.raft.leader if self.raft is not None else None
             if leader is not None:
-                if self.reaches(leader):
-                    return leader
-                if heard.setdefault(leader, self._batches_from(leader)) < self._batches_from(
-                    leader
-                ):
+                seen = heard.setdefault(leader, self._batches_from(leader))
+                if self.reaches(leader) or self._batches_from(leader) > seen:
                     return leader
             now = trio.current_time()
             if now >= deadline:
