@@ -121,7 +121,9 @@ def test_figure_7_leader_forces_followers_logs_to_duplicate_its_own(case: str) -
     expected = [*LEADER_LOG, 8]  # plus the new leader's no-op
     assert terms_on_disk(c, "n2") == expected
     assert terms_on_disk(c, "n3") == expected
-    assert c.raft("n2").commit == len(expected)
+    # The new commit index reaches followers with the next heartbeat (core.md, "Commit
+    # rule"), not in a message of its own.
+    c.run_until(lambda: c.raft("n2").commit == len(expected), 1)
     # Fast back-off: one rejection per conflicting term at most, not one per entry.
     assert rejections <= len(set(FIGURE_7[case][3:])) + 1
 
@@ -415,6 +417,7 @@ def test_read_index_waits_until_a_new_leader_commits_an_entry_of_its_term() -> N
     elect(c, "n1")
     written = c.propose("n1", b"x")
     c.stabilize()
+    c.run_until(lambda: c.raft("n2").commit == written, 1)  # (the next heartbeat tells it)
     c.raft("n1").transfer_leadership("n2")
     c.drain("n1")
     # Deliver only until n2 is leader, then ask before its no-op can commit.
@@ -452,6 +455,58 @@ def test_read_index_through_a_follower_is_served_by_the_leader() -> None:
     c.run(2)
     index = c.reads[b"via-follower"]
     assert index is not None and index >= written
+
+
+def test_a_follower_learns_a_new_commit_with_the_next_heartbeat_not_a_message_of_its_own() -> None:
+    """A lone write costs each follower one append and one answer: the commit index it
+    reaches rides on the next heartbeat (or append), not on an empty append at once."""
+    c = make(3)
+    elect(c, "n1")
+    c.run(1)
+    c.stabilize()  # (the heartbeat's answers: one behind the write would ask for an append)
+    sent: list[AnyMessage] = []
+    c.network.tap = lambda m: sent.append(m) or True
+    written = c.propose("n1", b"x")
+    c.stabilize()
+    appends = [m for m in sent if isinstance(m, AppendEntries)]
+    assert sorted(m.dst for m in appends) == ["n2", "n3"]
+    assert all(m.entries for m in appends)  # no empty append to carry the commit
+    assert c.raft("n1").commit == written
+    assert c.raft("n2").commit < written and c.raft("n3").commit < written
+    c.run(1)  # one heartbeat
+    assert c.raft("n2").commit == written and c.raft("n3").commit == written
+    assert c.applied("n2") == written
+
+
+def test_a_follower_read_is_sent_the_commit_it_waits_for_without_a_heartbeat() -> None:
+    """The leader confirms a follower's read at index *i* while no message so far told
+    that follower *i* is committed (its acknowledgement arrived after the round's
+    heartbeat left): the answer comes with an append that does, so the read is served
+    at once rather than at the next heartbeat."""
+    c = make(3)
+    elect(c, "n1")
+    c.run(1)
+    c.stabilize()
+    held: list[AnyMessage] = []
+
+    def hold_n2_acks(m: AnyMessage) -> bool:
+        if isinstance(m, AppendResponse) and m.src == "n2":
+            held.append(m)
+            return False
+        return True
+
+    c.network.tap = hold_n2_acks
+    written = c.propose("n1", b"x")
+    c.stabilize()  # n3's acknowledgement commits it; n2's is held
+    assert c.raft("n1").commit == written and held
+    c.network.tap = None
+    c.read("n2", b"r")
+    c.deliver()  # the leader takes the read; the round's heartbeat tells n2 less than i
+    for m in held:
+        c.network.send(c.now, m)  # n2's acknowledgement lands before its heartbeat answer
+    c.stabilize()  # no tick: no periodic heartbeat
+    assert c.reads[b"r"] == written
+    assert c.raft("n2").commit == written and c.applied("n2") == written
 
 
 def test_a_read_queued_before_the_leader_becomes_the_sole_voter_is_answered() -> None:
@@ -533,6 +588,7 @@ def test_a_node_restarted_after_compaction_rebuilds_the_same_state() -> None:
     for i in range(10):
         c.propose("n1", b"w%d" % i)
     c.stabilize()
+    c.run_until(lambda: c.applied("n2") == c.applied("n1"), 1)  # (the next heartbeat)
     c.compact("n2")
     digest = c.nodes["n2"].sm.digest
     c.crash("n2")

@@ -55,6 +55,7 @@ class Inflights:
 
 class Progress:
     __slots__ = (
+        "commit_sent",
         "inflights",
         "match",
         "next",
@@ -78,6 +79,7 @@ class Progress:
         self.snapshot_offset = 0  # bytes of it the follower acknowledged
         self.snapshot_stalled = False  # no chunk acknowledged since the last heartbeat
         self.read_round = 0  # the newest read-confirmation round it answered
+        self.commit_sent = 0  # the highest commit index a message to it could teach it
 
     def become_probe(self) -> None:
         if self.state is ProgressState.SNAPSHOT:

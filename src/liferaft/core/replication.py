@@ -102,6 +102,13 @@ class Replicator:
         if peer in self.prs:
             self.want[peer] = self.want.get(peer, False) or send_empty
 
+    def teach_commit(self, peer: str, index: int) -> None:
+        """Make sure ``peer`` is sent a commit index of at least ``index`` (as far as its
+        log reaches): an empty append if no message so far could have carried it."""
+        pr = self.prs.get(peer)
+        if pr is not None and pr.commit_sent < index:
+            self.want_append(peer, send_empty=True)
+
     def want_all(self, *, send_empty: bool = False) -> None:
         for peer in self.prs:
             self.want_append(peer, send_empty=send_empty)
@@ -115,12 +122,14 @@ class Replicator:
 
     def broadcast_heartbeat(self, read_round: int) -> None:
         for peer, pr in self.prs.items():
+            commit = min(pr.match, self.log.committed)
+            pr.commit_sent = max(pr.commit_sent, commit)
             self.send(
                 Heartbeat(
                     term=self.term,
                     src=self.id,
                     dst=peer,
-                    commit=min(pr.match, self.log.committed),
+                    commit=commit,
                     read_round=read_round,
                 )
             )
@@ -153,6 +162,8 @@ class Replicator:
                 )
             )
             send_empty = False
+            last_new = entries[-1].index if entries else prev
+            pr.commit_sent = max(pr.commit_sent, min(log.committed, last_new))
             if pr.state is ProgressState.PROBE:
                 pr.probe_sent = True
             elif entries:

@@ -28,7 +28,7 @@ import trio
 
 from liferaft.core import NotLeader, ProposalRefused, Role
 from liferaft.kv.commands import MAX_CHECKPOINT_LEASES
-from liferaft.node.waiters import NodeStopped, ProposalDropped
+from liferaft.node.waiters import NodeStopped, ProposalDropped, ReadFailed
 from liferaft.observability.logs import event
 
 if TYPE_CHECKING:
@@ -148,10 +148,23 @@ class Lessor:
                 await self._checkpoint()
 
     async def _build(self, term: int) -> None:
-        """Just elected: every lease counts down afresh from what it had left."""
+        """Just elected: every lease counts down afresh from what it had left.
+
+        What it had left is read only once this node has applied every entry committed
+        before it led: a new leader learns that its predecessor's last entries are
+        committed only with its own first commit, and one of them may be a renewal
+        that wrote a lease's whole TTL back (``keepalive``). Counting from the TTL left
+        before it would expire the lease early."""
         self.reset()
-        self._term = term
         node = self._node
+        try:
+            with trio.fail_after(2 * node.settings.raft.election_timeout_ms / 1000):
+                await node.read_index()
+        except (NotLeader, ReadFailed, NodeStopped, trio.TooSlowError):
+            return  # (not built: the next tick tries again, if this node still leads)
+        if node.raft is None or node.raft.term != term or node.raft.role is not Role.LEADER:
+            return
+        self._term = term
         self._building = True
         self._gone_while_building.clear()
         try:
