@@ -47,6 +47,7 @@ from liferaft.client import (
     op_put,
 )
 from liferaft.security.certs import generate
+from liferaft.security.tokens import mint
 from liferaft.testing.processes import ProcessCluster, process_cluster
 
 FLAVOURS = ["trio", "asyncio"]
@@ -301,6 +302,42 @@ def test_not_leader_is_followed_to_the_leader(flavour: str, cluster: Cluster) ->
             assert env.cluster.node_of(c.endpoint) == lead
             kv = await c.get(f"redirect-{flavour}")
             assert kv is not None and kv.mod_revision == rev
+
+    run(flavour, cluster, scenario)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_reads_from_followers_see_every_acknowledged_write_and_take_a_refreshed_token(
+    flavour: str, cluster: Cluster
+) -> None:
+    """reads="followers": gets and ranges go over a connection of their own to a node
+    that does not lead, and still see each write acknowledged before them; a refresh
+    replaces the token on that connection too (a narrower token then refuses reads)."""
+
+    async def scenario(env: Env) -> None:
+        lead = await env.leader()
+        p = f"followers-{flavour}/"
+        async with env.open(reads="followers") as c:
+            for i in range(10):
+                await c.put(f"{p}{i}", f"v{i}")
+                kv = await c.get(f"{p}{i}")
+                assert kv is not None and kv.value == f"v{i}".encode()
+            kvs, more = await c.range(p)
+            assert len(kvs) == 10 and not more
+            assert env.cluster.node_of(c.endpoint) == lead  # writes: the leader
+            reads = c._read_pool.conn
+            assert reads is not None and env.cluster.node_of(reads.endpoint.url) != lead
+            key = (env.cluster.pc.certs / "jwt-private.pem").read_bytes()
+            elsewhere = mint(
+                key, sub="t", roles=["read", "write"], prefixes=["x/"], now=time.time()
+            )
+            await c.refresh(elsewhere)
+            with pytest.raises(PermissionDenied):
+                await c.get(f"{p}0")  # the reads' connection took the new token
+            assert c._read_pool.conn is reads  # refreshed in place, not reconnected
+            with pytest.raises(PermissionDenied):
+                await c.put(f"{p}after", "x")  # and so did the writes' one
+            assert await c.put("x/after", "x") > 0
 
     run(flavour, cluster, scenario)
 

@@ -41,7 +41,15 @@ import os
 import random
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
@@ -361,6 +369,107 @@ def _connect_error(endpoint: Endpoint, exc: BaseException) -> LiferaftError:
     return ConnectionFailed(f"cannot connect to {endpoint.url}: {type(exc).__name__}: {exc}")
 
 
+class _Pool:
+    """The connections of one purpose (every request; with ``reads="followers"`` a
+    second pool for gets and ranges): the current one, the endpoint to try next, and
+    the retired ones still finishing their requests. As the Trio client's
+    ``ConnectionPool``, whose rules it follows."""
+
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        open_: Callable[[Endpoint], Awaitable[_Connection]],
+        *,
+        attempt_timeout: float,
+        avoid_leader: bool = False,
+        first: int = 0,
+    ) -> None:
+        self.ring = EndpointRing(endpoints, first)
+        self._open = open_
+        self._attempt_timeout = attempt_timeout
+        # Connect to a node other than the leader where one answers (for reads): after
+        # the upgrade ask the node's status and move on if it leads, unless every
+        # endpoint was tried since the last connection.
+        self._avoid_leader = avoid_leader and len(endpoints) > 1
+        self._leaders_skipped = 0
+        self.conn: _Connection | None = None
+        self.conns: set[_Connection] = set()
+        self._connecting: asyncio.Future[_Connection] | None = None
+        self.closed = False
+
+    async def connection(self) -> _Connection:
+        """The current connection, or a new one to the next endpoint (one attempt at a
+        time, shared by every caller that needs it)."""
+        while True:
+            if self.closed:
+                raise RuntimeError("the client is closed")
+            conn = self.conn
+            if conn is not None and conn.alive and not conn.retired:
+                return conn
+            if self._connecting is not None:
+                await asyncio.shield(self._connecting)
+                continue
+            self._connecting = asyncio.get_running_loop().create_future()
+            attempt = self._connecting
+            try:
+                conn = await self._open(self.ring.next())
+            except BaseException as exc:
+                self.ring.advance()
+                attempt.set_exception(exc if isinstance(exc, Exception) else ConnectionFailed())
+                attempt.exception()  # retrieved: no "never retrieved" warning
+                raise
+            finally:
+                self._connecting = None
+            attempt.set_result(conn)
+            self.conns = {c for c in self.conns if c.alive}
+            self.conns.add(conn)
+            if await self._is_leader_to_skip(conn):
+                continue
+            self.conn = conn
+            return conn
+
+    async def _is_leader_to_skip(self, conn: _Connection) -> bool:
+        """With ``avoid_leader``: whether ``conn`` reached the leader and another
+        endpoint is left to try (then ``conn`` is retired and the next one is up)."""
+        if not self._avoid_leader or self._leaders_skipped >= len(self.ring.endpoints) - 1:
+            self._leaders_skipped = 0
+            return False
+        try:
+            async with asyncio.timeout(self._attempt_timeout):
+                resp = await conn.wait(conn.submit({"op": "status"}))
+        except (_Lost, TimeoutError):
+            return False  # the requests will find out what is wrong
+        if resp.get("ok") is not True or resp.get("node_id") != resp.get("leader_id"):
+            self._leaders_skipped = 0
+            return False
+        self._leaders_skipped += 1
+        self.ring.advance()
+        conn.retire()
+        return True
+
+    def apply(self, conn: _Connection, verdict: Verdict) -> bool:
+        """Leave ``conn`` as the core's verdict says; raise a fatal error; True: retry
+        at once."""
+        if verdict.move is not Move.STAY and self.conn is conn:
+            self.conn = None
+            if verdict.move is Move.REDIRECT:
+                assert verdict.leader is not None
+                self.ring.redirect(verdict.leader)
+            else:
+                self.ring.advance()
+            if verdict.move is not Move.LOST:
+                conn.retire()
+        if verdict.fatal:
+            raise verdict.error
+        return verdict.at_once
+
+    async def aclose(self) -> None:
+        self.closed = True
+        conns, self.conns = list(self.conns), set()
+        self.conn = None
+        await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
+
+
 class AsyncioClient(ClientAPI):
     """An asyncio client for a liferaft cluster: the methods, results, errors and retries
     of the Trio :class:`~liferaft.client.Client` (docs/client-library.md). Open it with
@@ -369,8 +478,11 @@ class AsyncioClient(ClientAPI):
 
     Options as the Trio client's: ``timeout`` bounds each call, retries included;
     ``attempt_timeout`` (default half of it, at most 2 s) one try and each handshake;
-    ``max_batch``, ``max_message_bytes``, ``session_window`` and ``rng`` (the back-off's
-    jitter). Not here: ``reads="followers"`` and ``dial``."""
+    ``max_batch``, ``max_message_bytes``, ``session_window``, ``reads`` (``"followers"``:
+    gets and ranges over a second connection, to a node other than the leader where
+    there is one, still linearizable) and ``rng`` (the back-off's jitter). Not here:
+    ``dial`` (the Trio client's hook for the simulator's in-memory streams); give an
+    ``ssl_context`` instead of ``cacert`` to choose the TLS settings."""
 
     def __init__(
         self,
@@ -383,6 +495,7 @@ class AsyncioClient(ClientAPI):
         max_batch: int = MAX_BATCH,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         session_window: int = SESSION_WINDOW,
+        reads: str = "leader",
         rng: random.Random | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
@@ -401,6 +514,8 @@ class AsyncioClient(ClientAPI):
             raise ValueError("timeouts must be positive")
         if session_window < 1:
             raise ValueError("session_window must be at least 1")
+        if reads not in ("leader", "followers"):
+            raise ValueError("reads must be 'leader' or 'followers'")
         if ssl_context is None:
             ssl_context = ssl.create_default_context(
                 cafile=str(cacert) if cacert is not None else None
@@ -413,14 +528,24 @@ class AsyncioClient(ClientAPI):
         )
         self._max_batch = max_batch
         self._max_message_bytes = max_message_bytes
-        self._ring = EndpointRing(parsed)
-        self._backoff = Backoff(rng if rng is not None else random.Random())
+        rng = rng if rng is not None else random.Random()
+        self._pool = _Pool(parsed, self._open, attempt_timeout=self.attempt_timeout)
+        # Gets and ranges go through this one: the same, or with reads="followers" a
+        # connection of their own (clients start at random endpoints, so that they
+        # spread over the followers).
+        self._read_pool = self._pool
+        if reads == "followers":
+            self._read_pool = _Pool(
+                parsed,
+                self._open,
+                attempt_timeout=self.attempt_timeout,
+                avoid_leader=True,
+                first=rng.randrange(len(parsed)),
+            )
+        self._backoff = Backoff(rng)
         self._window = SeqWindow(session_window)
         self._granted: dict[SeqWaiter, asyncio.Future[None]] = {}
         self._ids = _counter()
-        self._conn: _Connection | None = None
-        self._conns: set[_Connection] = set()
-        self._connecting: asyncio.Future[_Connection] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.closed = False
         #: the exactly-once session of this client's writes (docs/client-protocol.md)
@@ -440,6 +565,7 @@ class AsyncioClient(ClientAPI):
         max_batch: int = MAX_BATCH,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         session_window: int = SESSION_WINDOW,
+        reads: str = "leader",
         rng: random.Random | None = None,
     ) -> AsyncioClient:
         """A connected client; raises Unauthenticated (HTTP 401), PermissionDenied (403),
@@ -453,6 +579,7 @@ class AsyncioClient(ClientAPI):
             max_batch=max_batch,
             max_message_bytes=max_message_bytes,
             session_window=session_window,
+            reads=reads,
             rng=rng,
         )
         try:
@@ -468,9 +595,8 @@ class AsyncioClient(ClientAPI):
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        conns, self._conns = list(self._conns), set()
-        self._conn = None
-        await asyncio.gather(*(c.aclose() for c in conns), return_exceptions=True)
+        await self._pool.aclose()
+        await self._read_pool.aclose()
 
     async def __aenter__(self) -> AsyncioClient:
         return self
@@ -486,7 +612,7 @@ class AsyncioClient(ClientAPI):
     @property
     def endpoint(self) -> str | None:
         """The URL of the endpoint currently connected, if any."""
-        conn = self._conn
+        conn = self._pool.conn
         return conn.endpoint.url if conn is not None and conn.alive else None
 
     # ---------------------------------------------------------------- connections
@@ -499,10 +625,10 @@ class AsyncioClient(ClientAPI):
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self._connection()
+                    await self._pool.connection()
                 return
             except TimeoutError:
-                urls = ", ".join(e.url for e in self._ring.endpoints)
+                urls = ", ".join(e.url for e in self._pool.ring.endpoints)
                 why = f"; last error: {last.message}" if last is not None else ""
                 raise ConnectionFailed(
                     f"cannot connect to any endpoint within {self.timeout:g}s ({urls}){why}"
@@ -516,35 +642,6 @@ class AsyncioClient(ClientAPI):
                     ) from None
                 await asyncio.sleep(delay)
                 failures += 1
-
-    async def _connection(self) -> _Connection:
-        """The current connection, or a new one to the next endpoint (one attempt at a
-        time, shared by every caller that needs it)."""
-        while True:
-            if self.closed:
-                raise RuntimeError("the client is closed")
-            conn = self._conn
-            if conn is not None and conn.alive and not conn.retired:
-                return conn
-            if self._connecting is not None:
-                await asyncio.shield(self._connecting)
-                continue
-            self._connecting = asyncio.get_running_loop().create_future()
-            attempt = self._connecting
-            try:
-                conn = await self._open(self._ring.next())
-            except BaseException as exc:
-                self._ring.advance()
-                attempt.set_exception(exc if isinstance(exc, Exception) else ConnectionFailed())
-                attempt.exception()  # retrieved: no "never retrieved" warning
-                raise
-            finally:
-                self._connecting = None
-            attempt.set_result(conn)
-            self._conns = {c for c in self._conns if c.alive}
-            self._conns.add(conn)
-            self._conn = conn
-            return conn
 
     async def _open(self, endpoint: Endpoint) -> _Connection:
         try:
@@ -564,22 +661,6 @@ class AsyncioClient(ClientAPI):
             raise _connect_error(endpoint, exc) from None
         return _Connection(endpoint, ws, self._ids, self._max_batch, self._max_message_bytes)
 
-    def _apply(self, conn: _Connection, verdict: Verdict) -> bool:
-        """Leave ``conn`` as the core's verdict says; raise a fatal error; True: retry
-        at once."""
-        if verdict.move is not Move.STAY and self._conn is conn:
-            self._conn = None
-            if verdict.move is Move.REDIRECT:
-                assert verdict.leader is not None
-                self._ring.redirect(verdict.leader)
-            else:
-                self._ring.advance()
-            if verdict.move is not Move.LOST:
-                conn.retire()
-        if verdict.fatal:
-            raise verdict.error
-        return verdict.at_once
-
     # ---------------------------------------------------------------- the transport
 
     async def _request(
@@ -589,9 +670,12 @@ class AsyncioClient(ClientAPI):
         retry: Retry = Retry.ALWAYS,
         deadline: float | None = None,
         on_ok: OnOk | None = None,
+        pool: _Pool | None = None,
     ) -> dict[str, Any]:
         """The success response to ``fields``, retried as the protocol core decides
-        until ``deadline`` (default: ``timeout`` from now)."""
+        until ``deadline`` (default: ``timeout`` from now), over ``pool``'s connections
+        (default: the client's own)."""
+        pool = pool if pool is not None else self._pool
         if self.closed:
             raise RuntimeError("the client is closed")
         loop = asyncio.get_running_loop()
@@ -606,7 +690,7 @@ class AsyncioClient(ClientAPI):
             attempt = asyncio.timeout_at(min(deadline, now + self.attempt_timeout))
             try:
                 async with attempt:
-                    conn = await self._connection()
+                    conn = await pool.connection()
                     resp = await conn.wait(conn.submit(fields, on_ok))
             except ConnectionFailed as exc:  # nothing was sent
                 t.last = exc
@@ -620,12 +704,12 @@ class AsyncioClient(ClientAPI):
                     retry=retry,
                     t=t,
                 )
-                self._apply(conn, verdict)
+                pool.apply(conn, verdict)
             except TimeoutError:
                 if not attempt.expired():
                     raise
                 if conn is not None:
-                    self._apply(conn, on_silence(conn.endpoint.url, self.attempt_timeout, retry, t))
+                    pool.apply(conn, on_silence(conn.endpoint.url, self.attempt_timeout, retry, t))
                 else:
                     on_connect_timeout(
                         self.attempt_timeout, t, cut_by_deadline=loop.time() >= deadline
@@ -634,11 +718,14 @@ class AsyncioClient(ClientAPI):
                 if resp.get("ok") is True:
                     return resp
                 assert conn is not None
-                if self._apply(conn, on_error(resp.get("error"), retry, t)):
+                if pool.apply(conn, on_error(resp.get("error"), retry, t)):
                     continue  # follow the first redirect at once
             delay = self._backoff.delay(t.failures)
             await asyncio.sleep(max(0.0, min(deadline, loop.time() + delay) - loop.time()))
             t.failures += 1
+
+    async def _read(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._request(fields, pool=self._read_pool)
 
     async def _write(self, op: str, **fields: Any) -> dict[str, Any]:
         """A write under the next seq of this client's session, retried with it."""
@@ -731,18 +818,20 @@ class AsyncioClient(ClientAPI):
         """Replace the token: on the open connection and for every later connection."""
         if not isinstance(token, str) or not token.strip():
             raise ValueError("a token is required")
-        self.token = token.strip()
-        conn = self._conn
-        if conn is None or not conn.alive:
-            return
-        try:
-            async with asyncio.timeout(self.attempt_timeout):
-                resp = await conn.wait(conn.submit({"op": "refresh", "token": self.token}))
-        except (_Lost, TimeoutError):
-            self._apply(conn, Verdict(Move.LOST, ConnectionFailed()))
-            return
-        if resp.get("ok") is not True:
-            raise error_from_wire(resp.get("error"))
+        self.token = token.strip()  # what every connection opened from now on presents
+        pools = [self._pool] if self._read_pool is self._pool else [self._pool, self._read_pool]
+        for pool in pools:
+            conn = pool.conn
+            if conn is None or not conn.alive:
+                continue
+            try:
+                async with asyncio.timeout(self.attempt_timeout):
+                    resp = await conn.wait(conn.submit({"op": "refresh", "token": self.token}))
+            except (_Lost, TimeoutError):
+                pool.apply(conn, Verdict(Move.LOST, ConnectionFailed()))
+                continue
+            if resp.get("ok") is not True:
+                raise error_from_wire(resp.get("error"))
 
     async def snapshot_save(
         self, dest: Path | str, *, progress: Callable[[int, int], object] | None = None
@@ -751,7 +840,7 @@ class AsyncioClient(ClientAPI):
         to into the file ``dest``, written atomically; as the Trio client's
         ``snapshot_save`` (``progress(received, total)`` per chunk; not retried: a failure
         raises and leaves no file)."""
-        conn = await self._connection()
+        conn = await self._pool.connection()
         pull = backup.BackupPull(Path(dest), progress)
         try:
             async with asyncio.timeout(backup.BEGIN_TIMEOUT):
@@ -1040,6 +1129,7 @@ async def open_client(
     max_batch: int = MAX_BATCH,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     session_window: int = SESSION_WINDOW,
+    reads: str = "leader",
     rng: random.Random | None = None,
 ) -> AsyncIterator[AsyncioClient]:
     """``async with open_client(endpoints, token=..., cacert=...) as client:`` connects
@@ -1053,6 +1143,7 @@ async def open_client(
         max_batch=max_batch,
         max_message_bytes=max_message_bytes,
         session_window=session_window,
+        reads=reads,
         rng=rng,
     )
     try:

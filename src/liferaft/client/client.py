@@ -359,20 +359,21 @@ class Client(ClientAPI):
         every connection opened later."""
         if not isinstance(token, str) or not token.strip():
             raise ValueError("a token is required")
-        pool = self._pool
-        pool.token = token.strip()
-        conn = pool.conn
-        if conn is None or not conn.alive:
-            return  # the next connection presents the new token at its handshake
-        try:
-            p = conn.submit({"op": "refresh", "token": pool.token})
-            with trio.fail_after(self._retrier.attempt_timeout):
-                resp = await conn.wait(p)
-        except (ConnectionLost, trio.TooSlowError):
-            pool.lost(conn)  # a new connection will present the new token
-            return
-        if resp.get("ok") is not True:
-            raise error_from_wire(resp.get("error"))
+        pools = [self._pool] if self._read_pool is None else [self._pool, self._read_pool]
+        for pool in pools:  # (with reads="followers", the reads' connection too)
+            pool.token = token.strip()
+            conn = pool.conn
+            if conn is None or not conn.alive:
+                continue  # the next connection presents the new token at its handshake
+            try:
+                p = conn.submit({"op": "refresh", "token": pool.token})
+                with trio.fail_after(self._retrier.attempt_timeout):
+                    resp = await conn.wait(p)
+            except (ConnectionLost, trio.TooSlowError):
+                pool.lost(conn)  # a new connection will present the new token
+                continue
+            if resp.get("ok") is not True:
+                raise error_from_wire(resp.get("error"))
 
     async def _write(self, op: str, **fields: Any) -> dict[str, Any]:
         """Run a write under the next seq of this client's session, retried with it. It
