@@ -59,11 +59,13 @@ async def test_a_caught_up_learner_is_promoted_by_the_leader_itself(
 
 async def test_removing_the_leader_hands_leadership_over_first(tmp_path: Path, certs: Path) -> None:
     """One election (the transfer's), then the old leader is a follower the others no
-    longer hear: it campaigns in vain and never moves their term."""
+    longer hear, and that a member tells it was removed: it stops, having never moved
+    their term."""
     async with scaling_cluster(tmp_path, certs, auto_promote=False) as (c, client):
         await client.put("before", "x")
         old = await c.wait_leader()
         term = c.nodes[old].status().term
+        removed_node = c.nodes[old]
         members = await client.member_remove(old)
         assert {m["id"] for m in members} == set(c.ids) - {old}
         new = await c.wait_leader()
@@ -80,11 +82,13 @@ async def test_removing_the_leader_hands_leadership_over_first(tmp_path: Path, c
         ]
         assert [e.term for e in removal] == [term + 1]
         await client.put("after", "x")
-        removed = c.nodes[old]
-        # The removed node times out and pre-votes; wait three election timeouts of it.
-        ticks = removed._loop.ticks + 3 * 2 * (c.timing[1] // c.timing[0])
-        await wait_until(lambda: removed._loop.ticks >= ticks)
-        assert removed.status().role is Role.PRE_CANDIDATE
+        # It stops itself: a member that applied the removal answers its dial with 410
+        # and the removal's index (node/removal.py); it never moved anyone's term.
+        with trio.fail_after(10):
+            await removed_node.stopped.wait()
+        why = removed_node.removal.why
+        assert why is not None and f"removed from the cluster at index {removal[0].index}" in why
+        await wait_until(lambda: old not in c.nodes)  # (the harness saw it end)
         assert c.leader() == new
         assert all(n.status().term == term + 1 for n in rest)
         kvs, _ = await client.range("")

@@ -131,7 +131,7 @@ async def test_grow_3_to_5_under_load_with_auto_promotion_and_shrink_back_to_3(
                     stop_load.set()
 
                 # Every acknowledged write is on each remaining node, all alike (the
-                # removed leader still runs: it must not have moved anyone's term).
+                # removed leader must not have moved anyone's term before it stopped).
                 kvs, more = await c.range("k/")
                 assert not more and sorted(kv.key for kv in kvs) == sorted(acked)
                 rev = (await c.status())["revision"]
@@ -149,7 +149,9 @@ async def test_grow_3_to_5_under_load_with_auto_promotion_and_shrink_back_to_3(
                     status = await per_node[i].status()
                     assert status["term"] == after[i] and status["leader_id"] == new_leader
                 assert states[0] == states[1] == states[2]
-            await stop(old)
+            # Told by a member that applied its removal, it stopped by itself, exit 0.
+            assert await procs[old].wait() == 0
+            assert events(logs[old], "node_removed")
         finally:
             for p in procs.values():
                 if p.returncode is None:

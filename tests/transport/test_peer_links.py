@@ -513,6 +513,32 @@ async def test_removed_peers_lose_their_links_and_queue(pki: PKI) -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_a_peer_removed_by_a_committed_change_is_told_so_and_others_are_not(
+    pki: PKI,
+) -> None:
+    """n1 no longer takes n2 and n3 for members; it knows n2 was removed at index 42 and
+    nothing of n3. n2's dial gets HTTP 410 with the index, which its transport hands to
+    the node; n3's is just hung up on (``not_member``), and n3 is told nothing."""
+    told: dict[str, list[tuple[str, int]]] = {"n2": [], "n3": []}
+    removed = {"n2": 42}
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            n1 = make(pki, "n1", removed_at=removed.get)
+            await nursery.start(n1.run, (LOCAL, 0))
+            others = {
+                i: make(pki, i, told_removed=lambda by, index, i=i: told[i].append((by, index)))
+                for i in ("n2", "n3")
+            }
+            for t in others.values():
+                await nursery.start(t.run, (LOCAL, 0))
+                t.set_peers({"n1": (LOCAL, n1.port or 0)})
+            await wait_for(lambda: bool(told["n2"]) and n1.rejects["not_member"] >= 1)
+            assert told["n2"][0] == ("n1", 42)
+            assert told["n3"] == []
+            assert n1.rejects["removed"] >= 1
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_changed_address_is_dialled_at_once(pki: PKI) -> None:
     with trio.fail_after(HANG_GUARD):
         async with trio.open_nursery() as nursery:

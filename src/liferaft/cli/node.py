@@ -12,6 +12,7 @@ import click
 import trio
 
 from liferaft.config import ConfigError, Settings, load
+from liferaft.node.removal import NodeRemoved
 from liferaft.observability.logs import configure, event, reopen_audit_files
 from liferaft.storage.errors import StorageError
 
@@ -45,6 +46,8 @@ def node(config_path: Path) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
     try:
         trio.run(_run, settings)
+    except* NodeRemoved:
+        sys.exit(0)  # (logged as node_removed) a removed node is done: no restart
     except* StorageError as group:
         event(log, "fatal_storage_error", level=logging.CRITICAL, error=str(_first(group)))
         sys.exit(1)

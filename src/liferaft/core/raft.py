@@ -151,6 +151,18 @@ class Raft:
         return self.log.applied
 
     @property
+    def membership_index(self) -> int:
+        """The index of the entry the current (newest appended) membership comes from:
+        the snapshot's index when it came with the snapshot, 0 for the initial one."""
+        if self._conf_entries:
+            return self._conf_entries[-1][0]
+        return self.log.snapshot_index
+
+    def membership_at(self, index: int) -> Membership:
+        """The membership in force at ``index`` (at or after the snapshot's index)."""
+        return self._membership_at(index)
+
+    @property
     def transferee(self) -> str | None:
         return self._transferee
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from liferaft.core import Entry, EntryKind, Raft, Snapshot
+from liferaft.core import ConfEntry, Entry, EntryKind, Raft, Snapshot
 from liferaft.crashpoint import crashpoint
 from liferaft.node import transfer
 from liferaft.node.addresses import learn_from_entries, learn_from_snapshot, snapshot_data
@@ -103,6 +103,7 @@ class Applier:
                     committed += 1
                 elif e.kind is EntryKind.CONFIG:
                     learn_from_entries(node.applied_addresses, (e,))
+                    self._config_applied(e)
                 node.waiters.on_applied(e.index, e.term, result)
             for hook in node.after_apply:
                 hook()
@@ -117,6 +118,12 @@ class Applier:
             node.lessor.applied(applied.leases)
         node.metrics.apply_duration.observe(trio.current_time() - started)
         self._applied_to(state.db.applied)
+
+    def _config_applied(self, e: Entry) -> None:
+        node = self._node
+        members = ConfEntry.decode(e.data).membership.members
+        newest = node.raft.membership.members if node.raft is not None else members
+        node.removal.applied_config(e.index, members, in_newest=node.id in newest)
 
     def _applied_to(self, index: int) -> None:
         node = self._node
@@ -163,6 +170,7 @@ class Applier:
             ),
         )
         node.lessor.reset()  # the leases are the snapshot's now
+        node.removal.reset(snap.meta.membership.members)
         if node.on_restore is not None:
             node.on_restore()
         event(log, "snapshot_installed", index=snap.meta.index, applied=node.kv.db.applied)

@@ -55,6 +55,7 @@ from liferaft.node.lessor import Lessor
 from liferaft.node.loop import MAX_INPUTS_PER_ROUND, CoreLoop
 from liferaft.node.peers import PeerLinks, log_transport_event
 from liferaft.node.promote import AutoPromoter
+from liferaft.node.removal import NodeRemoved, Removal
 from liferaft.node.space import SpaceAlarm
 from liferaft.node.state import StateService
 from liferaft.node.transfer import SnapshotReceiver, SnapshotSender
@@ -186,6 +187,7 @@ class Node:
         self._peers = PeerLinks(self, self._inputs_send)
         self._applier = Applier(self)
         self.lessor = Lessor(self)  # the leader's lease clock (node/lessor.py)
+        self.removal = Removal(self.id, ())  # whether this node was removed (removal.py)
         self._loop = CoreLoop(
             self,
             inputs=inputs,
@@ -229,6 +231,7 @@ class Node:
                 addresses.learn_from_snapshot(self.applied_addresses, about, replace=True)
                 self.snapshot_meta = snap.meta
             self.applied = self.state.db.applied
+            self.removal.reset(self.raft.membership_at(self.applied).members)
             addresses.learn_from_entries(self.addresses, restored.entries)
             addresses.learn_from_entries(
                 self.applied_addresses, (e for e in restored.entries if e.index <= self.applied)
@@ -269,6 +272,7 @@ class Node:
                 nursery.start_soon(self._sync_metrics)
                 nursery.start_soon(self._watch_space)
                 nursery.start_soon(self.lessor.run)
+                nursery.start_soon(self._stop_when_removed)
                 event(log, "node_started", term=self.raft.term, peer=str(s.peer.listen))
                 task_status.started()
         finally:
@@ -341,7 +345,28 @@ class Node:
             log=log_transport_event,
             cluster=self.cluster,
             deliver=self._peers.deliver,
+            removed_at=self.removal.removed_at,
+            told_removed=self._told_removed,
         )
+
+    def _told_removed(self, by: str, index: int) -> None:
+        """Peer ``by`` answered our dial: a committed change at ``index`` removed us."""
+        raft = self.raft
+        if raft is not None:
+            self.removal.told(
+                by,
+                index,
+                member_now=self.id in raft.membership.members,
+                config_index=raft.membership_index,
+            )
+
+    async def _stop_when_removed(self) -> None:
+        """End the node once it knows it was removed (``liferaft node`` exits 0)."""
+        try:
+            await self.removal.watch()
+        except NodeRemoved as exc:
+            event(log, "node_removed", level=logging.WARNING, reason=str(exc))
+            raise
 
     async def _sync_metrics(self) -> None:
         """Copy the transport's and storage's counters into Prometheus once a second

@@ -22,6 +22,7 @@ from liferaft.api.service import serve
 from liferaft.config import Settings, load
 from liferaft.core import AnyMessage, Role
 from liferaft.node.node import Node
+from liferaft.node.removal import NodeRemoved
 from liferaft.security.tokens import mint
 
 
@@ -223,8 +224,11 @@ class LocalCluster:
         async def run(
             task_status: trio.TaskStatus[ClientServer] = trio.TASK_STATUS_IGNORED,
         ) -> None:
-            with scope:
-                await serve(node, task_status=task_status)
+            try:
+                with scope:
+                    await serve(node, task_status=task_status)
+            except* NodeRemoved:
+                self.nodes.pop(node_id, None)  # it stopped itself, as the process exits 0
 
         await self._nursery.start(run)
         return node

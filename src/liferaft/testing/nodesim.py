@@ -52,6 +52,7 @@ from liferaft.config import load
 from liferaft.core import Ready, Role
 from liferaft.node.loop import READ_ROUNDS_MAX
 from liferaft.node.node import Node
+from liferaft.node.removal import NodeRemoved
 from liferaft.security.certs import generate
 from liferaft.security.tokens import mint
 from liferaft.storage.errors import StorageError
@@ -345,6 +346,10 @@ class SimCluster:
                 if self.nodes.get(node_id) is node:
                     self.on_fault(f"{node_id} stopped on its storage error")
                     self._forget(node_id)
+            except* NodeRemoved:  # it stopped itself, as the real process exits 0
+                if self.nodes.get(node_id) is node:
+                    self.on_fault(f"{node_id} stopped: removed")
+                    self._forget(node_id, down=False)
 
         await self._nursery.start(run)
 

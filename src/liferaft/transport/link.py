@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import ssl
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
@@ -35,10 +36,13 @@ from liferaft.transport.cluster import ClusterIdentity
 from liferaft.transport.codec import encode
 from liferaft.transport.files import PeerMessage, SnapshotChunk
 from liferaft.transport.stats import LogFn, TransportStats
-from liferaft.websocket import ConnectionClosed, WebSocket, connect
+from liferaft.websocket import ConnectionClosed, ConnectionRejected, WebSocket, connect
 from liferaft.websocket.tls import TLSStream
 
 PATH = "/raft"
+# A member's answer to a node that a committed configuration change removed: HTTP 410
+# at the upgrade, with the index of that change in this header (docs/transport.md).
+REMOVED_HEADER = b"liferaft-removed-at"
 BACKOFF_MIN = 0.05  # seconds; doubles per failed attempt up to BACKOFF_MAX, full jitter
 BACKOFF_MAX = 2.0
 RECEIVE_BUFFER = 64 * 1024  # bytes read from TLS at a time
@@ -81,8 +85,10 @@ class PeerLink:
         queue_max_messages: int,
         queue_max_bytes: int,
         cluster: ClusterIdentity,
+        told_removed: Callable[[str, int], None] | None = None,
     ) -> None:
         self.peer_id = peer_id
+        self._told_removed = told_removed  # the peer answered 410: (peer, index)
         self._cluster = cluster
         self.address = address
         self._client_ctx = client_ctx
@@ -256,6 +262,9 @@ class PeerLink:
                     )
                 if error is None:  # redial() asked for a new connection
                     continue
+                index = removed_index(error)
+                if index is not None and self._told_removed is not None:
+                    self._told_removed(self.peer_id, index)
                 if not was_connected:
                     self._stats.connect_failures[self.peer_id] += 1
                 if not was_connected and failures % 32 == 0:  # first failure, every 32nd
@@ -346,6 +355,26 @@ async def _until_closed(ws: WebSocket) -> None:
     sender redials at once instead of finding out on its next send."""
     while True:
         await ws.get_messages()  # the server sends no messages; discard any that come
+
+
+def removed_index(error: BaseException) -> int | None:
+    """The removal index of a 410 answer to our upgrade found in ``error``, if any."""
+    if isinstance(error, BaseExceptionGroup):
+        for e in error.exceptions:
+            found = removed_index(e)
+            if found is not None:
+                return found
+        return None
+    if not isinstance(error, ConnectionRejected) or error.status_code != 410:
+        return None
+    for name, value in error.headers:
+        if name.lower() == REMOVED_HEADER:
+            try:
+                index = int(value.decode("ascii"))
+            except ValueError:
+                return None
+            return index if index > 0 else None
+    return None
 
 
 def _describe(error: BaseException | None) -> str:

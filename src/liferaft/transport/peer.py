@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 import ssl
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 
 import trio
@@ -65,6 +65,8 @@ class PeerTransport:
         log: LogFn | None = None,
         cluster: ClusterIdentity | None = None,
         deliver: Deliver | None = None,
+        removed_at: Callable[[str], int | None] | None = None,
+        told_removed: Callable[[str, int], None] | None = None,
     ) -> None:
         if handshake_timeout <= 0 or idle_timeout <= 0:
             raise ValueError("timeouts must be positive")
@@ -82,6 +84,7 @@ class PeerTransport:
         self._queue_max_bytes = queue_max_bytes
         self._rng = rng if rng is not None else random.Random()
         self._log = log if log is not None else default_log
+        self._told_removed = told_removed  # a peer answered that we were removed
         self._links: dict[str, PeerLink] = {}
         self._nursery: trio.Nursery | None = None
         self._inbound_send, self.inbound = trio.open_memory_channel[tuple[str, list[PeerMessage]]](
@@ -99,6 +102,7 @@ class PeerTransport:
             max_connections=max_connections,
             idle_timeout=idle_timeout,
             cluster=self.cluster,
+            removed_at=removed_at,
         )
         self.set_peers(peers)
 
@@ -219,6 +223,7 @@ class PeerTransport:
             queue_max_messages=self._queue_max_messages,
             queue_max_bytes=self._queue_max_bytes,
             cluster=self.cluster,
+            told_removed=self._told_removed,
         )
 
     # ---------------------------------------------------------------- running

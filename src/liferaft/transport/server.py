@@ -18,7 +18,7 @@ from liferaft.security.tls import dns_names, peer_node_id
 from liferaft.transport.cluster import HEADER, ClusterIdentity
 from liferaft.transport.codec import CodecError, decode
 from liferaft.transport.files import PeerMessage
-from liferaft.transport.link import PATH, RECEIVE_BUFFER
+from liferaft.transport.link import PATH, RECEIVE_BUFFER, REMOVED_HEADER
 from liferaft.transport.stats import LogFn, TransportStats
 from liferaft.websocket import (
     GOING_AWAY,
@@ -63,8 +63,11 @@ class PeerServer:
         max_connections: int,
         idle_timeout: float,
         cluster: ClusterIdentity,
+        removed_at: Callable[[str], int | None] | None = None,
     ) -> None:
         self._server_ctx = server_ctx
+        # the index of the committed change that removed a node id, if the node saw one
+        self._removed_at = removed_at
         self._cluster = cluster
         self._members = members
         self._deliver = deliver
@@ -132,7 +135,7 @@ class PeerServer:
             return None
         peer_id = peer_node_id(stream, self._members())
         if peer_id is None:
-            self._reject("not_member", remote, names=dns_names(stream)[:8])
+            await self._refuse_non_member(stream, remote)
             return None
         try:
             request = await read_request(
@@ -154,6 +157,31 @@ class PeerServer:
             return None
         ws = await request.accept()
         return peer_id, ws
+
+    async def _refuse_non_member(self, stream: TLSStream, remote: str) -> None:
+        """Close on a certificate that names no member; but tell a node that a committed
+        change removed that it was, with HTTP 410 and the change's index, so that it
+        stops instead of knocking for ever (node/removal.py)."""
+        names = dns_names(stream)
+        found = None
+        if self._removed_at is not None:
+            found = next(((n, i) for n in names if (i := self._removed_at(n)) is not None), None)
+        if found is None:
+            self._reject("not_member", remote, names=names[:8])
+            return
+        name, index = found
+        self._reject("removed", remote, peer=name, index=index)
+        try:
+            request = await read_request(
+                stream, max_message_size=self._max_message_bytes, receive_buffer=RECEIVE_BUFFER
+            )
+        except (HandshakeFailed, ConnectionClosed):
+            return
+        await request.reject(
+            410,
+            extra_headers=[(REMOVED_HEADER, str(index).encode())],
+            body=b"removed from the cluster\n",
+        )
 
     async def _receive(self, peer_id: str, ws: WebSocket, scope: trio.CancelScope) -> None:
         old = self._current.get(peer_id)
