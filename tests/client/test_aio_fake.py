@@ -394,3 +394,42 @@ def test_without_websockets_the_import_error_says_how_to_install_it(
     monkeypatch.delitem(sys.modules, "liferaft.client.aio")
     with pytest.raises(ImportError, match=r"pip install 'liferaft\[asyncio\]'"):
         import liferaft.client.aio  # noqa: F401
+
+
+def test_a_pool_that_avoids_the_leader_opens_one_connection_for_concurrent_callers() -> None:
+    """reads="followers": the first connection is checked (is it the leader?) before it
+    is handed out; callers that wait for it meanwhile must not open a second one, which
+    nothing would ever use or close."""
+    from liferaft.client.aio import _Pool
+    from liferaft.client.wire import parse_endpoint
+
+    opened: list[StandInConnection] = []
+
+    class StandInConnection:
+        alive, retired = True, False
+
+        def __init__(self, endpoint: Any) -> None:
+            self.endpoint = endpoint
+
+        def submit(self, fields: Any) -> None:
+            return None
+
+        async def wait(self, req: None) -> dict[str, Any]:
+            await asyncio.sleep(0.01)  # the status round trip
+            return {"ok": True, "node_id": "n2", "leader_id": "n1"}  # a follower
+
+        def retire(self) -> None:
+            self.retired = True
+
+    async def open_(endpoint: Any) -> Any:
+        conn = StandInConnection(endpoint)
+        opened.append(conn)
+        return conn
+
+    async def main() -> None:
+        ends = [parse_endpoint(f"wss://127.0.0.1:{p}/v1") for p in (1, 2, 3)]
+        pool = _Pool(ends, open_, attempt_timeout=1.0, avoid_leader=True)
+        conns = await asyncio.gather(*(pool.connection() for _ in range(8)))
+        assert len(opened) == 1 and all(c is opened[0] for c in conns)
+
+    asyncio.run(main())

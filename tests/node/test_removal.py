@@ -1,6 +1,6 @@
-"""When a node believes it was removed (node/removal.py): from the committed changes it
-applies, and from a peer's 410 only if its own newest configuration is older and still
-holds it; and what it tells others."""
+"""When a node believes it was removed (node/removal.py): a majority of the other voters
+of its newest configuration, older than the removal and still holding it, must say so
+while no leader talks to it; and what it tells others, from the changes it applied."""
 
 from __future__ import annotations
 
@@ -8,56 +8,74 @@ import pytest
 import trio
 import trio.testing
 
-from liferaft.node.removal import NodeRemoved, Removal
+from liferaft.node.removal import CLAIM_SECONDS, NodeRemoved, Removal
+
+VOTERS = {"n1", "n2", "n3"}
+
+
+def tell(r: Removal, by: str, index: int = 42, **kw: object) -> bool:
+    args: dict[str, object] = {
+        "now": 100.0,
+        "voters": VOTERS,
+        "member_now": True,
+        "config_index": 7,
+        "leader_known": False,
+    }
+    args.update(kw)
+    return r.told(by, index, **args)  # type: ignore[arg-type]
 
 
 def test_an_applied_removal_is_remembered_with_its_index_until_the_id_is_added_back() -> None:
     r = Removal("n1", {"n1", "n2", "n3"})
-    r.applied_config(10, {"n1", "n2"}, in_newest=True)
+    r.applied_config(10, {"n1", "n2"})
     assert r.removed_at("n3") == 10 and r.removed_at("n2") is None
-    r.applied_config(20, {"n1", "n2", "n3"}, in_newest=True)  # added again
+    r.applied_config(20, {"n1", "n2", "n3"})  # added again
     assert r.removed_at("n3") is None
-    r.applied_config(30, {"n1", "n3"}, in_newest=True)
+    r.applied_config(30, {"n1", "n3"})
     assert r.removed_at("n2") == 30
     r.reset({"n1", "n3"})  # a snapshot: what came before it is unknown
     assert r.removed_at("n2") is None
+
+
+def test_a_majority_of_the_other_voters_must_say_so() -> None:
+    r = Removal("n3", VOTERS)
+    assert not tell(r, "n1")  # one of two others: a member that is behind, maybe
+    assert not tell(r, "n1")  # the same one again
     assert r.why is None
+    assert tell(r, "n2")
+    assert r.why is not None and "n1, n2" in r.why and "index 42" in r.why
 
 
-def test_a_node_that_applies_its_own_removal_stops_unless_its_log_adds_it_back() -> None:
-    back = Removal("n3", {"n1", "n2", "n3"})
-    back.applied_config(10, {"n1", "n2"}, in_newest=True)  # a later entry holds it again
-    assert back.why is None
-    gone = Removal("n3", {"n1", "n2", "n3"})
-    gone.applied_config(10, {"n1", "n2"}, in_newest=False)
-    assert gone.why is not None and "index 10" in gone.why
+def test_claims_older_than_the_window_do_not_count() -> None:
+    r = Removal("n3", VOTERS)
+    tell(r, "n1", now=100.0)
+    assert not tell(r, "n2", now=100.0 + CLAIM_SECONDS + 1)
+    assert tell(r, "n1", now=100.0 + CLAIM_SECONDS + 2)
 
 
-def test_a_joining_node_replaying_old_changes_does_not_stop() -> None:
-    """It was never in the configurations it applies before its own addition."""
-    r = Removal("n4", ())
-    r.applied_config(5, {"n1", "n2", "n3"}, in_newest=False)
-    r.applied_config(9, {"n1", "n2"}, in_newest=False)
-    assert r.why is None and r.removed_at("n3") == 9
-
-
-def test_a_peers_claim_is_believed_only_against_an_older_configuration_holding_this_node() -> None:
-    r = Removal("n3", {"n1", "n2", "n3"})
-    # Its newest configuration does not hold it: a node still joining (or re-added
-    # under the old name, fresh): the peer has not applied the addition yet.
-    assert not r.told("n1", 42, member_now=False, config_index=0)
-    # Its newest configuration is the removal's or newer: added back since.
-    assert not r.told("n1", 42, member_now=True, config_index=42)
-    assert not r.told("n1", 42, member_now=True, config_index=57)
+def test_no_claim_counts_while_a_leader_talks_to_it_or_it_holds_a_newer_configuration() -> None:
+    """A leader that replicates to it holds it; a newer configuration of its own, or one
+    without it (it is joining), means it was added (back) after that removal."""
+    r = Removal("n3", VOTERS)
+    tell(r, "n1")
+    assert not tell(r, "n2", leader_known=True)
+    assert not tell(r, "n2", member_now=False)
+    assert not tell(r, "n2", config_index=42)
+    assert not tell(r, "n2", config_index=57)
     assert r.why is None
-    assert r.told("n1", 42, member_now=True, config_index=7)
-    assert r.why is not None and "n1" in r.why and "index 42" in r.why
+    assert tell(r, "n2")  # none of those any more
+
+
+def test_in_a_pair_the_other_voter_alone_is_the_majority() -> None:
+    r = Removal("n2", {"n1", "n2"})
+    assert tell(r, "n1", voters={"n1", "n2"})
 
 
 async def test_watch_raises_node_removed_once_the_node_knows() -> None:
-    r = Removal("n3", {"n1", "n2", "n3"})
+    r = Removal("n3", VOTERS)
     with pytest.RaisesGroup(pytest.RaisesExc(NodeRemoved, match="index 42")):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(r.watch)
             await trio.testing.wait_all_tasks_blocked()
-            r.told("n1", 42, member_now=True, config_index=7)
+            tell(r, "n1")
+            tell(r, "n2")

@@ -46,11 +46,11 @@ def node(config_path: Path) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
     try:
         trio.run(_run, settings)
-    except* NodeRemoved:
-        sys.exit(0)  # (logged as node_removed) a removed node is done: no restart
     except* StorageError as group:
         event(log, "fatal_storage_error", level=logging.CRITICAL, error=str(_first(group)))
         sys.exit(1)
+    except* NodeRemoved:
+        sys.exit(0)  # (logged as node_removed) a removed node is done: no restart
 
 
 def _first(group: BaseExceptionGroup[StorageError]) -> BaseException:

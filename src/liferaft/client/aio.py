@@ -413,6 +413,15 @@ class _Pool:
             attempt = self._connecting
             try:
                 conn = await self._open(self.ring.next())
+                self.conns = {c for c in self.conns if c.alive}
+                self.conns.add(conn)
+                # Still inside the attempt: callers waiting on it must not open another
+                # connection beside this one while it is being checked.
+                try:
+                    skip = await self._is_leader_to_skip(conn)
+                except BaseException:
+                    conn.retire()
+                    raise
             except BaseException as exc:
                 self.ring.advance()
                 attempt.set_exception(exc if isinstance(exc, Exception) else ConnectionFailed())
@@ -421,9 +430,7 @@ class _Pool:
             finally:
                 self._connecting = None
             attempt.set_result(conn)
-            self.conns = {c for c in self.conns if c.alive}
-            self.conns.add(conn)
-            if await self._is_leader_to_skip(conn):
+            if skip:
                 continue
             self.conn = conn
             return conn

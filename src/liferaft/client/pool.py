@@ -142,22 +142,30 @@ class ConnectionPool:
                 attempt_timeout=self._attempt_timeout,
             )
             try:
-                await self._nursery.start(conn.run)
-            except Exception as exc:
-                self.ring.advance()
-                pending.error = _connect_error(endpoint, exc)
-                raise pending.error from None
-            except BaseException:
-                # Cancelled: the attempt ran out of time (a paused node accepts TCP but
-                # never finishes TLS). Try the next endpoint next time, not this one.
-                self.ring.advance()
-                raise
+                try:
+                    await self._nursery.start(conn.run)
+                except Exception as exc:
+                    self.ring.advance()
+                    pending.error = _connect_error(endpoint, exc)
+                    raise pending.error from None
+                except BaseException:
+                    # Cancelled: the attempt ran out of time (a paused node accepts TCP
+                    # but never finishes TLS). Try the next endpoint next time.
+                    self.ring.advance()
+                    raise
+                self._conns = [c for c in self._conns if not c.finished.is_set()]
+                self._conns.append(conn)
+                # Still inside the attempt: callers waiting on it must not open another
+                # connection beside this one while it is being checked.
+                try:
+                    skip = await self._is_leader_to_skip(conn)
+                except BaseException:
+                    conn.close()
+                    raise
             finally:
                 self._connecting = None
                 pending.done.set()
-            self._conns = [c for c in self._conns if not c.finished.is_set()]
-            self._conns.append(conn)
-            if await self._is_leader_to_skip(conn):
+            if skip:
                 continue
             self.conn = conn
             return conn

@@ -120,10 +120,8 @@ class Applier:
         self._applied_to(state.db.applied)
 
     def _config_applied(self, e: Entry) -> None:
-        node = self._node
         members = ConfEntry.decode(e.data).membership.members
-        newest = node.raft.membership.members if node.raft is not None else members
-        node.removal.applied_config(e.index, members, in_newest=node.id in newest)
+        self._node.removal.applied_config(e.index, members)
 
     def _applied_to(self, index: int) -> None:
         node = self._node

@@ -356,8 +356,11 @@ class Node:
             self.removal.told(
                 by,
                 index,
+                now=trio.current_time(),
+                voters=raft.membership.voters,
                 member_now=self.id in raft.membership.members,
                 config_index=raft.membership_index,
+                leader_known=raft.leader is not None,
             )
 
     async def _stop_when_removed(self) -> None:
