@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,6 +40,37 @@ async def scaling_cluster(
 
 def voters(members: list[dict[str, object]]) -> set[str]:
     return {str(m["id"]) for m in members if m["voter"]}
+
+
+async def test_a_removed_node_stops_and_added_back_under_its_id_catches_up_and_stays(
+    tmp_path: Path, certs: Path
+) -> None:
+    """The procedure of operations.md: remove a follower (it stops by itself), delete
+    its data, add it back as a learner and start it: it catches up, is promoted, and
+    is not stopped by the removal the members remember."""
+    async with scaling_cluster(tmp_path, certs, auto_promote=True) as (c, client):
+        for i in range(20):
+            await client.put(f"k{i}", f"v{i}")
+        lead = await c.wait_leader()
+        gone = next(i for i in c.ids if i != lead)
+        node = c.nodes[gone]
+        await client.member_remove(gone)
+        await node.stopped.wait()  # (the others told it: HTTP 410)
+        assert node.removal.why is not None
+        await wait_until(lambda: gone not in c.nodes)
+        shutil.rmtree(tmp_path / "data" / gone)
+        c.joiners.add(gone)
+        peer, client_port = c.ports[gone][:2]
+        await client.member_add(gone, f"127.0.0.1:{peer}", f"127.0.0.1:{client_port}", learner=True)
+        back = await c.start_node(gone)
+        nodes = list(c.nodes.values())
+        await wait_until(lambda: all(gone in n.status().membership.voters for n in nodes))
+        await client.put("after", "re-add")
+        leader = c.nodes[await c.wait_leader()]
+        await wait_until(lambda: back.applied >= leader.applied)
+        assert back.removal.why is None and c.nodes.get(gone) is back
+        kv, _ = back.kv.db.get("after")
+        assert kv is not None and kv["value"] == b"re-add"
 
 
 async def test_a_caught_up_learner_is_promoted_by_the_leader_itself(
