@@ -13,6 +13,7 @@ from liferaft.client import Compacted, ConnectionFailed, PermissionDenied, TooLa
 from liferaft.client.api import status_from_wire
 from liferaft.client.core import (
     BACKOFF_CAP,
+    AvoidLeader,
     Backoff,
     EndpointRing,
     Move,
@@ -163,3 +164,16 @@ def test_status_from_the_wire() -> None:
     assert st["term"] == 3 and st.get("nope", 0) == 0 and st.extra == {"future_field": 1}
     doc = st.as_dict()
     assert doc["future_field"] == 1 and doc["members"][0]["voter"] is True and "id" not in doc
+
+
+def test_avoid_leader_moves_on_from_the_leader_until_every_endpoint_was_tried() -> None:
+    leader = {"ok": True, "node_id": "n1", "leader_id": "n1"}
+    follower = {"ok": True, "node_id": "n2", "leader_id": "n1"}
+    a = AvoidLeader(True, 3)
+    assert a.check() and a.skip(leader)  # the leader: try the next endpoint
+    assert a.check() and a.skip(leader)  # (a new leader, say)
+    assert not a.check()  # every other endpoint tried: keep this one, whatever it is
+    assert a.check() and not a.skip(follower)  # counting starts again; a follower stays
+    assert a.check() and not a.skip({"ok": False})  # no answer to judge by: stay
+    assert not AvoidLeader(True, 1).check()  # one endpoint: nothing to avoid
+    assert not AvoidLeader(False, 3).check()

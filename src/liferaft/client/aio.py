@@ -70,6 +70,7 @@ from liferaft.client.aio_coordination import Election, LeaderWatch, Lock, LockLo
 from liferaft.client.api import ClientAPI
 from liferaft.client.core import (
     SESSION_WINDOW,
+    AvoidLeader,
     Backoff,
     EndpointRing,
     KeepAliveSchedule,
@@ -387,11 +388,8 @@ class _Pool:
         self.ring = EndpointRing(endpoints, first)
         self._open = open_
         self._attempt_timeout = attempt_timeout
-        # Connect to a node other than the leader where one answers (for reads): after
-        # the upgrade ask the node's status and move on if it leads, unless every
-        # endpoint was tried since the last connection.
-        self._avoid_leader = avoid_leader and len(endpoints) > 1
-        self._leaders_skipped = 0
+        # Connect to a node other than the leader where one answers (for reads).
+        self._avoid = AvoidLeader(avoid_leader, len(endpoints))
         self.conn: _Connection | None = None
         self.conns: set[_Connection] = set()
         self._connecting: asyncio.Future[_Connection] | None = None
@@ -438,18 +436,15 @@ class _Pool:
     async def _is_leader_to_skip(self, conn: _Connection) -> bool:
         """With ``avoid_leader``: whether ``conn`` reached the leader and another
         endpoint is left to try (then ``conn`` is retired and the next one is up)."""
-        if not self._avoid_leader or self._leaders_skipped >= len(self.ring.endpoints) - 1:
-            self._leaders_skipped = 0
+        if not self._avoid.check():
             return False
         try:
             async with asyncio.timeout(self._attempt_timeout):
-                resp = await conn.wait(conn.submit({"op": "status"}))
+                resp = await conn.wait(conn.submit(AvoidLeader.STATUS))
         except (_Lost, TimeoutError):
             return False  # the requests will find out what is wrong
-        if resp.get("ok") is not True or resp.get("node_id") != resp.get("leader_id"):
-            self._leaders_skipped = 0
+        if not self._avoid.skip(resp):
             return False
-        self._leaders_skipped += 1
         self.ring.advance()
         conn.retire()
         return True

@@ -220,6 +220,34 @@ class EndpointRing:
         self._override = leader
 
 
+class AvoidLeader:
+    """``reads="followers"``: after a connection opens, ask the node's status and move on
+    to the next endpoint if it leads, unless every endpoint was tried since the last
+    connection kept (then the leader it is: the only node that answers)."""
+
+    STATUS: Mapping[str, Any] = {"op": "status"}
+
+    def __init__(self, enabled: bool, endpoints: int) -> None:
+        self.enabled = enabled and endpoints > 1
+        self._endpoints = endpoints
+        self._skipped = 0
+
+    def check(self) -> bool:
+        """Whether to ask the new connection's node for its status."""
+        if not self.enabled or self._skipped >= self._endpoints - 1:
+            self._skipped = 0
+            return False
+        return True
+
+    def skip(self, status: Mapping[str, Any]) -> bool:
+        """Given the node's status answer: True to close the connection and move on."""
+        if status.get("ok") is not True or status.get("node_id") != status.get("leader_id"):
+            self._skipped = 0
+            return False
+        self._skipped += 1
+        return True
+
+
 # ---------------------------------------------------------------- retries and redirects
 
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from liferaft.client.connection import Connection, Dial, describe, find
-from liferaft.client.core import EndpointRing, Move, Verdict
+from liferaft.client.core import AvoidLeader, EndpointRing, Move, Verdict
 from liferaft.client.errors import (
     ConnectionFailed,
     LiferaftError,
@@ -48,11 +48,8 @@ class ConnectionPool:
         first: int = 0,
     ) -> None:
         self.endpoints = endpoints
-        # Connect to a node other than the leader where one answers (for reads): after
-        # the upgrade the pool asks the node's status and moves on if it leads, unless
-        # every endpoint was tried since the last connection.
-        self._avoid_leader = avoid_leader and len(endpoints) > 1
-        self._leaders_skipped = 0
+        # Connect to a node other than the leader where one answers (for reads).
+        self._avoid = AvoidLeader(avoid_leader, len(endpoints))
         self._dial = dial
         self.token = token  # presented by every connection opened from now on
         self._max_batch = max_batch
@@ -173,17 +170,14 @@ class ConnectionPool:
     async def _is_leader_to_skip(self, conn: Connection) -> bool:
         """With ``avoid_leader``: whether ``conn`` reached the leader and another
         endpoint is left to try (then ``conn`` is closed and the next one is up)."""
-        if not self._avoid_leader or self._leaders_skipped >= len(self.endpoints) - 1:
-            self._leaders_skipped = 0
+        if not self._avoid.check():
             return False
         try:
-            resp = await conn.wait(conn.submit({"op": "status"}))
+            resp = await conn.wait(conn.submit(AvoidLeader.STATUS))
         except LiferaftError:
             return False  # the requests will find out what is wrong
-        if resp.get("ok") is not True or resp.get("node_id") != resp.get("leader_id"):
-            self._leaders_skipped = 0
+        if not self._avoid.skip(resp):
             return False
-        self._leaders_skipped += 1
         self.ring.advance()
         conn.close()
         return True
