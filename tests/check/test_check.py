@@ -113,6 +113,26 @@ def test_a_short_check_against_real_processes_is_clean_and_reports_json() -> Non
     assert kinds & {"kill", "pause", "partition"}  # faults were injected
 
 
+def test_a_check_that_removes_and_adds_back_nodes_is_clean() -> None:
+    """The member fault: each removed process stops by itself (exit 0; else the check
+    reports an anomaly) and comes back on fresh data under its id; no write is lost."""
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "liferaft", "check", "--faults", "member"),
+            *("--seconds", "8", "--seed", "3", "-o", "json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is True and doc["anomalies"] == [] and doc["lost"] == []
+    kinds = [f["fault"] for f in doc["faults"]]
+    assert kinds.count("stopped") >= 1 and kinds.count("add learner") == kinds.count("stopped")
+    assert doc["acked_writes"] > 50
+
+
 def test_an_unknown_fault_is_a_usage_error() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "liferaft", "check", "--faults", "kill,flood"],

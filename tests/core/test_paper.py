@@ -619,6 +619,27 @@ def test_a_learner_receives_the_log_but_does_not_count_for_commit() -> None:
     assert c.raft("n1").commit < index  # ...which does not make a majority
 
 
+def test_leader_heard_lapses_after_an_election_timeout_of_silence_on_a_learner_too() -> None:
+    """A learner never campaigns, so it keeps naming its leader; ``leader_heard`` (what a
+    removed node's shell waits on before it believes its removal) lapses anyway."""
+    c = Cluster(
+        ["n1", "n2", "n3", "n4"],
+        voters=["n1", "n2", "n3"],
+        seed=3,
+        config=RaftConfig(id="_", election_ticks=ELECTION),
+    )
+    elect(c, "n1")
+    c.raft("n1").propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, "n4"))
+    c.drain("n1")
+    c.run(5)
+    n4 = c.raft("n4")
+    assert "n4" in n4.membership.learners and n4.leader_heard
+    assert c.raft("n1").leader_heard and c.raft("n2").leader_heard
+    c.network.isolate("n4", ["n1", "n2", "n3"])
+    c.run(ELECTION)
+    assert n4.leader == "n1" and not n4.leader_heard
+
+
 def test_promote_then_remove_the_leader_which_steps_down_after_commit() -> None:
     c = Cluster(
         ["n1", "n2", "n3", "n4"],

@@ -19,7 +19,7 @@ def tell(r: Removal, by: str, index: int = 42, **kw: object) -> bool:
         "voters": VOTERS,
         "member_now": True,
         "config_index": 7,
-        "leader_known": False,
+        "leader_heard": False,
     }
     args.update(kw)
     return r.told(by, index, **args)  # type: ignore[arg-type]
@@ -58,7 +58,7 @@ def test_no_claim_counts_while_a_leader_talks_to_it_or_it_holds_a_newer_configur
     without it (it is joining), means it was added (back) after that removal."""
     r = Removal("n3", VOTERS)
     tell(r, "n1")
-    assert not tell(r, "n2", leader_known=True)
+    assert not tell(r, "n2", leader_heard=True)
     assert not tell(r, "n2", member_now=False)
     assert not tell(r, "n2", config_index=42)
     assert not tell(r, "n2", config_index=57)

@@ -34,7 +34,8 @@ def _faults(value: str) -> list[str]:
     show_default=True,
     help="Comma-separated: kill (SIGKILL and restart), pause (SIGSTOP and "
     "SIGCONT), partition (isolate a node, or cut its links one way), transfer "
-    "(leadership to another node). Empty: none.",
+    "(leadership to another node), member (remove a node, which must stop by "
+    "itself, then add it back on fresh data; not in the default). Empty: none.",
 )
 @click.option(
     "--seed",

@@ -151,6 +151,14 @@ class Raft:
         return self.log.applied
 
     @property
+    def leader_heard(self) -> bool:
+        """Whether this node heard from its leader within an election timeout (a leader:
+        True). Unlike ``leader``, it lapses on a learner too, which never campaigns."""
+        if self.role is Role.LEADER:
+            return True
+        return self.leader is not None and self._election_elapsed < self._cfg.election_ticks
+
+    @property
     def membership_index(self) -> int:
         """The index of the entry the current (newest appended) membership comes from:
         the snapshot's index when it came with the snapshot, 0 for the initial one."""

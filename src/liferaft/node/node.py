@@ -360,7 +360,7 @@ class Node:
                 voters=raft.membership.voters,
                 member_now=self.id in raft.membership.members,
                 config_index=raft.membership_index,
-                leader_known=raft.leader is not None,
+                leader_heard=raft.leader_heard,
             )
 
     async def _stop_when_removed(self) -> None:

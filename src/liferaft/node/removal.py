@@ -16,8 +16,8 @@ node stops only when all of these hold:
 - a majority of the *other* voters of that configuration said so within
   ``CLAIM_SECONDS``: an addition that is committed was appended by a quorum of the new
   configuration, which leaves too few members behind it to make up that majority;
-- no leader has been heard from for an election timeout (the node's core knows no
-  leader): a leader that replicates to it holds it in its configuration.
+- no leader has been heard from for an election timeout: a leader that replicates to
+  it holds it in its configuration.
 
 What a node remembers of removals is what it applied since it started (nothing across
 a snapshot install, which replaces the history): enough, since every member applies the
@@ -78,12 +78,13 @@ class Removal:
         voters: Collection[str],
         member_now: bool,
         config_index: int,
-        leader_known: bool,
+        leader_heard: bool,
     ) -> bool:
         """Peer ``by`` says this node was removed at ``index``. ``voters``, ``member_now``
         and ``config_index``: this node's newest configuration's voters, whether it holds
-        this node, and the index it comes from; ``leader_known``: whether the core knows
-        a leader. True once the node believes it was removed (it then stops)."""
+        this node, and the index it comes from; ``leader_heard``: whether it heard from
+        a leader within an election timeout. True once the node believes it was removed
+        (it then stops)."""
         if self.why is not None:
             return True
         if not member_now or config_index >= index:
@@ -92,7 +93,7 @@ class Removal:
         self._claims[by] = now
         others = set(voters) - {self._id}
         fresh = {p for p, at in self._claims.items() if now - at <= CLAIM_SECONDS and p in others}
-        if leader_known or len(fresh) < len(others) // 2 + 1:
+        if leader_heard or len(fresh) < len(others) // 2 + 1:
             return False
         self.why = (
             f"{', '.join(sorted(fresh))} said this node was removed from the cluster "

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import signal
 import tempfile
 import time
@@ -45,9 +46,10 @@ from liferaft.testing.linearizability import Op, check
 from liferaft.testing.localcluster import free_ports, write_config
 from liferaft.testing.processes import ProcessCluster
 
-FAULTS = ("kill", "pause", "partition", "transfer")
+FAULTS = ("kill", "pause", "partition", "transfer", "member")
 API_FAULTS = ("transfer",)  # what a check can do to a cluster it does not own
 PREFIX = "check/"
+REMOVED_STOP_S = 15.0  # a removed node must stop by itself within this
 IDS = ["n1", "n2", "n3"]
 
 
@@ -198,22 +200,45 @@ class NemesisCluster:
         for proxy in self.proxies.values():
             await nursery.start(proxy.run)
         for i in IDS:
-            # node i reaches node j through the proxy (i -> j)
-            members = {
-                j: (self.ports[j][0] if j == i else self.proxies[i, j].port, *self.ports[j][1:])
-                for j in IDS
-            }
-            self.configs[i] = write_config(
-                self.base / f"{i}.toml",
-                i,
-                members,
-                self.certs,
-                self.base / "data" / i,
-                heartbeat_ms=self.timing[0],
-                election_ms=self.timing[1],
-            )
+            self._write_config(i, join=False)
         for i in IDS:
             await self.start_node(i)
+
+    def _write_config(self, i: str, *, join: bool) -> None:
+        # node i reaches node j through the proxy (i -> j); a learner the leader
+        # promotes itself once caught up (the member fault adds one)
+        members = {
+            j: (self.ports[j][0] if j == i else self.proxies[i, j].port, *self.ports[j][1:])
+            for j in IDS
+        }
+        self.configs[i] = write_config(
+            self.base / f"{i}.toml",
+            i,
+            members,
+            self.certs,
+            self.base / "data" / i,
+            heartbeat_ms=self.timing[0],
+            election_ms=self.timing[1],
+            join=join,
+            auto_promote=True,
+        )
+
+    def log_tail(self, node_id: str, lines: int = 12) -> str:
+        """The last lines of ``node_id``'s log (what it said as it stopped)."""
+        try:
+            text = (self.base / f"{node_id}.log").read_text(errors="replace")
+        except OSError as exc:
+            return f"(unreadable: {exc})"
+        return " | ".join(text.splitlines()[-lines:])[-3000:]
+
+    def fresh_joiner(self, node_id: str) -> tuple[str, str]:
+        """``node_id``'s data gone and its config a joining node's (``join = true``): the
+        peer and client addresses to add it back with. The others learn its address
+        from the change and dial it directly from then on, not through their proxies."""
+        shutil.rmtree(self.base / "data" / node_id, ignore_errors=True)
+        self._write_config(node_id, join=True)
+        peer, client, _ = self.ports[node_id]
+        return f"127.0.0.1:{peer}", f"127.0.0.1:{client}"
 
     @property
     def endpoints(self) -> list[str]:
@@ -435,6 +460,9 @@ class Check:
             if fault == "transfer":
                 await self._transfer(target, leader, rng)
                 continue
+            if fault == "member":
+                await self._replace(target, rng.choice(IDS))
+                continue
             cluster = target.cluster
             assert cluster is not None  # run_against allows API faults only
             victim = leader if leader is not None and rng.random() < 0.5 else rng.choice(IDS)
@@ -471,6 +499,47 @@ class Check:
                     await stop.wait()
                 self._fault("heal")
                 cluster.heal()
+
+    async def _replace(self, target: Target, victim: str) -> None:
+        """Remove ``victim``, which must then stop by itself (exit 0: node/removal.py),
+        and add it back under its id on fresh data, as operations.md says to: a learner
+        that catches up and that the leader promotes."""
+        cluster = target.cluster
+        assert cluster is not None
+        self._fault("remove", node=victim)
+        try:
+            async with await Client.connect(
+                target.endpoints, token=target.token, cacert=target.cacert, timeout=5.0
+            ) as admin:
+                await admin.member_remove(victim)
+                with trio.move_on_after(REMOVED_STOP_S) as waited:
+                    code = await cluster.procs[victim].wait()
+                if waited.cancelled_caught:
+                    self.report.anomalies.append(
+                        f"removed node {victim} still ran {REMOVED_STOP_S:g} s after its removal"
+                    )
+                    await cluster.kill(victim)
+                elif code != 0:
+                    self.report.anomalies.append(
+                        f"removed node {victim} exited {code}, not 0; its log ends: "
+                        + cluster.log_tail(victim)
+                    )
+                self._fault("stopped", node=victim)
+                peer, client = cluster.fresh_joiner(victim)
+                deadline = trio.current_time() + REMOVED_STOP_S
+                while True:  # (a change still in flight, or an election: try again)
+                    try:
+                        await admin.member_add(victim, peer, client, learner=True)
+                        break
+                    except LiferaftError:
+                        if trio.current_time() > deadline:
+                            raise
+                        await trio.sleep(0.2)
+                self._fault("add learner", node=victim)
+                await cluster.start_node(victim)
+        except LiferaftError as exc:
+            self._fault("member failed", error=exc.code)
+            self.report.anomalies.append(f"could not remove and add back {victim}: {exc}")
 
     async def _transfer(self, target: Target, leader: str | None, rng: random.Random) -> None:
         """Leadership to another voter (the most caught-up one: the node decides)."""
