@@ -24,7 +24,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--first-seed", type=int, default=1)
-    ap.add_argument("--faults", default="kill,pause,partition,transfer")
+    ap.add_argument("--faults", default="kill,pause,partition,transfer")  # member: opt in
     ap.add_argument("--out", type=Path, default=Path("chaos.jsonl"))
     args = ap.parse_args()
     if args.runs < 1:
@@ -52,7 +52,7 @@ def main() -> int:
             totals["acked_writes"] += doc.get("acked_writes", 0)
             totals["anomalies"] += len(doc.get("anomalies", []))
             for f in doc.get("faults", []):
-                if f["fault"] in ("kill", "pause", "transfer"):
+                if f["fault"] in ("kill", "pause", "transfer", "remove"):
                     faults[f["fault"]] += 1
                 elif f["fault"] == "partition":
                     faults[f"partition ({f['kind']})"] += 1
