@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from liferaft.testing.linearizability import Op
-from liferaft.testing.nemesis import Report, TcpProxy, analyze
+from liferaft.testing.nemesis import NemesisCluster, Report, TcpProxy, analyze
 from liferaft.testing.processes import process_cluster
 
 
@@ -95,6 +95,26 @@ async def test_a_proxy_forwards_until_cut_and_again_after_heal() -> None:
             await again.send_all(b"pong")
             assert await again.receive_some(10) == b"pong"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_node_process_that_ended_by_itself_is_reported_with_its_log(
+    tmp_path: Path,
+) -> None:
+    """The nemesis stops nodes only by kill, removal and at the end: any other exit (a
+    crash) is an anomaly, with what the node logged last."""
+    cluster = NemesisCluster(tmp_path, heartbeat_ms=50, election_ms=300)
+    (tmp_path / "n1.log").write_text('{"msg": "node_started"}\nTraceback: boom\n')
+    cluster.procs["n1"] = await trio.lowlevel.open_process(["sh", "-c", "exit 3"])
+    cluster.procs["n2"] = await trio.lowlevel.open_process(["sleep", "30"])
+    try:
+        await cluster.procs["n1"].wait()
+        cluster.check_running("n1")
+        cluster.check_running("n2")  # still running: nothing to say
+    finally:
+        cluster.procs["n2"].kill()
+        await cluster.procs["n2"].wait()
+    assert len(cluster.exits) == 1
+    assert cluster.exits[0].startswith("n1 exited 3 by itself") and "boom" in cluster.exits[0]
 
 
 def test_a_short_check_against_real_processes_is_clean_and_reports_json() -> None:

@@ -194,6 +194,7 @@ class NemesisCluster:
         self.proxies = {(a, b): TcpProxy(self.ports[b][0]) for a in IDS for b in IDS if a != b}
         self.procs: dict[str, trio.Process] = {}
         self.paused: set[str] = set()
+        self.exits: list[str] = []  # node processes that ended without being stopped
         self.configs: dict[str, Path] = {}
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -263,8 +264,18 @@ class NemesisCluster:
         finally:
             log.close()
 
+    def check_running(self, node_id: str) -> None:
+        """Note ``node_id``'s process if it ended by itself (a crash: the nemesis stops
+        nodes only by kill, by removal and at the end)."""
+        code = self.procs[node_id].returncode
+        if code is not None:
+            self.exits.append(
+                f"{node_id} exited {code} by itself; its log ends: {self.log_tail(node_id)}"
+            )
+
     async def kill(self, node_id: str) -> None:
         p = self.procs[node_id]
+        self.check_running(node_id)
         if node_id in self.paused:
             p.send_signal(signal.SIGCONT)
             self.paused.discard(node_id)
@@ -403,8 +414,10 @@ class Check:
             cluster.heal()
             for i in IDS:
                 cluster.resume(i)
+                cluster.check_running(i)
                 if cluster.procs[i].returncode is not None:
                     await cluster.start_node(i)
+            self.report.anomalies += cluster.exits
         await _settled(target, 60)
         stored = await _stored_puts(target, self.prefix, start + 1)
         self.report.operations = len(self.history)
@@ -506,6 +519,7 @@ class Check:
         that catches up and that the leader promotes."""
         cluster = target.cluster
         assert cluster is not None
+        cluster.check_running(victim)
         self._fault("remove", node=victim)
         try:
             async with await Client.connect(
