@@ -146,6 +146,20 @@ async def test_a_batch_refused_during_an_election_waits_for_it_and_is_proposed_a
         nursery.cancel_scope.cancel()
 
 
+async def test_a_batch_refused_after_its_connection_ended_is_dropped_not_a_crash() -> None:
+    """The core loop fails a batch (NotLeader, an election under way) after the client's
+    connection has ended: nobody is left to answer and nothing was proposed, so the
+    batch is let go. Raising there would stop the node (it runs in the core loop)."""
+    node = FakeNode("n1")
+    async with trio.open_nursery() as nursery:
+        writes, conn = await started(node, nursery)
+        await writes.submit(puts(1), 30)
+        nursery.cancel_scope.cancel()  # the connection ends
+    node.submitted[0][1].fail(NotLeader(None))  # must not raise
+    assert node.proposed == [] and conn.answers == []
+    assert writes._slots.value == MAX_WRITE_BATCHES  # its slot is back
+
+
 async def test_a_batch_refused_naming_a_leader_out_of_reach_waits_for_the_next_one() -> None:
     # The follower's link to n2 broke (n2 was killed): rather than send the client to a
     # dead node, the batch waits for the election and names its winner.

@@ -105,22 +105,28 @@ class ConnectionWrites:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            timed = self._timed
-            while True:
-                while timed and not timed[0].waiting:
-                    timed.popleft()  # answered meanwhile
-                if not timed:
-                    await self._timer_wake.wait()
-                    self._timer_wake = trio.Event()
-                    continue
-                batch = timed[0]
-                if batch.deadline > trio.current_time():
-                    await trio.sleep_until(batch.deadline)
-                    continue
-                timed.popleft()
-                if batch.give_up is not None:
-                    batch.give_up()  # its place among the node's proposals
-                batch.fail(trio.TooSlowError(f"no result in {handlers.REQUEST_TIMEOUT} s"))
+            try:
+                await self._expire()
+            finally:
+                self._nursery = None  # closed to new tasks from here: see ``_slow``
+
+    async def _expire(self) -> None:
+        timed = self._timed
+        while True:
+            while timed and not timed[0].waiting:
+                timed.popleft()  # answered meanwhile
+            if not timed:
+                await self._timer_wake.wait()
+                self._timer_wake = trio.Event()
+                continue
+            batch = timed[0]
+            if batch.deadline > trio.current_time():
+                await trio.sleep_until(batch.deadline)
+                continue
+            timed.popleft()
+            if batch.give_up is not None:
+                batch.give_up()  # its place among the node's proposals
+            batch.fail(trio.TooSlowError(f"no result in {handlers.REQUEST_TIMEOUT} s"))
 
     # ---------------------------------------------------------------- answers
 
@@ -154,9 +160,12 @@ class ConnectionWrites:
 
     def _slow(self, batch: _Batch) -> None:
         """Run ``batch`` through ``write_batch`` in a task of its own, which answers it
-        and releases its slot."""
+        and releases its slot. Once the connection has ended (``run`` is over) there is
+        nobody to answer: the batch, which the log never took, is let go. This is called
+        from the core loop too (``failed``), which must never see it raise."""
         if self._nursery is None:
-            raise RuntimeError("ConnectionWrites.run is not running")
+            self._slots.release()
+            return
         self._nursery.start_soon(self._wait_and_write, batch.reqs, batch.size, batch.started)
 
     async def _wait_and_write(self, reqs: list[dict[str, Any]], size: int, started: float) -> None:

@@ -602,10 +602,26 @@ async def _wait_for_leader(target: Target, wait: float) -> Status:
 
 
 async def _settled(target: Target, wait: float) -> int:
-    """Wait until every node has applied the same index; its revision."""
+    """Wait until every node has applied the same index; its revision. TooSlowError
+    (saying what each node reported last) if that does not come within ``wait``."""
+    st: list[Status | None] = []
+    try:
+        return await _settle(target, wait, st)
+    except trio.TooSlowError:
+        seen = "; ".join(
+            f"{e}: none"
+            if s is None
+            else f"{s.node_id} {s.role} term {s.term} leader {s.leader_id} "
+            f"commit {s.commit_index} applied {s.applied_index}"
+            for e, s in zip(target.endpoints, st, strict=False)
+        )
+        raise trio.TooSlowError(f"the cluster did not settle in {wait:g} s: {seen}") from None
+
+
+async def _settle(target: Target, wait: float, st: list[Status | None]) -> int:
     with trio.fail_after(wait):
         while True:
-            st = [await _node_status(e, target.token, target.cacert) for e in target.endpoints]
+            st[:] = [await _node_status(e, target.token, target.cacert) for e in target.endpoints]
             if all(s is not None for s in st):
                 applied = {s.applied_index for s in st if s is not None}
                 commits = {s.commit_index for s in st if s is not None}
