@@ -600,7 +600,8 @@ def test_a_node_restarted_after_compaction_rebuilds_the_same_state() -> None:
 # ---------------------------------------------------------------- membership
 
 
-def test_a_learner_receives_the_log_but_does_not_count_for_commit() -> None:
+def with_learner() -> Cluster:
+    """Voters n1 (leading), n2, n3, and n4 added as a learner (it has the change)."""
     c = Cluster(
         ["n1", "n2", "n3", "n4"],
         voters=["n1", "n2", "n3"],
@@ -611,6 +612,11 @@ def test_a_learner_receives_the_log_but_does_not_count_for_commit() -> None:
     c.raft("n1").propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, "n4"))
     c.drain("n1")
     c.run(5)
+    return c
+
+
+def test_a_learner_receives_the_log_but_does_not_count_for_commit() -> None:
+    c = with_learner()
     assert "n4" in c.raft("n4").membership.learners
     c.network.isolate("n1", ["n2", "n3"])
     index = c.propose("n1", b"needs a voter")
@@ -622,16 +628,7 @@ def test_a_learner_receives_the_log_but_does_not_count_for_commit() -> None:
 def test_leader_heard_lapses_after_an_election_timeout_of_silence_on_a_learner_too() -> None:
     """A learner never campaigns, so it keeps naming its leader; ``leader_heard`` (what a
     removed node's shell waits on before it believes its removal) lapses anyway."""
-    c = Cluster(
-        ["n1", "n2", "n3", "n4"],
-        voters=["n1", "n2", "n3"],
-        seed=3,
-        config=RaftConfig(id="_", election_ticks=ELECTION),
-    )
-    elect(c, "n1")
-    c.raft("n1").propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, "n4"))
-    c.drain("n1")
-    c.run(5)
+    c = with_learner()
     n4 = c.raft("n4")
     assert "n4" in n4.membership.learners and n4.leader_heard
     assert c.raft("n1").leader_heard and c.raft("n2").leader_heard
