@@ -1,8 +1,10 @@
-"""Committed entries reach the state machine without waiting for a later write.
+"""When committed entries reach the state machine, beside a Ready's own write or after it.
 
 A Ready can carry both committed entries (already on this node's disk) and new entries
-to write. The committed ones are applied, and their writers answered, while the new
-ones are still being written (docs/architecture.md, "The life of a write").
+to write. On the leader the committed ones are applied, and their writers answered,
+while the new ones are still being written. A follower, whom no writer waits on, writes
+the new ones and answers the leader first (docs/architecture.md, "The life of a
+write").
 """
 
 from __future__ import annotations
@@ -66,4 +68,43 @@ async def test_a_commit_is_answered_while_the_next_batch_is_being_written(
             assert not b_done.is_set()
             permits.release()
             await b_done.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_follower_applies_after_writing_the_entries_that_came_with_the_commit(
+    tmp_path: Path, certs: Path
+) -> None:
+    c = LocalCluster(tmp_path, certs, ["n1", "n2", "n3"])
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(HANG):
+            leader_id = await c.wait_leader()
+            leader = c.nodes[leader_id]
+            await leader.propose(b"warm-up")
+            follower = next(n for i, n in c.nodes.items() if i != leader_id)
+            storage = follower.storage
+            assert storage is not None
+            save = storage.save
+            release = trio.Event()
+            held: list[Ready] = []  # writes of new entries that also commit older ones
+
+            async def gated(rd: Ready) -> float:
+                if rd.entries and rd.committed_entries and not held:
+                    held.append(rd)
+                    await release.wait()
+                return await save(rd)
+
+            storage.save = gated  # type: ignore[method-assign]
+            # The commit index of each write rides on the next append, so a stream of
+            # writes soon brings the follower a Ready of both kinds.
+            while not held:
+                await leader.propose(b"w")
+            rd = held[0]
+            await trio.testing.wait_all_tasks_blocked()
+            # Its committed entries were on disk already; they wait all the same.
+            assert rd.committed_entries[-1].index < rd.entries[0].index
+            assert follower.kv.db.applied < rd.committed_entries[0].index
+            release.set()
+            last = rd.committed_entries[-1].index
+            await wait_until(lambda: follower.kv.db.applied >= last)
         nursery.cancel_scope.cancel()

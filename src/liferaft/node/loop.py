@@ -172,13 +172,20 @@ class CoreLoop:
         assert node.storage is not None
         self._peers.send(rd.messages)
         committed = rd.committed_entries
-        if committed and rd.snapshot is None:
-            # Committed entries this node already holds on disk go to the applier before
-            # this Ready's own write, so their answers do not wait for the next batch's
-            # fsync (the leader commits only what its own disk holds, so under load
-            # that is all of them). The others, which a follower learns are committed in
-            # the same message that brings them, are applied once they are written:
-            # the state never runs ahead of the log on disk.
+        if committed and rd.snapshot is None and raft.role is Role.LEADER:
+            # On the leader, committed entries it already holds on disk go to the
+            # applier before this Ready's own write, so their answers do not wait for
+            # the next batch's fsync (the leader commits only what its own disk holds,
+            # so under load that is all of them).
+            #
+            # A follower answers no one when it applies, but the leader waits for its
+            # answer to the entries of this Ready: it applies after writing them and
+            # sending that answer. Applied beside the write, the entries took the CPU
+            # and the GIL from the write's storage thread, on the path of every write
+            # (docs/performance.md, "A follower applies after it answers"). And
+            # entries it learns are committed in the same message that brings them
+            # must be written first anyway: the state never runs ahead of the log on
+            # disk.
             durable = rd.entries[0].index if rd.entries else committed[-1].index + 1
             early = committed[: max(0, durable - committed[0].index)]  # (consecutive)
             if early:
