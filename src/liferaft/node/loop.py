@@ -71,6 +71,7 @@ class CoreLoop:
         self._tick_queued = False  # a Tick input is on its way to the core loop
         self._tick_wakeup = trio.Event()
         self._last_soft: tuple[Role, str | None, int] | None = None
+        self._gauged: tuple[int, ...] = (-1,) * 5  # the values _observe last gave the gauges
         self.leader_moved = trio.Event()  # set (and replaced) at each change of leader
         self.durable_vote: tuple[int, str | None] = (0, None)  # (term, vote) on disk
         self._lazy_hs: HardState | None = None  # a commit index not yet written
@@ -280,9 +281,19 @@ class CoreLoop:
                 )
             elif prev[0] != raft.role:
                 event(log, "role_changed", term=raft.term, role=raft.role.value)
-        m = self._node.metrics
-        m.has_leader.set(1 if raft.leader else 0)
-        m.is_leader.set(1 if raft.role is Role.LEADER else 0)
-        m.term.set(raft.term)
-        m.commit_index.set(raft.commit)
-        m.proposals_pending.set(len(self._node.waiters.proposals))
+        # Only the gauges that moved: this runs twice a Ready, a gauge's set takes a
+        # lock, and between two calls mostly only the commit index moves.
+        values = (
+            1 if raft.leader else 0,
+            1 if raft.role is Role.LEADER else 0,
+            raft.term,
+            raft.commit,
+            len(self._node.waiters.proposals),
+        )
+        if values != self._gauged:
+            m = self._node.metrics
+            gauges = (m.has_leader, m.is_leader, m.term, m.commit_index, m.proposals_pending)
+            for gauge, value, before in zip(gauges, values, self._gauged, strict=True):
+                if value != before:
+                    gauge.set(value)
+            self._gauged = values
