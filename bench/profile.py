@@ -189,7 +189,9 @@ def main() -> None:
         if load is not None:
             load.send_signal(signal.SIGINT)
             out, _ = load.communicate(timeout=60)
-            print(out.decode(errors="replace").strip())
+            text = out.decode(errors="replace").strip()
+            if text != "Aborted!":  # click's word for the SIGINT that stopped it here
+                print(text)
         for p in procs.values():
             p.send_signal(signal.SIGTERM)
         for p in procs.values():
