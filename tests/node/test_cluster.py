@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from liferaft.core import AnyMessage, NotLeader, Role
+from liferaft.core import AnyMessage, Entry, NotLeader, Role
+from liferaft.node import loop
 from liferaft.node.node import Node
 from liferaft.node.waiters import ProposalDropped
 from liferaft.security.tls import peer_client_context
@@ -415,6 +416,50 @@ async def test_a_stalled_applier_never_holds_up_the_core_loop(tmp_path: Path, ce
         assert all(n.raft is not None and n.raft.leader == leader for n in c.nodes.values())
         release.set()
         await wait_until(lambda: node.applied >= target)
+
+
+async def test_a_follower_whose_applier_lags_refuses_appends_past_its_backlog_bound(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower's applier hangs (a slower disk) while writes commit through the
+    leader and the other follower: the follower holds about APPLY_BACKLOG_BYTES of
+    committed, unapplied entries at most, refusing the appends that would bring more,
+    and catches up once its applier moves again."""
+    bound = 64 * 1024
+    value = b"v" * 8192
+    monkeypatch.setattr(loop, "APPLY_BACKLOG_BYTES", bound)
+    async with running(tmp_path, certs, 3) as c:
+        leader_id = await c.wait_leader()
+        await write(c, b"x")
+        leader = c.nodes[leader_id]
+        slow = next(n for i, n in c.nodes.items() if i != leader_id)
+        release = trio.Event()
+        applier = slow._applier
+        real_apply = applier._apply
+
+        async def stalled(entries: list[object]) -> None:
+            await release.wait()
+            await real_apply(entries)  # type: ignore[arg-type]
+
+        applier._apply = stalled  # type: ignore[method-assign]
+        queue = applier.queue
+        real_put = queue.put_entries
+        most = 0
+
+        def put_entries(entries: tuple[Entry, ...]) -> None:
+            nonlocal most
+            real_put(entries)
+            most = max(most, queue.bytes)
+
+        queue.put_entries = put_entries  # type: ignore[method-assign]
+        for _ in range(64):  # 512 KiB, eight times the bound
+            await leader.propose(value)
+        assert leader.raft is not None and slow.raft is not None
+        assert bound < most <= bound + 4 * len(value)
+        assert slow.raft.log.last_index < leader.raft.log.last_index  # appends refused
+        target = leader.raft.commit
+        release.set()
+        await wait_until(lambda: slow.applied >= target)
 
 
 async def test_the_leader_times_heartbeat_round_trips_to_each_peer(

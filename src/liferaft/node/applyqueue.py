@@ -3,7 +3,8 @@
 The core loop must never wait for the applier: a core loop blocked on a full queue
 sends no heartbeats, and a busy leader would lose its followers to an election. So the
 queue takes everything at once (it holds references to entries the in-memory log holds
-anyway; writes are bounded where they enter, at the API), and the applier takes runs
+anyway; writes are bounded where they enter: at the API on the leader, and on a follower
+by the core loop refusing appends while ``bytes`` is too large), and the applier takes runs
 bounded in entries AND bytes, so one apply transaction stays short whatever the entries
 carry (an entry may be a batch of a thousand writes).
 """
@@ -21,6 +22,7 @@ class ApplyQueue:
     def __init__(self, *, max_entries: int, max_bytes: int) -> None:
         self._items: deque[Snapshot | Entry] = deque()
         self._ready = trio.Event()
+        self.bytes = 0  # entry data queued: committed, not yet taken for applying
         self.max_entries = max_entries
         self.max_bytes = max_bytes
 
@@ -34,6 +36,7 @@ class ApplyQueue:
     def put_entries(self, entries: tuple[Entry, ...]) -> None:
         if entries:
             self._items.extend(entries)
+            self.bytes += sum(len(e.data) for e in entries)
             self._ready.set()
 
     async def get(self) -> Snapshot | list[Entry]:
@@ -54,4 +57,5 @@ class ApplyQueue:
                 break
             run.append(items.popleft())  # type: ignore[arg-type]  # e is an Entry
             size += len(e.data)
+        self.bytes -= size
         return run

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from liferaft.core import HardState, InstallSnapshot, Raft, Ready, Role
+from liferaft.core import AppendEntries, HardState, InstallSnapshot, Raft, Ready, Role
 from liferaft.node.addresses import learn_from_entries
 from liferaft.node.applyqueue import ApplyQueue
 from liferaft.node.inputs import Call, Input, Messages, Propose, Tick, Writes, propose_writes
@@ -35,6 +35,9 @@ log = logging.getLogger("liferaft.node")
 
 MAX_INPUTS_PER_ROUND = 4096  # inputs folded into one Ready at most
 READ_ROUNDS_MAX = 4  # election timeouts a ReadIndex round may take before it is failed
+# Entry data a node may hold committed but not yet applied before it refuses appends
+# that bring more (``_backlogged``): what bounds a follower whose applier lags.
+APPLY_BACKLOG_BYTES = 64 * 1024 * 1024
 
 
 class _Save:
@@ -72,6 +75,7 @@ class CoreLoop:
         self._tick_wakeup = trio.Event()
         self._last_soft: tuple[Role, str | None, int] | None = None
         self._gauged: tuple[int, ...] = (-1,) * 5  # the values _observe last gave the gauges
+        self._refused_appends = 0  # appends refused since the apply backlog went over
         self.leader_moved = trio.Event()  # set (and replaced) at each change of leader
         self.durable_vote: tuple[int, str | None] = (0, None)  # (term, vote) on disk
         self._lazy_hs: HardState | None = None  # a commit index not yet written
@@ -160,6 +164,8 @@ class CoreLoop:
             for m in item.msgs:
                 if isinstance(m, InstallSnapshot):
                     self._peers.step_snapshot(raft, m)
+                elif isinstance(m, AppendEntries) and m.entries and self._backlogged():
+                    continue  # as if lost on the way: the leader sends it again later
                 else:
                     raft.step(m)
         elif isinstance(item, Call):
@@ -260,6 +266,27 @@ class CoreLoop:
                 save.error = exc
             save.done = True
             self._tick_wakeup.set()
+
+    def _backlogged(self) -> bool:
+        """Whether the committed entries waiting for the applier hold more than
+        APPLY_BACKLOG_BYTES of data, so that an append bringing more is refused.
+
+        A leader's own backlog is bounded at the API, where writes wait for their
+        answers; a follower's only by the leader's pace, which its quickest follower
+        sets. A follower whose applier is slower (a slower disk) would hold ever more
+        of the log in memory. Refusing an append is as safe as losing it on the way:
+        the leader's heartbeats still arrive, its probes find where this log ends, and
+        it sends the entries again once the applier has caught up."""
+        backlog = self._to_apply.bytes
+        if backlog <= APPLY_BACKLOG_BYTES:
+            if self._refused_appends:
+                event(log, "apply_caught_up", refused_appends=self._refused_appends)
+                self._refused_appends = 0
+            return False
+        if not self._refused_appends:
+            event(log, "apply_backlog", level=logging.WARNING, backlog_bytes=backlog)
+        self._refused_appends += 1
+        return True
 
     def _only_commit(self, hs: HardState) -> bool:
         """Whether ``hs`` differs from what is on disk in its commit index alone (a new
