@@ -384,6 +384,20 @@ async def test_a_snapshot_carries_only_the_addresses_of_applied_config_entries(
         assert set(about["members"]) == set(c.ids)
 
 
+def stall_applier(node: Node) -> trio.Event:
+    """Hold ``node``'s applier (as a slow disk would) until the returned event is set."""
+    release = trio.Event()
+    applier = node._applier
+    real_apply = applier._apply
+
+    async def stalled(entries: list[Entry]) -> None:
+        await release.wait()
+        await real_apply(entries)
+
+    applier._apply = stalled  # type: ignore[method-assign]
+    return release
+
+
 async def test_a_stalled_applier_never_holds_up_the_core_loop(tmp_path: Path, certs: Path) -> None:
     """The leader's applier hangs (a slow disk, a huge run) while thousands of entries
     commit: the core loop never waits for it, so heartbeats go on, nobody calls an
@@ -395,15 +409,7 @@ async def test_a_stalled_applier_never_holds_up_the_core_loop(tmp_path: Path, ce
         node = c.nodes[leader]
         assert node.raft is not None
         term = node.raft.term
-        release = trio.Event()
-        applier = node._applier
-        real_apply = applier._apply
-
-        async def stalled(entries: list[object]) -> None:
-            await release.wait()
-            await real_apply(entries)  # type: ignore[arg-type]
-
-        applier._apply = stalled  # type: ignore[method-assign]
+        release = stall_applier(node)
         applied = node.applied
         for _ in range(40):  # 40 x 100 entries, more than any queue between them held
             await node.call(lambda r: [r.propose(b"y") for _ in range(100)])
@@ -433,16 +439,8 @@ async def test_a_follower_whose_applier_lags_refuses_appends_past_its_backlog_bo
         await write(c, b"x")
         leader = c.nodes[leader_id]
         slow = next(n for i, n in c.nodes.items() if i != leader_id)
-        release = trio.Event()
-        applier = slow._applier
-        real_apply = applier._apply
-
-        async def stalled(entries: list[object]) -> None:
-            await release.wait()
-            await real_apply(entries)  # type: ignore[arg-type]
-
-        applier._apply = stalled  # type: ignore[method-assign]
-        queue = applier.queue
+        release = stall_applier(slow)
+        queue = slow._applier.queue
         real_put = queue.put_entries
         most = 0
 
