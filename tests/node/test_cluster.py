@@ -451,7 +451,8 @@ async def test_a_follower_whose_applier_lags_refuses_appends_past_its_backlog_bo
 
         queue.put_entries = put_entries  # type: ignore[method-assign]
         for _ in range(64):  # 512 KiB, eight times the bound
-            await leader.propose(value)
+            await write(c, value)
+        leader = c.nodes[await c.wait_leader()]
         assert leader.raft is not None and slow.raft is not None
         assert bound < most <= bound + 4 * len(value)
         assert slow.raft.log.last_index < leader.raft.log.last_index  # appends refused

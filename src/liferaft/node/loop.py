@@ -164,7 +164,13 @@ class CoreLoop:
             for m in item.msgs:
                 if isinstance(m, InstallSnapshot):
                     self._peers.step_snapshot(raft, m)
-                elif isinstance(m, AppendEntries) and m.entries and self._backlogged():
+                elif (
+                    isinstance(m, AppendEntries)
+                    and m.entries
+                    and m.term == raft.term
+                    and raft.role is Role.FOLLOWER
+                    and self._backlogged()
+                ):
                     continue  # as if lost on the way: the leader sends it again later
                 else:
                     raft.step(m)
@@ -268,24 +274,31 @@ class CoreLoop:
             self._tick_wakeup.set()
 
     def _backlogged(self) -> bool:
-        """Whether the committed entries waiting for the applier hold more than
-        APPLY_BACKLOG_BYTES of data, so that an append bringing more is refused.
+        """Whether the committed entries waiting for the applier hold too much data to
+        take an append that brings more: from over APPLY_BACKLOG_BYTES until back at
+        half of it (refusing and taking again by turns at one level would make the
+        leader resend what it has in flight at every turn).
 
         A leader's own backlog is bounded at the API, where writes wait for their
         answers; a follower's only by the leader's pace, which its quickest follower
         sets. A follower whose applier is slower (a slower disk) would hold ever more
-        of the log in memory. Refusing an append is as safe as losing it on the way:
-        the leader's heartbeats still arrive, its probes find where this log ends, and
-        it sends the entries again once the applier has caught up."""
+        of the log in memory. Refusing an append of the current leader is as safe as
+        losing it on the way: the leader's heartbeats still arrive, its probes find
+        where this log ends, and it sends the entries again once the applier has caught
+        up. Appends already accepted are not counted until they commit, so the backlog
+        can reach the bound plus what the leader had in flight to this node."""
         backlog = self._to_apply.bytes
-        if backlog <= APPLY_BACKLOG_BYTES:
-            if self._refused_appends:
-                event(log, "apply_caught_up", refused_appends=self._refused_appends)
-                self._refused_appends = 0
+        if self._refused_appends:
+            if backlog > APPLY_BACKLOG_BYTES // 2:
+                self._refused_appends += 1
+                return True
+            event(log, "apply_caught_up", refused_appends=self._refused_appends)
+            self._refused_appends = 0
             return False
-        if not self._refused_appends:
-            event(log, "apply_backlog", level=logging.WARNING, backlog_bytes=backlog)
-        self._refused_appends += 1
+        if backlog <= APPLY_BACKLOG_BYTES:
+            return False
+        event(log, "apply_backlog", level=logging.WARNING, backlog_bytes=backlog)
+        self._refused_appends = 1
         return True
 
     def _only_commit(self, hs: HardState) -> bool:
