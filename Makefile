@@ -117,10 +117,12 @@ certs: install
 	$(BIN)/liferaft certs --dir certs --nodes $(subst $(space),$(comma),$(strip $(NODES)))
 
 # Three `liferaft node` processes in the foreground; Ctrl-C (SIGINT to the whole
-# process group) or SIGTERM stops all of them.
+# process group) or SIGTERM stops all of them. The trap resets itself first: `kill 0`
+# signals this shell too, and a trap that ran again on it recursed until the shell
+# crashed (make said "Segmentation fault").
 cluster: install
 	@[ -f certs/ca.pem ] || $(MAKE) --no-print-directory certs
-	@trap 'kill 0' TERM; \
+	@trap 'trap - TERM; kill 0' TERM; \
 	for i in 1 2 3; do $(BIN)/liferaft node --config config/node$$i.toml & done; \
 	wait
 
