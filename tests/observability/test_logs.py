@@ -68,6 +68,19 @@ def test_timestamps_are_rfc3339_utc_with_milliseconds() -> None:
     assert format_ts(1714564800.123456) == "2024-05-01T12:00:00.123Z"
 
 
+def test_a_timestamp_is_right_whichever_second_came_before_it() -> None:
+    """The text of a second is reused until the next one; records of threads may come
+    out of order, so going back a second must not reuse the later one."""
+    seq = [1714564800.125, 1714564800.875, 1714564801.0, 1714564800.5, 1714564861.25]
+    assert [format_ts(t) for t in seq] == [
+        "2024-05-01T12:00:00.125Z",
+        "2024-05-01T12:00:00.875Z",
+        "2024-05-01T12:00:01.000Z",
+        "2024-05-01T12:00:00.500Z",
+        "2024-05-01T12:01:01.250Z",
+    ]
+
+
 def test_plain_logger_calls_and_extra_fields_are_json_too(out: io.StringIO) -> None:
     log.warning("disk %s%% full", 91, extra={"peer": "n3"})
 
