@@ -34,6 +34,7 @@ from liferaft.kv import (
 )
 from liferaft.kv import apply as apply_module
 from liferaft.kv.commands import encode_batch
+from liferaft.kv.sessions import encode_result
 from liferaft.kv.state import KV, EventRow, FutureRevision, Result, prefix_end
 from liferaft.kv.watch import Event
 
@@ -499,6 +500,19 @@ def test_dedupe_survives_close_and_reopen(new_db: Dbs) -> None:
     assert log("txn", success=[], session=S1, seq=5) == first
     assert log.db.revision == 1
     assert log("put", key="a", value=b"", session=S1, seq=6) == {"revision": 2}
+
+
+@given(
+    st.one_of(
+        st.fixed_dictionaries({"revision": st.integers(min_value=-(2**64), max_value=2**64)}),
+        st.fixed_dictionaries({"revision": st.one_of(st.booleans(), st.none(), st.text())}),
+        st.dictionaries(st.text(max_size=10), st.integers() | st.text(), max_size=3),
+    )
+)
+def test_a_stored_result_is_its_canonical_cbor_whatever_its_shape(result: dict[str, Any]) -> None:
+    """A put's {"revision": n} is encoded by a shortcut; every result, that shape or
+    not, must be stored as exactly the bytes cbor2 makes of it (a retry decodes them)."""
+    assert encode_result(result) == cbor2.dumps(result, canonical=True)
 
 
 def test_sessions_expire_after_ttl_of_log_time(new_db: Dbs) -> None:

@@ -42,6 +42,20 @@ Result = dict[str, Any]
 
 RESULT_MAX_DEPTH = 8  # result map -> txn results -> kvs list -> kv map
 
+_REVISION_ONLY = b"\xa1hrevision"  # CBOR: a map of one pair, its key "revision"
+
+
+def encode_result(result: Result) -> bytes:
+    """``result`` as canonical CBOR, as stored for a retry. A put's result,
+    ``{"revision": n}``, is most results: its encoding is a fixed head and ``n``, made
+    in a fifth of the time ``cbor2.dumps`` takes for the map (~1.4 µs of a put's
+    ~20 µs of apply)."""
+    if len(result) == 1:
+        revision = result.get("revision")
+        if type(revision) is int and revision >= 0:
+            return _REVISION_ONLY + cbor2.dumps(revision)
+    return cbor2.dumps(result, canonical=True)
+
 
 class SeqTooOld(Exception):
     """The seq is older than the window: its result, if it ever had one, is forgotten."""
@@ -132,7 +146,7 @@ class SessionTable:
             s[0], s[1], s[2] = log_time, max(known, seq), used
             sessions.move_to_end(session)
         self._dirty.add(session)
-        self._results[(session, seq)] = cbor2.dumps(result, canonical=True)
+        self._results[(session, seq)] = encode_result(result)
         # Results at or below the window's floor are never returned (lookup checks the
         # floor first); prune them each time max_seq enters a new block of ``window``
         # seqs, so a write costs O(1) on average whatever steps the client's seqs take.
