@@ -147,14 +147,6 @@ def _redact_value(value: object, depth: int) -> object:
     return value
 
 
-def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``mapping`` with the value of every key in SENSITIVE_KEYS (any case)
-    replaced by REDACTED, in nested mappings and sequences too."""
-    out = _redact_value(mapping, 0)
-    assert isinstance(out, dict)
-    return out
-
-
 # -------------------------------------------------------------------- formatting
 
 
@@ -218,10 +210,10 @@ class JsonFormatter(logging.Formatter):
             fields = dict(extra)
         else:
             fields = {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
-        for k, v in fields.items():  # redact(), then _jsonable(), of each field
+        for k, v in fields.items():  # a copy, secrets masked at any depth, JSON-safe
             if _is_sensitive(k):
                 v = REDACTED
-            elif type(v) not in _SCALAR:  # a scalar is what both would return
+            elif type(v) not in _SCALAR:  # a scalar needs neither step
                 v = _jsonable(_redact_value(v, 1))
             out[f"{k}_" if k in _BASE_KEYS else k] = v
         if record.exc_info:
